@@ -1,0 +1,15 @@
+"""Click data: the batch contract, a synthetic Criteo-shaped stream and a Criteo TSV reader."""
+
+from autoshard_jax.data.batch import Batch, check_batch
+from autoshard_jax.data.criteo_tsv import CriteoTSVReader, MalformedLineError, ReadStats
+from autoshard_jax.data.synthetic import SyntheticClickStream, binary_auc
+
+__all__ = [
+    "Batch",
+    "CriteoTSVReader",
+    "MalformedLineError",
+    "ReadStats",
+    "SyntheticClickStream",
+    "binary_auc",
+    "check_batch",
+]

@@ -1,0 +1,46 @@
+"""The batch contract shared by every data source and every consumer.
+
+A batch is a dict of host numpy arrays:
+  "dense": float32 [B, num_dense], already log1p-transformed non-negative counts;
+  "ids":   tuple of int32 [B, H_t], one per table in spec order, H_t = spec.hotness;
+           -1 marks an empty (padded) slot, every real id is in [0, rows_t);
+  "label": float32 [B] holding 0.0 / 1.0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from autoshard_jax.tables.spec import TableSpec
+
+Batch = dict[str, Any]
+
+
+def check_batch(batch: Batch, tables: Sequence[TableSpec], num_dense: int | None = None) -> None:
+    """Raises ValueError naming the first violation of the batch contract; cheap enough for tests."""
+    for key in ("dense", "ids", "label"):
+        if key not in batch:
+            raise ValueError(f"batch is missing {key!r}")
+    dense_BxD, label_B, ids = batch["dense"], batch["label"], batch["ids"]
+    if dense_BxD.dtype != np.float32 or dense_BxD.ndim != 2:
+        raise ValueError(f"'dense' must be float32 [B, D], got {dense_BxD.dtype} {dense_BxD.shape}")
+    b = dense_BxD.shape[0]
+    if num_dense is not None and dense_BxD.shape[1] != num_dense:
+        raise ValueError(f"'dense' has {dense_BxD.shape[1]} features, expected {num_dense}")
+    if not np.all(np.isfinite(dense_BxD)) or np.any(dense_BxD < 0):
+        raise ValueError("'dense' must be finite and non-negative (log1p of counts)")
+    if label_B.dtype != np.float32 or label_B.shape != (b,):
+        raise ValueError(f"'label' must be float32 [{b}], got {label_B.dtype} {label_B.shape}")
+    if not np.all((label_B == 0) | (label_B == 1)):
+        raise ValueError("'label' must hold only 0.0 and 1.0")
+    if not isinstance(ids, tuple) or len(ids) != len(tables):
+        raise ValueError(f"'ids' must be a tuple of {len(tables)} arrays")
+    for spec, ids_BxH in zip(tables, ids, strict=True):
+        if ids_BxH.dtype != np.int32 or ids_BxH.shape != (b, spec.hotness):
+            raise ValueError(f"ids of table {spec.name!r} must be int32 [{b}, {spec.hotness}], "
+                             f"got {ids_BxH.dtype} {ids_BxH.shape}")
+        if np.any(ids_BxH < -1) or np.any(ids_BxH >= spec.rows):
+            raise ValueError(f"ids of table {spec.name!r} must be -1 or in [0, {spec.rows})")

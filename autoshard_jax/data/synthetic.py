@@ -1,0 +1,264 @@
+"""A synthetic, Criteo-shaped click stream with a known teacher.
+
+Why synthetic: tests, benchmarks and scaling sweeps need click data of any table shape without a
+1 TB download, and a known teacher gives the Bayes-optimal log loss / AUC to measure models against.
+
+Each batch is a pure function of (seed, split, index, batch_size), so any batch can be produced out
+of order and a resumed run sees exactly the same data. Nothing is ever stored per row: ids come from
+a bounded Zipf law remapped by an affine bijection mod rows, and the teacher's per-id weights are
+hashes of (seed, table, id).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from autoshard_jax.data.batch import Batch
+from autoshard_jax.data.hashing import hash_gaussians
+from autoshard_jax.tables.spec import TableSpec
+
+SPLITS = {"train": 0, "eval": 1}
+_CALIB_STREAM, _TEACHER_STREAM = 2, 3
+_CALIB_SAMPLES = 16384
+_MAX_COUNT = 2**31 - 1
+# Share of the teacher's logit variance from dense features, per-id weights and id-id interactions.
+_SHARES = (0.3, 0.45, 0.25)
+
+
+def _coprime_multiplier(rows: int, rng: np.random.Generator) -> int:
+    """A random multiplier coprime to rows, so id = (rank * m + c) mod rows is a bijection."""
+    if rows <= 2:
+        return 1
+    m = int(rng.integers(rows // 3, rows)) | 1
+    while math.gcd(m, rows) != 1:
+        m += 2
+    return m % rows or 1
+
+
+def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney rank statistic (ties get average ranks)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(labels) > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    uniq, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each unique score
+    rank_sum = avg_rank[inverse][pos].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _binary_entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
+
+
+class SyntheticClickStream:
+    """Deterministic, random-access stream of batches obeying the batch contract (see batch.py).
+
+    Args:
+      tables: table specs, one categorical feature per table, in order.
+      num_dense: number of dense (integer count) features.
+      seed: fixes the id skew mapping, the dense distributions and the teacher.
+      zipf_a: exponent of the bounded Zipf law of each table's id ranks (0 = uniform).
+      base_ctr: target mean click rate of the teacher.
+      teacher_std: standard deviation of the teacher's logit; sets how predictable clicks are
+        (the default gives a teacher AUC around 0.8).
+      interaction_rank: width of the hashed per-id vectors whose pairwise dot products form the
+        teacher's interaction term (the structure a DLRM's dot interaction can learn).
+    """
+
+    def __init__(self, tables: Sequence[TableSpec], num_dense: int = 13, seed: int = 0,
+                 zipf_a: float = 1.2, base_ctr: float = 0.25, teacher_std: float = 1.35,
+                 interaction_rank: int = 4):
+        if not tables:
+            raise ValueError("need at least one table")
+        if zipf_a < 0:
+            raise ValueError(f"zipf_a must be >= 0, got {zipf_a}")
+        if not 0 < base_ctr < 1:
+            raise ValueError(f"base_ctr must be in (0, 1), got {base_ctr}")
+        if any(t.rows >= 2**31 for t in tables):
+            raise ValueError("table rows must fit int32 ids (< 2**31)")
+        self.tables = tuple(tables)
+        self.num_dense = num_dense
+        self.seed = seed
+        self.zipf_a = float(zipf_a)
+        self.interaction_rank = interaction_rank
+        rng = np.random.default_rng([seed, _TEACHER_STREAM])
+        self._mult = [_coprime_multiplier(t.rows, rng) for t in self.tables]
+        self._offset = [int(rng.integers(0, t.rows)) for t in self.tables]
+        # Dense counts are floor(lognormal): many zeros and a heavy tail, like Criteo's I1..I13.
+        self._dense_mu_D = rng.uniform(-1.0, 4.0, num_dense)
+        self._dense_sigma_D = rng.uniform(0.5, 2.0, num_dense)
+        # Teacher: a small MLP on standardised dense features plus hashed per-id terms.
+        hidden = 8
+        self._w_lin_D = rng.normal(size=num_dense)
+        self._w1_DxK = rng.normal(size=(num_dense, hidden)) / math.sqrt(max(num_dense, 1))
+        self._w2_K = rng.normal(size=hidden)
+        self._salt_T = rng.integers(0, 2**63, len(self.tables), dtype=np.uint64)
+        self._id_scale_T = np.array([1.0 / math.sqrt(max(t.pooling_factor, 1.0))
+                                     for t in self.tables])
+        self._dense_mean_D = np.zeros(num_dense)
+        self._dense_std_D = np.ones(num_dense)
+        self._part_scale = np.ones(3)
+        self._bias = 0.0
+        self._calibrate(base_ctr, teacher_std)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def _ranks(self, rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+        """Bounded Zipf ranks in [0, rows) by inverting the continuous power-law CDF on [1, rows+1)."""
+        u = rng.random(n)
+        a = self.zipf_a
+        if a == 1.0:
+            x = np.exp(u * math.log(rows + 1.0))
+        else:
+            e = 1.0 - a
+            x = (1.0 + u * ((rows + 1.0) ** e - 1.0)) ** (1.0 / e)
+        return np.minimum(x.astype(np.int64) - 1, rows - 1)
+
+    def _table_ids(self, rng: np.random.Generator, t: int, b: int) -> np.ndarray:
+        spec = self.tables[t]
+        h, pf = spec.hotness, spec.pooling_factor
+        ranks = self._ranks(rng, spec.rows, b * h).reshape(b, h)
+        ids_BxH = ((ranks * self._mult[t] + self._offset[t]) % spec.rows).astype(np.int32)
+        if pf < 1.0:
+            count_B = (rng.random(b) < pf).astype(np.int64)
+        elif h == 1:
+            return ids_BxH
+        else:
+            count_B = np.minimum(1 + rng.poisson(pf - 1.0, b), h)
+        ids_BxH[np.arange(h)[None, :] >= count_B[:, None]] = -1
+        return ids_BxH
+
+    def _features(self, rng: np.random.Generator, b: int) -> tuple[np.ndarray, tuple]:
+        z_BxD = rng.standard_normal((b, self.num_dense))
+        counts_BxD = np.floor(np.exp(np.minimum(self._dense_mu_D + self._dense_sigma_D * z_BxD,
+                                                math.log(_MAX_COUNT))))
+        ids = tuple(self._table_ids(rng, t, b) for t in range(len(self.tables)))
+        return counts_BxD.astype(np.int64), ids
+
+    def _raw_parts(self, dense_BxD: np.ndarray, ids: Sequence[np.ndarray]) -> np.ndarray:
+        """Unscaled teacher parts [3, B]: dense MLP, sum of per-id weights, id-id interactions."""
+        z_BxD = (dense_BxD.astype(np.float64) - self._dense_mean_D) / self._dense_std_D
+        dense_B = z_BxD @ self._w_lin_D + np.tanh(z_BxD @ self._w1_DxK) @ self._w2_K
+        ids_BxN = np.concatenate(ids, axis=1)
+        hot_N = np.array([t.hotness for t in self.tables])
+        salt_N = np.repeat(self._salt_T, hot_N)
+        scale_N = np.repeat(self._id_scale_T, hot_N)
+        mask_BxN = ids_BxN >= 0
+        keys_BxN = ids_BxN.astype(np.int64).astype(np.uint64) ^ salt_N
+        g_BxNxG = hash_gaussians(keys_BxN, 1 + self.interaction_rank)
+        g_BxNxG *= (mask_BxN * scale_N)[..., None]
+        weight_B = g_BxNxG[..., 0].sum(axis=1)
+        # Pool each table's vectors, then sum_{t<s} <u_t, u_s> = (|sum u|^2 - sum |u|^2) / 2.
+        starts = np.concatenate([[0], np.cumsum(hot_N)[:-1]])
+        u_BxTxK = np.add.reduceat(g_BxNxG[..., 1:], starts, axis=1)
+        total_BxK = u_BxTxK.sum(axis=1)
+        inter_B = 0.5 * ((total_BxK**2).sum(-1) - (u_BxTxK**2).sum(axis=(1, 2)))
+        return np.stack([dense_B, weight_B, inter_B])
+
+    def _calibrate(self, base_ctr: float, teacher_std: float) -> None:
+        """Fix dense standardisation, part scales and bias on a private calibration sample."""
+        counts_BxD, ids = self._features(np.random.default_rng([self.seed, _CALIB_STREAM]),
+                                         _CALIB_SAMPLES)
+        dense_BxD = np.log1p(counts_BxD.astype(np.float64))
+        self._dense_mean_D = dense_BxD.mean(axis=0)
+        self._dense_std_D = np.maximum(dense_BxD.std(axis=0), 1e-6)
+        parts_3xB = self._raw_parts(dense_BxD, ids)
+        std_3 = np.maximum(parts_3xB.std(axis=1), 1e-9)
+        self._part_scale = teacher_std * np.sqrt(np.array(_SHARES)) / std_3
+        s_B = self._part_scale @ parts_3xB
+        lo, hi = -30.0, 30.0
+        for _ in range(60):  # bisection: mean sigmoid(bias + s) is increasing in bias
+            mid = 0.5 * (lo + hi)
+            if np.mean(1.0 / (1.0 + np.exp(-(mid + s_B)))) < base_ctr:
+                lo = mid
+            else:
+                hi = mid
+        self._bias = 0.5 * (lo + hi)
+
+    def teacher_logit(self, batch: Batch) -> np.ndarray:
+        """The teacher's logit [B] (float64) for a contract batch; labels are Bernoulli(sigmoid)."""
+        return self._bias + self._part_scale @ self._raw_parts(batch["dense"], batch["ids"])
+
+    def _generate(self, index: int, batch_size: int, split: str) -> tuple[Batch, np.ndarray]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        if index < 0 or batch_size < 1:
+            raise ValueError(f"need index >= 0 and batch_size >= 1, got {index}, {batch_size}")
+        rng = np.random.default_rng([self.seed, SPLITS[split], index, batch_size])
+        counts_BxD, ids = self._features(rng, batch_size)
+        dense_BxD = np.log1p(counts_BxD.astype(np.float64)).astype(np.float32)
+        batch = {"dense": dense_BxD, "ids": ids}
+        p_B = 1.0 / (1.0 + np.exp(-self.teacher_logit(batch)))
+        batch["label"] = (rng.random(batch_size) < p_B).astype(np.float32)
+        return batch, counts_BxD
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def batch(self, index: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch number `index`; a pure function of (seed, split, index, batch_size)."""
+        return self._generate(index, batch_size, split)[0]
+
+    def batches(self, batch_size: int, start: int = 0, num_batches: int | None = None,
+                split: str = "train") -> Iterator[Batch]:
+        """Batches start, start+1, ... (forever when num_batches is None)."""
+        index = start
+        while num_batches is None or index < start + num_batches:
+            yield self.batch(index, batch_size, split)
+            index += 1
+
+    def teacher_probs(self, batch: Batch) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.teacher_logit(batch)))
+
+    def teacher_stats(self, num_samples: int, batch_size: int = 8192,
+                      split: str = "eval") -> dict[str, float]:
+        """What a perfect model would score on `num_samples` held-out samples.
+
+        Returns ctr (mean label), mean_p, bayes_logloss (mean binary entropy of the teacher's p),
+        teacher_auc (of p against the sampled labels), constant_logloss (entropy of the mean CTR,
+        the log loss of the best constant predictor) and bayes_ne (= bayes / constant log loss).
+        """
+        ps, labels = [], []
+        for i in range(math.ceil(num_samples / batch_size)):
+            b = self.batch(i, batch_size, split)
+            ps.append(self.teacher_probs(b))
+            labels.append(b["label"])
+        p = np.concatenate(ps)[:num_samples]
+        y = np.concatenate(labels)[:num_samples]
+        ctr = float(y.mean())
+        bayes = float(_binary_entropy(p).mean())
+        const = float(_binary_entropy(np.array(ctr)))
+        return {"ctr": ctr, "mean_p": float(p.mean()), "bayes_logloss": bayes,
+                "teacher_auc": binary_auc(p, y), "constant_logloss": const,
+                "bayes_ne": bayes / const if const > 0 else float("nan")}
+
+    def write_tsv(self, path: str | os.PathLike, num_samples: int, batch_size: int = 4096,
+                  split: str = "train") -> None:
+        """Write the first `num_samples` samples of the stream as Criteo TSV (gzip if path ends .gz).
+
+        Reading the file back with CriteoTSVReader at the same batch_size yields exactly
+        `batches(batch_size)`. Only single-hot tables are expressible in the format; an empty bag
+        (pooling factor < 1) is written as a missing categorical.
+        """
+        if any(t.hotness != 1 for t in self.tables):
+            raise ValueError("Criteo TSV holds one id per table; every table must have hotness 1")
+        fmt = "\t".join(["%d"] * (1 + self.num_dense)) + "".join(["\t%s"] * len(self.tables))
+        fmt += "\n"
+        opener = gzip.open if os.fspath(path).endswith(".gz") else open
+        with opener(path, "wt") as f:
+            for i in range(math.ceil(num_samples / batch_size)):
+                batch, counts_BxD = self._generate(i, batch_size, split)
+                n = min(batch_size, num_samples - i * batch_size)
+                hex_cols = [np.where(ids[:n, 0] >= 0, np.char.mod("%08x", ids[:n, 0]), "")
+                            for ids in batch["ids"]]
+                num = np.concatenate([batch["label"][:n, None].astype(np.int64), counts_BxD[:n]],
+                                     axis=1).tolist()
+                cols = list(zip(*hex_cols, strict=True))
+                f.write("".join(fmt % (*a, *c) for a, c in zip(num, cols, strict=True)))
