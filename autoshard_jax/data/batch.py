@@ -20,7 +20,7 @@ Batch = dict[str, Any]
 
 
 def check_batch(batch: Batch, tables: Sequence[TableSpec], num_dense: int | None = None) -> None:
-    """Raises ValueError naming the first violation of the batch contract; cheap enough for tests."""
+    """Raise ValueError naming the first violation of the batch contract (cheap; for tests)."""
     for key in ("dense", "ids", "label"):
         if key not in batch:
             raise ValueError(f"batch is missing {key!r}")

@@ -4,9 +4,10 @@ A line is `label \\t I1..I13 \\t C1..C26` (counts configurable). Missing integer
 negative ones are clamped to 0 before log1p (as the public DLRM does); a missing categorical becomes
 the padding id -1; a present one is int(hex, 16) mod the table's rows.
 
-Layouts: a directory of day files (`day_0`, `day_1`, ... sorted by the numbers in their names) is one
-day per file; a single file is one day, or `kaggle_days` equal consecutive chunks of it (the Kaggle
-convention: train on days 0-5, evaluate on day 6). Selected days are read in order as one stream.
+Layouts: a directory of day files (`day_0`, `day_1`, ..., sorted by the numbers in their names)
+is one day per file; a single file is one day, or `kaggle_days` equal consecutive chunks of it
+(the Kaggle convention: train on days 0-5, evaluate on day 6). Selected days are read in order as
+one stream.
 
 Malformed lines raise MalformedLineError naming file and line; with skip_bad_lines=True they are
 counted per reason in `stats` and a warning is logged when the stream ends. Nothing malformed is
@@ -70,7 +71,7 @@ def _open(path: str):
 
 
 def _line_blocks(path: str) -> Iterator[bytes]:
-    """Blocks of complete lines, each ending in b"\\n" (one is added to a final unterminated line)."""
+    """Blocks of complete lines, each ending in b"\\n" (added to an unterminated last line)."""
     with _open(path) as f:
         rest = b""
         while block := f.read(_READ_BYTES):
@@ -103,8 +104,8 @@ class CriteoTSVReader:
 
     Args:
       path: a TSV file (optionally .gz) or a directory of day files.
-      tables: one TableSpec or row count per categorical feature, in feature order. Ids are single-hot
-        (column 0 of each [B, spec.hotness] array; further slots, if any, are padding -1).
+      tables: one TableSpec or row count per categorical feature, in feature order. Ids are
+        single-hot: column 0 of each [B, spec.hotness] array; further slots, if any, are -1.
       num_dense: number of integer features per line.
       days: indices of the days to read, in order (default: all).
       kaggle_days: split a single file into this many equal consecutive days (Kaggle: 7).

@@ -25,7 +25,7 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def hash_gaussians(keys: np.ndarray, num: int) -> np.ndarray:
-    """`num` standard normals per uint64 key (Box-Muller on hash halves); shape keys.shape + (num,)."""
+    """`num` standard normals per uint64 key (Box-Muller on hash halves): keys.shape + (num,)."""
     out = np.empty(keys.shape + (num,), dtype=np.float64)
     h = np.asarray(keys, dtype=np.uint64)
     for j in range(0, num, 2):

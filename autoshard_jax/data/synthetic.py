@@ -112,7 +112,7 @@ class SyntheticClickStream:
     # ---- generation ------------------------------------------------------------------------
 
     def _ranks(self, rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
-        """Bounded Zipf ranks in [0, rows) by inverting the continuous power-law CDF on [1, rows+1)."""
+        """Bounded Zipf ranks in [0, rows): the inverse CDF of x^-a on [1, rows + 1), floored."""
         u = rng.random(n)
         a = self.zipf_a
         if a == 1.0:
@@ -241,7 +241,7 @@ class SyntheticClickStream:
 
     def write_tsv(self, path: str | os.PathLike, num_samples: int, batch_size: int = 4096,
                   split: str = "train") -> None:
-        """Write the first `num_samples` samples of the stream as Criteo TSV (gzip if path ends .gz).
+        """Write the first `num_samples` samples as Criteo TSV (gzip if the path ends in .gz).
 
         Reading the file back with CriteoTSVReader at the same batch_size yields exactly
         `batches(batch_size)`. Only single-hot tables are expressible in the format; an empty bag

@@ -4,8 +4,8 @@ Per-field Python `int()` calls cap a reader at ~150k lines/s; parsing the raw by
 (field boundaries from separator positions, digits by Horner's rule one column at a time) is several
 times faster and finds every malformed line of a block at once.
 
-Accepted syntax, per line: label in {0, 1}; integers `-?[0-9]{1,18}`; categoricals `[0-9a-fA-F]{1,16}`;
-an empty integer or categorical field is missing.
+Accepted syntax, per line: label in {0, 1}; integers `-?[0-9]{1,18}`; categoricals
+`[0-9a-fA-F]{1,16}`; an empty integer or categorical field is missing.
 """
 
 from __future__ import annotations

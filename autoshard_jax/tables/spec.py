@@ -48,14 +48,16 @@ class TableSpec:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
             raise TableSpecError(f"{where}: 'dim' must be a positive integer, got {self.dim!r}")
         pf = self.pooling_factor
-        if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not math.isfinite(pf) or pf <= 0:
+        if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not math.isfinite(pf) \
+                or pf <= 0:
             raise TableSpecError(f"{where}: 'pooling_factor' must be a positive number, got {pf!r}")
         if self.reuse_hist is not None:
             hist = tuple(self.reuse_hist)
             if len(hist) != NUM_REUSE_BINS:
                 raise TableSpecError(
                     f"{where}: 'reuse_hist' must have {NUM_REUSE_BINS} bins, got {len(hist)}")
-            if any((not isinstance(h, (int, float))) or not math.isfinite(h) or h < 0 for h in hist):
+            if any(not isinstance(h, (int, float)) or not math.isfinite(h) or h < 0
+                   for h in hist):
                 raise TableSpecError(f"{where}: 'reuse_hist' must hold non-negative numbers")
             object.__setattr__(self, "reuse_hist", tuple(float(h) for h in hist))
 
@@ -105,7 +107,7 @@ def tables_to_json(specs: Sequence[TableSpec]) -> dict:
 def tables_from_json(d: dict) -> list[TableSpec]:
     if not isinstance(d, dict):
         raise TableSpecError("tables.json must hold a JSON object")
-    if d.get("version") != TABLES_VERSION:
+    if isinstance(d.get("version"), bool) or d.get("version") != TABLES_VERSION:
         raise TableSpecError(f"tables.json 'version' must be {TABLES_VERSION}, got "
                              f"{d.get('version')!r}")
     tables = d.get("tables")

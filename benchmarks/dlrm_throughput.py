@@ -1,0 +1,183 @@
+"""DLRM train-step throughput: JAX (this project) against the PyTorch reference, in one run.
+
+Criteo Kaggle reference configuration: 13 dense and 26 sparse features with the real Kaggle
+cardinalities, embedding dim 16, bottom MLP 13-512-256-64-16, top MLP 512-256-1, dot interaction,
+SGD lr 0.1 (dense and embeddings), batch 2048, fp32, Zipf-skewed ids drawn exactly as the
+reference draws them. Each side runs in its own subprocess, alternating, so that peak RSS is
+per framework; the PyTorch side is ../shared/bench/torch_dlrm.py, run when torch is importable.
+
+    python benchmarks/dlrm_throughput.py [--steps 30] [--repeats 2] [--rows-cap 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_REF = os.path.join(os.path.dirname(REPO), "shared", "bench", "torch_dlrm.py")
+
+
+def run_child(cmd: list[str]) -> tuple[str, float]:
+    """Runs a command; returns its stdout and its own peak RSS in MiB (from wait4)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": REPO})
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"{cmd} failed:\n{err.read()[-3000:]}")
+        return out.read(), rusage.ru_maxrss / 1024
+
+
+def jax_worker(args) -> None:
+    """Measures the JAX step in this process and prints one JSON line."""
+    import jax
+    import numpy as np
+    import optax
+
+    from autoshard_jax.models.dlrm import DLRMDense
+    from autoshard_jax.optim.sparse import sgd
+    from autoshard_jax.tables.spec import CRITEO_KAGGLE_ROWS, criteo_tables
+    from autoshard_jax.train.loop import release_host_memory
+    from autoshard_jax.train.step import (
+        LocalEmbeddingStage,
+        dense_loss_and_grads,
+        init_train_state,
+        make_train_step,
+    )
+
+    b = args.batch
+    tables = criteo_tables(CRITEO_KAGGLE_ROWS, 16, rows_cap=args.rows_cap)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):  # the reference's recipe, so both sides see the same id skew
+        dense = np.log1p(rng.exponential(5.0, (b, 13))).astype(np.float32)
+        ids = tuple(np.minimum(rng.zipf(1.2, (b, 1)) - 1, t.rows - 1).astype(np.int32)
+                    for t in tables)
+        label = (rng.random(b) < 0.25).astype(np.float32)
+        batches.append(jax.device_put({"dense": dense, "ids": ids, "label": label}))
+
+    dense_model = DLRMDense((512, 256, 64, 16), (512, 256, 1), interaction="dot")
+    stage = LocalEmbeddingStage(tables, sgd(0.1))
+    tx = optax.sgd(0.1)
+    init = jax.jit(lambda key: init_train_state(key, dense_model, stage, tx, batches[0]))
+    key = jax.random.key(0)
+    abstract = jax.eval_shape(init, key)
+    t0 = time.perf_counter()
+    step = jax.jit(make_train_step(dense_model, stage, tx),
+                   donate_argnums=0).lower(abstract, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    release_host_memory()
+    state = init(key)
+
+    def timed(fn, n):
+        t0 = time.perf_counter()
+        for i in range(n):
+            out = fn(i)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / n
+
+    holder = {"state": state}
+
+    def one_step(i):
+        holder["state"], metrics = step(holder["state"], batches[i % 4])
+        return metrics["loss"]
+
+    timed(one_step, args.warmup)
+    step_s = timed(one_step, args.steps)
+    state = holder["state"]
+
+    # Breakdown: the three phases as separate programs (no fusion across them).
+    lookup = jax.jit(stage.lookup)
+    dense_fb = jax.jit(lambda p, batch, pooled: dense_loss_and_grads(dense_model, p, batch,
+                                                                     pooled))
+    update = jax.jit(stage.update, donate_argnums=(0,))
+    tables_p = state.params["embedding"]
+    pooled = lookup(tables_p, batches[0]["ids"])
+    _, _, _, g_pooled = dense_fb(state.params["dense"], batches[0], pooled)
+    phases = {
+        "embedding_forward": timed(lambda i: lookup(tables_p, batches[i % 4]["ids"]), args.steps),
+        "dense_forward_backward": timed(
+            lambda i: dense_fb(state.params["dense"], batches[i % 4], pooled), args.steps),
+    }
+    emb = {"tables": tables_p, "state": state.opt_state["embedding"]}
+
+    def one_update(i):
+        emb["tables"], emb["state"] = update(emb["tables"], emb["state"], batches[i % 4]["ids"],
+                                             g_pooled, state.step)
+        return emb["tables"]
+
+    one_update(0)
+    phases["embedding_update"] = timed(one_update, args.steps)
+    print(json.dumps({"samples_per_s": b / step_s, "step_ms": step_s * 1e3,
+                      "compile_s": compile_s, "phases_ms": {k: v * 1e3 for k, v in phases.items()},
+                      "backend": jax.default_backend(), "jax": jax.__version__}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
+    ap.add_argument("--rows-cap", type=int, default=0, help="cap table rows (small machines)")
+    ap.add_argument("--worker", choices=["jax"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker == "jax":
+        jax_worker(args)
+        return
+
+    common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
+              str(args.warmup), "--rows-cap", str(args.rows_cap)]
+    have_torch = importlib.util.find_spec("torch") is not None and os.path.exists(TORCH_REF)
+    if not have_torch:
+        print("torch (or ../shared/bench/torch_dlrm.py) not found: JAX figures only. "
+              "`pip install '.[torch]'` to compare.")
+    results = {"jax": [], "torch": []}
+    for r in range(args.repeats):
+        out, rss = run_child([sys.executable, __file__, "--worker", "jax", *common])
+        record = json.loads(out.strip().splitlines()[-1])
+        record["peak_rss_mib"] = rss
+        results["jax"].append(record)
+        print(f"[run {r}] jax   {record['samples_per_s']:9.0f} samples/s  "
+              f"peak RSS {rss:7.0f} MiB", flush=True)
+        if have_torch:
+            out, rss = run_child([sys.executable, TORCH_REF, *common])
+            sps = float(out.strip().split("samples_per_s=")[-1])
+            results["torch"].append({"samples_per_s": sps, "peak_rss_mib": rss})
+            print(f"[run {r}] torch {sps:9.0f} samples/s  peak RSS {rss:7.0f} MiB", flush=True)
+
+    jax_sps = statistics.median(x["samples_per_s"] for x in results["jax"])
+    jax_rss = max(x["peak_rss_mib"] for x in results["jax"])
+    last = results["jax"][-1]
+    print(f"\nDLRM Criteo-Kaggle config, batch {args.batch}, rows_cap {args.rows_cap or 'none'}, "
+          f"{os.cpu_count()} CPU cores, {last['backend']} backend, jax {last['jax']}")
+    print(f"{'':8s}{'samples/s':>12s}{'peak RSS MiB':>14s}")
+    print(f"{'jax':8s}{jax_sps:12.0f}{jax_rss:14.0f}")
+    if results["torch"]:
+        t_sps = statistics.median(x["samples_per_s"] for x in results["torch"])
+        t_rss = max(x["peak_rss_mib"] for x in results["torch"])
+        ratios = [j["samples_per_s"] / t["samples_per_s"]
+                  for j, t in zip(results["jax"], results["torch"], strict=True)]
+        print(f"{'torch':8s}{t_sps:12.0f}{t_rss:14.0f}")
+        print(f"throughput ratio jax/torch: {statistics.median(ratios):.2f}x "
+              f"(per run: {', '.join(f'{x:.2f}' for x in ratios)});  "
+              f"peak RSS ratio jax/torch: {jax_rss / t_rss:.2f}")
+    print(f"JAX step {last['step_ms']:.1f} ms (compile {last['compile_s']:.1f} s); "
+          "phases run as separate programs:")
+    for name, ms in last["phases_ms"].items():
+        print(f"  {name:24s}{ms:8.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""End-to-end training: learning on the synthetic stream, and bit-identical kill / resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from autoshard_jax.data import SyntheticClickStream
+from autoshard_jax.train.loop import build_tables, train_and_evaluate
+from launch.configs import synthetic_small
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(**overrides):
+    config = synthetic_small.get_config()
+    config.model.table_rows = (500, 200, 3000, 1000, 50, 24, 800, 300, 3, 2000, 700, 3000)
+    config.model.bottom_mlp = (32, 16)
+    config.model.top_mlp = (32, 1)
+    config.batch_size = 256
+    config.num_train_steps = 40
+    config.log_every = 1
+    config.eval_every = 0
+    config.checkpoint_every = 10
+    config.data.num_eval_batches = 8
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_learns_most_of_what_the_teacher_knows(tmp_path):
+    config = tiny_config(num_train_steps=600, log_every=100, checkpoint_every=1000)
+    config.data.num_eval_batches = 40
+    result = train_and_evaluate(config, str(tmp_path))
+    teacher = SyntheticClickStream(build_tables(config), seed=config.seed).teacher_stats(
+        40 * 256)
+    # The teacher is the best any model can do; a constant predictor has AUC 0.5 and NE 1.
+    assert result["auc"] > 0.9 * teacher["teacher_auc"], (result, teacher)
+    assert result["ne"] < 1.0 - 0.5 * (1.0 - teacher["bayes_ne"]), (result, teacher)
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    train_and_evaluate(tiny_config(), full)
+    train_and_evaluate(tiny_config(num_train_steps=20), split)
+    train_and_evaluate(tiny_config(), split)  # resumes at step 20
+    assert losses(full) == losses(split)
+    assert sorted(losses(split)) == list(range(1, 41))
+    final = [r["eval"] for r in read_metrics(full) if r.get("final")][-1]
+    assert [r["eval"] for r in read_metrics(split) if r.get("final")][-1] == final
+
+
+def _launch(workdir, steps, checkpoint_every=25):
+    """Starts launch.train_dlrm in a subprocess, its log in workdir.log (never a full pipe)."""
+    cmd = [sys.executable, "-m", "launch.train_dlrm",
+           "--config=launch/configs/synthetic_small.py", f"--workdir={workdir}",
+           f"--config.num_train_steps={steps}", f"--config.checkpoint_every={checkpoint_every}",
+           "--config.log_every=1", "--config.batch_size=256",
+           "--config.model.bottom_mlp=(32,16)", "--config.model.top_mlp=(32,1)",
+           "--config.data.num_eval_batches=8", "--config.eval_every=0"]
+    log = open(f"{workdir}.log", "a")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log,
+                            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    log.close()
+    return proc
+
+
+def _log(workdir):
+    with open(f"{workdir}.log") as f:
+        return f.read()
+
+
+def _finish(proc, workdir, timeout=300):
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, _log(workdir)[-3000:]
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {_log(workdir)[-3000:]}")
+        if os.path.exists(path) and max(losses(workdir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    pytest.fail("training did not reach the step in time")
+
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ref") / "run")
+    _finish(_launch(workdir, STEPS), workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_uninterrupted_curve(tmp_path, sig, reference_run):
+    """Kill a real training process mid-run, restart it, compare with an unbroken run."""
+    broken = str(tmp_path / "broken")
+    proc = _launch(broken, STEPS)
+    _wait_for_step(broken, 60, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    if sig == signal.SIGTERM:  # preemption: a clean exit after saving the current step
+        assert proc.returncode == 0, _log(broken)[-3000:]
+        assert "SIGTERM: saved step" in _log(broken)
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert max(losses(broken)) < STEPS, "the run finished before it was killed"
+    _finish(_launch(broken, STEPS), broken)
+    assert "Resumed from step" in _log(broken)
+    assert losses(broken) == losses(reference_run)
+    final = [r["eval"] for r in read_metrics(reference_run) if r.get("final")]
+    assert final and [r["eval"] for r in read_metrics(broken) if r.get("final")] == final
+    assert np.isfinite(final[0]["log_loss"])
