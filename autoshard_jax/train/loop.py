@@ -85,6 +85,14 @@ class DataSource:
                 f"config.data.kind must be 'synthetic' or 'criteo_tsv', got {d.kind!r}")
         self.num_eval_batches = d.num_eval_batches
 
+    def reference_metrics(self) -> dict:
+        """What the synthetic teacher itself scores on the eval batches: the reachable ceiling."""
+        if self.kind != "synthetic":
+            return {}
+        stats = self.stream.teacher_stats(self.num_eval_batches * self.batch_size,
+                                          batch_size=self.batch_size, split="eval")
+        return {"teacher_auc": stats["teacher_auc"], "teacher_ne": stats["bayes_ne"]}
+
     def train(self, start: int) -> Iterator[Batch]:
         if self.kind == "synthetic":
             return self.stream.batches(self.batch_size, start=start)
@@ -240,6 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step, state, {"data_position": step, "seed": config.seed}, force=True)
         final = evaluate(eval_step, state.params, data.eval())
         if final:
+            final.update(data.reference_metrics())
             logging.info("final eval at step %d: %s", step, _fmt(final))
             writer.write({"step": step, "eval": final, "final": True})
     if data.kind == "criteo_tsv" and data.train_reader.stats.num_bad:
