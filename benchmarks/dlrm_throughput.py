@@ -42,6 +42,9 @@ def run_child(cmd: list[str]) -> tuple[str, float]:
 
 def jax_worker(args) -> None:
     """Measures the JAX step in this process and prints one JSON line."""
+    from autoshard_jax.train.runtime import configure_cpu_runtime, release_host_memory
+
+    configure_cpu_runtime()
     import jax
     import numpy as np
     import optax
@@ -49,7 +52,6 @@ def jax_worker(args) -> None:
     from autoshard_jax.models.dlrm import DLRMDense
     from autoshard_jax.optim.sparse import sgd
     from autoshard_jax.tables.spec import CRITEO_KAGGLE_ROWS, criteo_tables
-    from autoshard_jax.train.loop import release_host_memory
     from autoshard_jax.train.step import (
         LocalEmbeddingStage,
         dense_loss_and_grads,
@@ -74,6 +76,9 @@ def jax_worker(args) -> None:
     init = jax.jit(lambda key: init_train_state(key, dense_model, stage, tx, batches[0]))
     key = jax.random.key(0)
     abstract = jax.eval_shape(init, key)
+    # Compile both programs before the tables exist, then return the compiler's scratch to the
+    # OS, as the training loop does.
+    init = init.lower(key).compile()
     t0 = time.perf_counter()
     step = jax.jit(make_train_step(dense_model, stage, tx),
                    donate_argnums=0).lower(abstract, batches[0]).compile()

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from autoshard_jax.train.loop import train_and_evaluate
+from autoshard_jax.train.runtime import configure_cpu_runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -26,6 +27,7 @@ def main(argv):
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     # Orbax logs every save step at INFO; keep the training log readable.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+    configure_cpu_runtime()
     if FLAGS.simulate_cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.simulate_cpu_devices)
     if FLAGS.jax_distributed:

@@ -6,7 +6,6 @@ restored from a checkpoint at step k reads batch k next and continues bit-identi
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ from autoshard_jax.tables.spec import TableSpec, criteo_tables, load_tables
 from autoshard_jax.train.checkpoint import Checkpointer, abstract_state
 from autoshard_jax.train.metrics import EvalAccumulator
 from autoshard_jax.train.prefetch import prefetch
+from autoshard_jax.train.runtime import release_host_memory
 from autoshard_jax.train.step import (
     Batch,
     LocalEmbeddingStage,
@@ -32,14 +32,6 @@ from autoshard_jax.train.step import (
     make_eval_step,
     make_train_step,
 )
-
-
-def release_host_memory() -> None:
-    """Returns freed compiler scratch to the OS (glibc), before big tables are allocated."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def build_tables(config: ml_collections.ConfigDict) -> list[TableSpec]:
@@ -195,6 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_fn, rng)
     # Compile before the tables exist, then hand the compiler's scratch back to the OS.
+    init_fn = init_fn.lower(rng).compile()
     train_step = jax.jit(make_train_step(dense_model, stage, dense_tx),
                          donate_argnums=0).lower(abstract, example).compile()
     eval_step = jax.jit(make_eval_step(dense_model, stage))

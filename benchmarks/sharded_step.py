@@ -1,0 +1,145 @@
+"""Step time, padding overhead and imbalance of sharding plans at 1, 2, 4 and 8 devices.
+
+  .venv/bin/python benchmarks/sharded_step.py                  # simulated CPU devices
+  .venv/bin/python benchmarks/sharded_step.py --rows_scale=1   # full-size tables (accelerators)
+
+For a 100-table model (dims 4..128, rows 10..1e6 log-uniform, pooling 1..100), builds random,
+byte-balanced (greedy) and skewed plans, then times the full DLRM train step (small dense part,
+embedding stage in shard_map, sparse updates under donation). On CPU the devices are simulated
+(they share the host's cores), so times show the cost of padding and collectives, not speed-up.
+Imbalance columns: `bytes_imb` = max / mean packed bytes per device; `ids_imb` = max / mean id
+positions per sample per device (what each device gathers; SPMD pads every device to the max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+
+if __name__ == "__main__":  # the simulated device count is fixed before JAX initialises
+    jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autoshard_jax.models.dlrm import DLRMDense  # noqa: E402
+from autoshard_jax.optim import sparse  # noqa: E402
+from autoshard_jax.sharding.layout import build_layout, state_kinds  # noqa: E402
+from autoshard_jax.sharding.stage import ShardedEmbeddingStage  # noqa: E402
+from autoshard_jax.sharding.synthetic_plans import (  # noqa: E402
+    greedy_bytes_plan,
+    random_plan,
+    random_tables,
+    skewed_plan,
+)
+from autoshard_jax.train.step import TrainState, make_train_step  # noqa: E402
+
+
+def make_batch(specs, batch: int, dense_dim: int, rng: np.random.Generator) -> dict:
+    ids = []
+    for s in specs:
+        ids_BxH = rng.integers(0, s.rows, size=(batch, s.hotness)).astype(np.int32)
+        # Bags hold pooling_factor ids on average: pad the rest of the hotness slots.
+        ids_BxH[rng.random(ids_BxH.shape) > s.pooling_factor / s.hotness] = -1
+        ids.append(ids_BxH)
+    return {"dense": rng.normal(size=(batch, dense_dim)).astype(np.float32), "ids": tuple(ids),
+            "label": rng.integers(0, 2, batch).astype(np.float32)}
+
+
+def imbalance(layout) -> tuple[float, float]:
+    used = np.asarray(layout.used_bytes({}), float)
+    ids = np.asarray([sum(layout.specs[p.table].hotness for p in m if p.kind != "replicated")
+                      for m in layout.placed], float)
+    return used.max() / used.mean(), ids.max() / max(ids.mean(), 1e-9)
+
+
+def plans_for(specs, num_devices: int, seed: int) -> dict:
+    return {"random": random_plan(specs, num_devices, seed=seed),
+            "random_mixed": random_plan(specs, num_devices, seed=seed, mix=(0.6, 0.2, 0.2)),
+            "balanced": greedy_bytes_plan(specs, num_devices),
+            "skewed": skewed_plan(specs, num_devices, fraction=0.5, seed=seed)}
+
+
+def time_plan(specs, plan, args, devices) -> float:
+    opt = sparse.make_row_optimizer(args.optimizer, 0.01)
+    stage = ShardedEmbeddingStage(specs, plan, opt, devices=devices)
+    dense = DLRMDense((32, 16), (32, 1), interaction="cat")
+    tx = optax.adagrad(0.01)
+    rng = np.random.default_rng(args.seed)
+    batches = [stage.prepare_batch(make_batch(specs, args.batch, 13, rng))
+               for _ in range(args.steps + 1)]
+    host = make_batch(specs, args.batch, 13, rng)
+    params, opt_state = stage.init_params(jax.random.key(args.seed), dense, tx, host)
+    state = TrainState(jax.device_put(np.zeros((), np.int32), stage.replicated), params,
+                       opt_state)
+    train_step = stage.jit(make_train_step(dense, stage, tx), state)
+    state, m = train_step(state, batches[0])  # compile + warm up
+    jax.block_until_ready(m)
+    times = []
+    for b in batches[1:]:
+        t0 = time.perf_counter()
+        state, m = train_step(state, b)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    assert train_step._cache_size() == 1
+    return float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num_tables", type=int, default=100)
+    p.add_argument("--rows_scale", type=float, default=0.002,
+                   help="multiplies every table's rows (CPU default keeps it small)")
+    p.add_argument("--max_pooling", type=float, default=100.0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--devices", default="1,2,4,8")
+    p.add_argument("--optimizer", default="rowwise_adagrad")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    full = random_tables(args.num_tables, seed=args.seed, max_pooling=args.max_pooling)
+    kinds = state_kinds(args.optimizer)
+    print(f"backend={jax.default_backend()} devices={jax.device_count()} "
+          f"tables={args.num_tables} batch={args.batch} optimizer={args.optimizer}")
+    print("\nPadding overhead (allocated / real bytes) of full-size plans, 8 devices:")
+    for name, plan in plans_for(full, 8, args.seed).items():
+        lay = build_layout(full, plan.placements, 8)
+        print(f"  {name:13s} params {lay.padding_overhead():6.3f}   "
+              f"params+{args.optimizer} state {lay.padding_overhead(kinds):6.3f}")
+    tw_only = greedy_bytes_plan(full, 8, row_wise_above=float("inf"))
+    lay = build_layout(full, tw_only.placements, 8)
+    print(f"  {'balanced_tw':13s} params {lay.padding_overhead():6.3f}   "
+          "(table_wise only: the largest table alone sets the per-device slab)")
+
+    scaled = random_tables(args.num_tables, seed=args.seed, max_pooling=args.max_pooling,
+                           min_rows=10, max_rows=max(10, int(1e6 * args.rows_scale)))
+    total_mb = sum(s.param_bytes() for s in scaled) / 2**20
+    print(f"\nStep time (full train step, median of {args.steps}); rows scaled by "
+          f"{args.rows_scale} -> {total_mb:.1f} MB of tables")
+    print(f"{'devices':>7s} {'plan':13s} {'step_ms':>8s} {'padding':>8s} {'bytes_imb':>9s} "
+          f"{'ids_imb':>8s} {'ids/dev':>8s}")
+    for num_devices in [int(x) for x in args.devices.split(",")]:
+        if num_devices > jax.device_count():
+            print(f"{num_devices:7d} skipped: only {jax.device_count()} devices")
+            continue
+        devices = jax.devices()[:num_devices]
+        plans = plans_for(scaled, num_devices, args.seed)
+        if num_devices == 1:
+            plans = {"all_on_one": plans["random"]}
+        for name, plan in plans.items():
+            lay = build_layout(scaled, plan.placements, num_devices)
+            b_imb, i_imb = imbalance(lay)
+            ms = 1e3 * time_plan(scaled, plan, args, devices)
+            print(f"{num_devices:7d} {name:13s} {ms:8.1f} {lay.padding_overhead(kinds):8.3f} "
+                  f"{b_imb:9.2f} {i_imb:8.2f} {lay.sh.num_positions:8d}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
