@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -20,6 +21,9 @@ from absl import logging
 from autoshard_jax.data import CriteoTSVReader, SyntheticClickStream
 from autoshard_jax.models.dlrm import DLRMDense
 from autoshard_jax.optim.sparse import make_dense_optimizer, make_row_optimizer
+from autoshard_jax.sharding.layout import state_kinds
+from autoshard_jax.sharding.plan import load_plan
+from autoshard_jax.sharding.stage import ShardedEmbeddingStage
 from autoshard_jax.tables.spec import TableSpec, criteo_tables, load_tables
 from autoshard_jax.train.checkpoint import Checkpointer, abstract_state
 from autoshard_jax.train.metrics import EvalAccumulator
@@ -28,6 +32,7 @@ from autoshard_jax.train.runtime import release_host_memory
 from autoshard_jax.train.step import (
     Batch,
     LocalEmbeddingStage,
+    TrainState,
     init_train_state,
     make_eval_step,
     make_train_step,
@@ -131,11 +136,11 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
 
 
-def evaluate(eval_step, params, batches: Iterator[Batch]) -> dict | None:
+def evaluate(eval_step, params, batches: Iterator[Batch], place=jax.device_put) -> dict | None:
     acc = EvalAccumulator()
     for batch in batches:
         mask = batch.pop("mask")
-        acc.add(batch["label"], eval_step(params, batch), mask)
+        acc.add(batch["label"], eval_step(params, place(batch)), mask)
     return acc.compute() if acc.num_examples else None
 
 
@@ -162,6 +167,33 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _sharded_setup(config, tables, row_opt, dense_model, dense_tx, rng, example):
+    """Stage, initial state, jitted step and batch placement for training with a plan.json."""
+    plan = load_plan(config.plan)
+    if config.num_devices and config.num_devices != plan.num_devices:
+        raise ValueError(f"--config.num_devices={config.num_devices} but {config.plan} is a plan "
+                         f"for {plan.num_devices} devices")
+    if plan.num_devices > jax.device_count():
+        raise ValueError(f"{config.plan} needs {plan.num_devices} devices, {jax.device_count()} "
+                         "are available (on CPU: --simulate_cpu_devices)")
+    # Validates the plan (memory included) before any table is allocated.
+    stage = ShardedEmbeddingStage(tables, plan, row_opt, config.model.combiner,
+                                  devices=jax.devices()[:plan.num_devices])
+    kinds = state_kinds(row_opt)
+    real = stage.layout.real_bytes(kinds)
+    allocated = stage.layout.allocated_bytes(kinds) // plan.num_devices
+    for d, b in enumerate(real):
+        logging.info("device %d: %.2f MB of embedding parameters + optimizer state "
+                     "(%.2f MB allocated)", d, b / 2**20, allocated / 2**20)
+    logging.info("plan %s: padding overhead %.3f (allocated / real bytes)", config.plan,
+                 stage.layout.padding_overhead(kinds))
+    params, opt_state = stage.init_params(rng, dense_model, dense_tx, example)
+    step0 = jax.device_put(jnp.zeros((), jnp.int32), stage.replicated)
+    state = TrainState(step=step0, params=params, opt_state=opt_state)
+    train_step = stage.jit(make_train_step(dense_model, stage, dense_tx), state)
+    return stage, state, train_step, stage.prepare_batch
+
+
 def _format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -176,38 +208,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dense_model = build_dense_model(config)
     row_opt = make_row_optimizer(config.optim.embedding, config.optim.embedding_lr)
     dense_tx = make_dense_optimizer(config.optim.dense, config.optim.dense_lr)
-    stage = LocalEmbeddingStage(tables, row_opt, config.model.combiner)
     param_bytes = sum(t.param_bytes() for t in tables)
     logging.info("DLRM: %d tables, %.1f MB of embeddings, devices %s", len(tables),
                  param_bytes / 2**20, jax.devices())
-
-    example = jax.device_put(data.stream.batch(0, config.batch_size) if data.kind == "synthetic"
-                             else next(data.train(0)))
-    init_fn = jax.jit(lambda rng: init_train_state(rng, dense_model, stage, dense_tx, example))
     rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init_fn, rng)
-    # Compile before the tables exist, then hand the compiler's scratch back to the OS.
-    init_fn = init_fn.lower(rng).compile()
-    train_step = jax.jit(make_train_step(dense_model, stage, dense_tx),
-                         donate_argnums=0).lower(abstract, example).compile()
+    example = (data.stream.batch(0, config.batch_size) if data.kind == "synthetic"
+               else next(data.train(0)))
+    if config.plan:
+        stage, state, train_step, place = _sharded_setup(config, tables, row_opt, dense_model,
+                                                         dense_tx, rng, example)
+    else:
+        stage = LocalEmbeddingStage(tables, row_opt, config.model.combiner)
+        place = jax.device_put
+        example = place(example)
+        init_fn = jax.jit(lambda key: init_train_state(key, dense_model, stage, dense_tx,
+                                                       example))
+        state = jax.eval_shape(init_fn, rng)
+        # Compile before the tables exist, then hand the compiler's scratch back to the OS.
+        init_fn = init_fn.lower(rng).compile()
+        train_step = jax.jit(make_train_step(dense_model, stage, dense_tx),
+                             donate_argnums=0).lower(state, example).compile()
+        release_host_memory()
     eval_step = jax.jit(make_eval_step(dense_model, stage))
-    release_host_memory()
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         save_interval_steps=config.checkpoint_every)
     start = ckpt.latest_step()
     if start is not None:
-        state, meta = ckpt.restore(start, abstract_state(abstract))
+        state, meta = ckpt.restore(start, abstract_state(state))
         logging.info("Resumed from step %d (data position %d)", start, meta["data_position"])
     else:
         start = 0
-        state = init_fn(rng)
+        if not config.plan:
+            state = init_fn(rng)
     writer = MetricsWriter(workdir, start)
     num_steps = config.num_train_steps
     final = None
     t_start, t_last, step_last = time.time(), time.time(), start
     with ckpt, _Preemption() as preemption:
-        batches = prefetch(data.train(start), jax.device_put)
+        batches = prefetch(data.train(start), place)
         step = start
         for step in range(start + 1, num_steps + 1):
             try:
@@ -228,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               "elapsed_s": now - t_start})
                 t_last, step_last = now, step
             if config.eval_every and step % config.eval_every == 0 and step != num_steps:
-                result = evaluate(eval_step, state.params, data.eval())
+                result = evaluate(eval_step, state.params, data.eval(), place)
                 if result:
                     logging.info("eval at step %d: %s", step, _fmt(result))
                     writer.write({"step": step, "eval": result})
@@ -239,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.warning("SIGTERM: saved step %d, stopping", step)
                 return {"preempted_at": step}
         ckpt.save(step, state, {"data_position": step, "seed": config.seed}, force=True)
-        final = evaluate(eval_step, state.params, data.eval())
+        final = evaluate(eval_step, state.params, data.eval(), place)
         if final:
             final.update(data.reference_metrics())
             logging.info("final eval at step %d: %s", step, _fmt(final))

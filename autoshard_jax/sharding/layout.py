@@ -1,0 +1,343 @@
+"""Static per-device layout of a sharding plan: packed slabs, id positions and output columns.
+
+SPMD needs one equally shaped buffer per device, so every device holds one `[R, W]` slab (W = the
+widest table). Narrow tables are *row packed*: a width-w table is padded to w' (the smallest
+divisor of W that is >= w) and stored as k = W / w' logical rows per physical row, so a plan costs
+about its real bytes instead of (largest table) x (devices). Each device's slab is ordered
+row-wise shards, replicated tables, then its table-wise tables; the first two have the same offsets
+on every device.
+
+Lookups are described per device by *positions*: each table owns `hotness` consecutive id positions
+per sample and one *slot* (a pooled [W] vector) whose first `dim` columns are copied to the
+device's output columns. Two position groups exist: "sh" (row-wise + table-wise, fed by the ids
+all_to_all, full batch) and "rep" (replicated tables, local batch). "all" is both, used by the
+update. Everything here is numpy and built once per plan, so shapes are static and one plan
+compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autoshard_jax.optim.sparse import RowOptimizer
+from autoshard_jax.tables.spec import TableSpec
+
+BYTES_PER_VALUE = 4  # float32 tables and optimizer state
+KNOWN_STATE_KINDS = {"sgd": {}, "rowwise_adagrad": {"accumulator": "row"},
+                     "adagrad": {"accumulator": "element"}}
+
+
+def padded_width(dim: int, width: int) -> int:
+    """Smallest divisor of `width` that is >= dim: the packed width of a table."""
+    for w in range(dim, width + 1):
+        if width % w == 0:
+            return w
+    raise ValueError(f"table dim {dim} exceeds the slab width {width}")
+
+
+def state_kinds(row_optimizer: RowOptimizer | str) -> dict[str, str]:
+    """{leaf: "row" | "element"} for an optimizer's state, probed abstractly (no allocation).
+
+    "row" leaves hold one value per logical row ([R]); "element" leaves one per value ([R, E]).
+    """
+    if isinstance(row_optimizer, str):
+        if row_optimizer not in KNOWN_STATE_KINDS:
+            raise ValueError(f"unknown row optimizer {row_optimizer!r}; "
+                             f"choose from {sorted(KNOWN_STATE_KINDS)}")
+        return dict(KNOWN_STATE_KINDS[row_optimizer])
+    probe = jax.eval_shape(row_optimizer.init, jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    kinds = {}
+    for name, leaf in probe.items():
+        if leaf.shape == (2,):
+            kinds[name] = "row"
+        elif leaf.shape == (2, 3):
+            kinds[name] = "element"
+        else:
+            raise ValueError(f"optimizer {row_optimizer.name!r} state {name!r} has shape "
+                             f"{leaf.shape} for a [2, 3] table; only [R] or [R, E] are shardable")
+    return kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class Placed:
+    """One table's copy or shard on one device."""
+
+    table: int  # index into the specs
+    device: int
+    kind: str  # "table_wise" | "row_wise" | "replicated"
+    local_rows: int  # logical rows allocated on this device
+    pack: int  # logical rows per physical row
+    wpad: int  # packed width (divides W)
+    row_off: int  # first physical row in the slab
+    key_off: int  # first logical row (row-state index, dedup key)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupMeta:
+    """Per-device position/column metadata of one lookup group, numpy [D, ...] int32 arrays."""
+
+    row_off: np.ndarray  # [D, L] physical row offset of each position's table
+    pack: np.ndarray  # [D, L]
+    wpad: np.ndarray  # [D, L]
+    width: np.ndarray  # [D, L] real dim (0 on padding positions)
+    key_off: np.ndarray  # [D, L]
+    slot: np.ndarray  # [D, L] pooled slot of each position (sorted)
+    out_src: np.ndarray  # [D, O] flat index slot * W + col of each output column, F * W = zero
+    num_slots: int
+    pos: dict  # (device, table) -> first position
+    col: dict  # (device, table) -> first output column
+
+    @property
+    def num_positions(self) -> int:
+        return self.row_off.shape[1]
+
+    @property
+    def num_cols(self) -> int:
+        return self.out_src.shape[1]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in
+                ("row_off", "pack", "wpad", "width", "key_off", "slot", "out_src")}
+
+
+def _group_meta(members: list[list[Placed]], specs: Sequence[TableSpec], width: int) -> GroupMeta:
+    """Lays out positions, slots and output columns for the per-device member lists."""
+    d_count = len(members)
+    lens = [sum(specs[p.table].hotness for p in m) for m in members]
+    cols = [sum(specs[p.table].dim for p in m) for m in members]
+    n_pos, n_col = max(1, max(lens)), max(1, max(cols))
+    n_slots = max(1, max(len(m) for m in members))
+    arr = {k: np.zeros((d_count, n_pos), np.int32)
+           for k in ("row_off", "pack", "wpad", "width", "key_off", "slot")}
+    arr["pack"][:] = 1
+    arr["wpad"][:] = width
+    arr["slot"][:] = n_slots - 1  # padding positions sort last and are always masked
+    out_src = np.full((d_count, n_col), n_slots * width, np.int32)
+    pos, col = {}, {}
+    for d, m in enumerate(members):
+        p0 = c0 = 0
+        for s, p in enumerate(m):
+            h, dim = specs[p.table].hotness, specs[p.table].dim
+            sl = slice(p0, p0 + h)
+            arr["row_off"][d, sl], arr["pack"][d, sl] = p.row_off, p.pack
+            arr["wpad"][d, sl], arr["width"][d, sl] = p.wpad, dim
+            arr["key_off"][d, sl], arr["slot"][d, sl] = p.key_off, s
+            out_src[d, c0:c0 + dim] = s * width + np.arange(dim)
+            pos[d, p.table], col[d, p.table] = p0, c0
+            p0, c0 = p0 + h, c0 + dim
+    return GroupMeta(**arr, out_src=out_src, num_slots=n_slots, pos=pos, col=col)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything static about executing a plan: slab shape, table locations, lookup metadata."""
+
+    specs: tuple[TableSpec, ...]
+    kinds: tuple[str, ...]  # placement type per table
+    devices: tuple[int | None, ...]  # owner of each table-wise table, else None
+    num_devices: int
+    width: int  # W
+    phys_rows: int  # R, physical rows per device slab
+    keys: int  # A, logical rows per device (row-state length)
+    placed: tuple[tuple[Placed, ...], ...]  # per device
+    sh: GroupMeta
+    rep: GroupMeta
+    all: GroupMeta
+
+    def where(self, table: int, device: int) -> Placed | None:
+        for p in self.placed[device]:
+            if p.table == table:
+                return p
+        return None
+
+    # --- memory --------------------------------------------------------------------------
+    def real_bytes(self, state: Mapping[str, str]) -> list[int]:
+        """Per device: bytes of the table values and optimizer state it must hold, unpadded."""
+        out = []
+        for d in range(self.num_devices):
+            total = 0
+            for p in self.placed[d]:
+                s = self.specs[p.table]
+                rows = _rows_on(s.rows, p, self.num_devices)
+                total += rows * s.dim * BYTES_PER_VALUE
+                for kind in state.values():
+                    total += rows * (s.dim if kind == "element" else 1) * BYTES_PER_VALUE
+            out.append(total)
+        return out
+
+    def used_bytes(self, state: Mapping[str, str]) -> list[int]:
+        """Per device: packed bytes its own tables occupy (padding inside its slab included)."""
+        out = []
+        for d in range(self.num_devices):
+            phys = sum(-(-p.local_rows // p.pack) for p in self.placed[d])
+            keys = sum(p.local_rows for p in self.placed[d])
+            total = phys * self.width * BYTES_PER_VALUE
+            for kind in state.values():
+                total += (phys * self.width if kind == "element" else keys) * BYTES_PER_VALUE
+            out.append(total)
+        return out
+
+    def allocated_bytes(self, state: Mapping[str, str]) -> int:
+        """Bytes every device allocates: the slab and state padded to the largest device."""
+        total = self.phys_rows * self.width * BYTES_PER_VALUE
+        for kind in state.values():
+            total += (self.phys_rows * self.width if kind == "element" else self.keys) \
+                * BYTES_PER_VALUE
+        return total
+
+    def padding_overhead(self, state: Mapping[str, str] | None = None) -> float:
+        """Allocated bytes over all devices / real bytes (1.0 = no padding); params only if
+        `state` is None. Replicas count as real: each device needs its copy."""
+        state = state or {}
+        return self.allocated_bytes(state) * self.num_devices / max(1, sum(self.real_bytes(state)))
+
+    # --- host-side data movement ----------------------------------------------------------
+    def pack_device(self, tables: Mapping[str, np.ndarray], device: int,
+                    per_row: bool = False) -> np.ndarray:
+        """Device `device`'s slab [R, W] (or [A] row state if per_row) from {name: [rows, dim]}
+        (or {name: [rows]})."""
+        if per_row:
+            out = np.zeros((self.keys,), np.float32)
+        else:
+            out = np.zeros((self.phys_rows, self.width), np.float32)
+        for p in self.placed[device]:
+            s = self.specs[p.table]
+            local = _local_rows_of(np.asarray(tables[s.name], np.float32), p, self.num_devices)
+            if per_row:
+                out[p.key_off:p.key_off + local.shape[0]] = local
+                continue
+            n_phys = -(-p.local_rows // p.pack)
+            buf = np.zeros((n_phys * p.pack, p.wpad), np.float32)
+            buf[:local.shape[0], :s.dim] = local
+            out[p.row_off:p.row_off + n_phys] = buf.reshape(n_phys, self.width)
+        return out
+
+    def unpack(self, stacked: np.ndarray, per_row: bool = False,
+               replica_device: int = 0) -> dict[str, np.ndarray]:
+        """{name: [rows, dim]} (or [rows]) from all devices' slabs [D, R, W] (or [D, A])."""
+        out = {}
+        for t, s in enumerate(self.specs):
+            full = np.zeros((s.rows,) if per_row else (s.rows, s.dim), np.float32)
+            for d in range(self.num_devices):
+                p = self.where(t, d)
+                if p is None or (p.kind == "replicated" and d != replica_device):
+                    continue
+                n = _rows_on(s.rows, p, self.num_devices)
+                if per_row:
+                    local = stacked[d, p.key_off:p.key_off + n]
+                else:
+                    n_phys = -(-p.local_rows // p.pack)
+                    block = stacked[d, p.row_off:p.row_off + n_phys]
+                    local = block.reshape(n_phys * p.pack, p.wpad)[:n, :s.dim]
+                if p.kind == "row_wise":
+                    full[d::self.num_devices] = local
+                else:
+                    full[:] = local
+            out[s.name] = full
+        return out
+
+    def route_ids(self, ids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Host preprocessing: (ids_BxDxL for the all_to_all, ids_BxLr of replicated tables).
+
+        ids_BxDxL[:, d] holds, in device d's local row numbering, every id that device d looks up
+        for the whole batch: its table-wise tables' ids, and for row-wise tables the ids it owns
+        (row r lives on device r % D as local row r // D), -1 elsewhere.
+        """
+        b = ids[0].shape[0]
+        send = np.full((b, self.num_devices, self.sh.num_positions), -1, np.int32)
+        rep = np.full((b, self.rep.num_positions), -1, np.int32)
+        for d in range(self.num_devices):
+            for p in self.placed[d]:
+                ids_BxH = ids[p.table]
+                h = ids_BxH.shape[1]
+                if p.kind == "replicated":
+                    if d == 0:
+                        at = self.rep.pos[0, p.table]
+                        rep[:, at:at + h] = ids_BxH
+                    continue
+                at = self.sh.pos[d, p.table]
+                if p.kind == "row_wise":
+                    mine = (ids_BxH >= 0) & (ids_BxH % self.num_devices == d)
+                    ids_BxH = np.where(mine, ids_BxH // self.num_devices, -1)
+                send[:, d, at:at + h] = ids_BxH
+        return send, rep
+
+    def device_inputs(self, ids: Sequence[np.ndarray], g_pooled: Sequence[np.ndarray],
+                      device: int) -> tuple[np.ndarray, np.ndarray]:
+        """What `device` sees in the update for a full batch: (ids_BxL, g_BxO) of group "all".
+
+        Lets the per-device step run alone (cost oracle, tests) on exactly the inputs the
+        all_to_all / all_gather deliver in sharded training.
+        """
+        send, rep = self.route_ids(ids)
+        b = send.shape[0]
+        g_BxO = np.zeros((b, self.all.num_cols), np.float32)
+        for (d, t), c in self.all.col.items():
+            if d == device:
+                g_BxO[:, c:c + self.specs[t].dim] = g_pooled[t]
+        return np.concatenate([send[:, device], rep], axis=1), g_BxO
+
+
+def _rows_on(rows: int, p: Placed, num_devices: int) -> int:
+    """Logical rows of a table that actually live on p.device."""
+    if p.kind == "row_wise":
+        return len(range(p.device, rows, num_devices))
+    return rows
+
+
+def _local_rows_of(table: np.ndarray, p: Placed, num_devices: int) -> np.ndarray:
+    return table[p.device::num_devices] if p.kind == "row_wise" else table
+
+
+def build_layout(specs: Sequence[TableSpec], placements: Mapping[str, Mapping],
+                 num_devices: int, width: int | None = None) -> Layout:
+    """Static layout of structurally valid placements ({name: {"type", "device"?}})."""
+    specs = tuple(specs)
+    width = width or max(s.dim for s in specs)
+    kinds = tuple(placements[s.name]["type"] for s in specs)
+    devices = tuple(placements[s.name].get("device") if k == "table_wise" else None
+                    for s, k in zip(specs, kinds, strict=True))
+    order = [t for t, k in enumerate(kinds) if k == "row_wise"] + \
+        [t for t, k in enumerate(kinds) if k == "replicated"]
+    members: list[list[Placed]] = []
+    for d in range(num_devices):
+        own = order + [t for t, dev in enumerate(devices) if dev == d]
+        row = key = 0
+        placed = []
+        for t in own:
+            s = specs[t]
+            local = -(-s.rows // num_devices) if kinds[t] == "row_wise" else s.rows
+            wpad = padded_width(s.dim, width)
+            pack = width // wpad
+            placed.append(Placed(t, d, kinds[t], local, pack, wpad, row, key))
+            row += -(-local // pack)
+            key += local
+        members.append(placed)
+    # +1: a spare row so that the lookup's W-wide window of the last packed row stays in bounds.
+    phys_rows = 1 + max(sum(-(-p.local_rows // p.pack) for p in m) for m in members)
+    keys = max(1, max(sum(p.local_rows for p in m) for m in members))
+    sh_members = [[p for p in m if p.kind != "replicated"] for m in members]
+    rep_members = [[p for p in m if p.kind == "replicated"] for m in members]
+    sh = _group_meta(sh_members, specs, width)
+    rep = _group_meta(rep_members, specs, width)
+    return Layout(specs, kinds, devices, num_devices, width, phys_rows, keys,
+                  tuple(tuple(m) for m in members), sh, rep, _concat_meta(sh, rep, width))
+
+
+def _concat_meta(sh: GroupMeta, rep: GroupMeta, width: int) -> GroupMeta:
+    """The update's group: sh positions/columns (padded) followed by the replicated ones."""
+    cat = {k: np.concatenate([getattr(sh, k), getattr(rep, k)], axis=1)
+           for k in ("row_off", "pack", "wpad", "width", "key_off")}
+    slot = np.concatenate([sh.slot, rep.slot + sh.num_slots], axis=1)
+    num_slots = sh.num_slots + rep.num_slots
+    sh_src = np.where(sh.out_src == sh.num_slots * width, num_slots * width, sh.out_src)
+    out_src = np.concatenate([sh_src, rep.out_src + sh.num_slots * width], axis=1)
+    pos = {**sh.pos, **{k: v + sh.num_positions for k, v in rep.pos.items()}}
+    col = {**sh.col, **{k: v + sh.num_cols for k, v in rep.col.items()}}
+    return GroupMeta(**cat, slot=slot.astype(np.int32), out_src=out_src.astype(np.int32),
+                     num_slots=num_slots, pos=pos, col=col)
