@@ -16,7 +16,7 @@ from typing import Any
 
 from autoshard_jax.optim.sparse import RowOptimizer
 from autoshard_jax.sharding import layout as layout_lib
-from autoshard_jax.tables.spec import TableSpec
+from autoshard_jax.tables.spec import TableSpec, load_versioned_json
 
 PLAN_VERSION = 1
 PLACEMENT_TYPES = ("table_wise", "row_wise", "replicated")
@@ -167,14 +167,4 @@ def save_plan(path: str | os.PathLike, plan: ShardingPlan) -> None:
 
 def load_plan(path: str | os.PathLike) -> ShardingPlan:
     """Reads and structurally checks plan.json; call `validate` with the table specs next."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"plan file {os.fspath(path)!r} does not exist")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{os.fspath(path)}: not valid JSON: {e}") from e
-    try:
-        return ShardingPlan.from_json(d)
-    except PlanError as e:
-        raise PlanError(f"{os.fspath(path)}: {e}") from e
+    return load_versioned_json(path, "plan", ShardingPlan.from_json, PlanError)

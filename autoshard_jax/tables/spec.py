@@ -118,23 +118,28 @@ def tables_from_json(d: dict) -> list[TableSpec]:
     return specs
 
 
+def load_versioned_json(path: str | os.PathLike, what: str, parse, error_cls: type[ValueError]):
+    """Reads one of the project's JSON interchange files; errors name the file and the field."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} file {os.fspath(path)!r} does not exist")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise error_cls(f"{os.fspath(path)}: not valid JSON: {e}") from e
+    try:
+        return parse(d)
+    except error_cls as e:
+        raise error_cls(f"{os.fspath(path)}: {e}") from e
+
+
 def save_tables(path: str | os.PathLike, specs: Sequence[TableSpec]) -> None:
     with open(path, "w") as f:
         json.dump(tables_to_json(specs), f, indent=1)
 
 
 def load_tables(path: str | os.PathLike) -> list[TableSpec]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"tables file {os.fspath(path)!r} does not exist")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TableSpecError(f"{os.fspath(path)}: not valid JSON: {e}") from e
-    try:
-        return tables_from_json(d)
-    except TableSpecError as e:
-        raise TableSpecError(f"{os.fspath(path)}: {e}") from e
+    return load_versioned_json(path, "tables", tables_from_json, TableSpecError)
 
 
 # Criteo Kaggle (Display Advertising Challenge) categorical cardinalities, in feature order.
