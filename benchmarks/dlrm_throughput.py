@@ -100,7 +100,9 @@ def jax_worker(args) -> None:
         return metrics["loss"]
 
     timed(one_step, args.warmup)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step_s = timed(one_step, args.steps)
+    faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps
     state = holder["state"]
     train_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -128,6 +130,7 @@ def jax_worker(args) -> None:
     phases["embedding_update"] = timed(one_update, args.steps)
     print(json.dumps({"samples_per_s": b / step_s, "step_ms": step_s * 1e3,
                       "compile_s": compile_s, "train_peak_rss_mib": train_peak_mib,
+                      "page_faults_per_step": faults_per_step,
                       "phases_ms": {k: v * 1e3 for k, v in phases.items()},
                       "backend": jax.default_backend(), "jax": jax.__version__}))
 
@@ -161,7 +164,7 @@ def main() -> None:
         results["jax"].append(record)
         print(f"[run {r}] jax   {record['samples_per_s']:9.0f} samples/s  "
               f"peak RSS {record['peak_rss_mib']:7.0f} MiB (whole process with the breakdown: "
-              f"{rss:.0f})", flush=True)
+              f"{rss:.0f}), {record['page_faults_per_step']:.0f} page faults/step", flush=True)
         if have_torch:
             out, rss = run_child([sys.executable, TORCH_REF, *common])
             sps = float(out.strip().split("samples_per_s=")[-1])
