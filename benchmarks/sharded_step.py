@@ -38,7 +38,12 @@ from autoshard_jax.sharding.synthetic_plans import (  # noqa: E402
     random_tables,
     skewed_plan,
 )
-from autoshard_jax.train.step import TrainState, make_train_step  # noqa: E402
+from autoshard_jax.train.step import (  # noqa: E402
+    LocalEmbeddingStage,
+    TrainState,
+    init_train_state,
+    make_train_step,
+)
 
 
 def make_batch(specs, batch: int, dense_dim: int, rng: np.random.Generator) -> dict:
@@ -67,18 +72,27 @@ def plans_for(specs, num_devices: int, seed: int) -> dict:
 
 
 def time_plan(specs, plan, args, devices) -> float:
+    """Median step time of the train step with `plan`; plan=None times LocalEmbeddingStage, the
+    single-device reference without routing or packing."""
     opt = sparse.make_row_optimizer(args.optimizer, 0.01)
-    stage = ShardedEmbeddingStage(specs, plan, opt, devices=devices)
     dense = DLRMDense((32, 16), (32, 1), interaction="cat")
     tx = optax.adagrad(0.01)
     rng = np.random.default_rng(args.seed)
-    batches = [stage.prepare_batch(make_batch(specs, args.batch, 13, rng))
-               for _ in range(args.steps + 1)]
-    host = make_batch(specs, args.batch, 13, rng)
-    params, opt_state = stage.init_params(jax.random.key(args.seed), dense, tx, host)
-    state = TrainState(jax.device_put(np.zeros((), np.int32), stage.replicated), params,
-                       opt_state)
-    train_step = stage.jit(make_train_step(dense, stage, tx), state)
+    host_batches = [make_batch(specs, args.batch, 13, rng) for _ in range(args.steps + 1)]
+    if plan is None:
+        stage = LocalEmbeddingStage(specs, opt)
+        batches = [jax.device_put(b) for b in host_batches]
+        state = jax.jit(lambda key: init_train_state(key, dense, stage, tx, batches[0]))(
+            jax.random.key(args.seed))
+        train_step = jax.jit(make_train_step(dense, stage, tx), donate_argnums=0)
+    else:
+        stage = ShardedEmbeddingStage(specs, plan, opt, devices=devices)
+        batches = [stage.prepare_batch(b) for b in host_batches]
+        params, opt_state = stage.init_params(jax.random.key(args.seed), dense, tx,
+                                              host_batches[0])
+        state = TrainState(jax.device_put(np.zeros((), np.int32), stage.replicated), params,
+                           opt_state)
+        train_step = stage.jit(make_train_step(dense, stage, tx), state)
     state, m = train_step(state, batches[0])  # compile + warm up
     jax.block_until_ready(m)
     times = []
@@ -132,6 +146,9 @@ def main() -> None:
         devices = jax.devices()[:num_devices]
         plans = plans_for(scaled, num_devices, args.seed)
         if num_devices == 1:
+            ms = 1e3 * time_plan(scaled, None, args, devices)
+            print(f"{1:7d} {'local (ref)':13s} {ms:8.1f}   (LocalEmbeddingStage, no plan)",
+                  flush=True)
             plans = {"all_on_one": plans["random"]}
         for name, plan in plans.items():
             lay = build_layout(scaled, plan.placements, num_devices)
