@@ -2,7 +2,7 @@
 
 from autoshard_jax.data.batch import Batch, check_batch
 from autoshard_jax.data.criteo_tsv import CriteoTSVReader, MalformedLineError, ReadStats
-from autoshard_jax.data.synthetic import SyntheticClickStream, binary_auc
+from autoshard_jax.data.synthetic import SyntheticClickStream
 
 __all__ = [
     "Batch",
@@ -10,6 +10,5 @@ __all__ = [
     "MalformedLineError",
     "ReadStats",
     "SyntheticClickStream",
-    "binary_auc",
     "check_batch",
 ]

@@ -40,19 +40,6 @@ def _coprime_multiplier(rows: int, rng: np.random.Generator) -> int:
     return m % rows or 1
 
 
-def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney rank statistic (ties get average ranks)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    pos = np.asarray(labels) > 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    uniq, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each unique score
-    rank_sum = avg_rank[inverse][pos].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-12, 1 - 1e-12)
     return -(p * np.log(p) + (1 - p) * np.log1p(-p))
@@ -217,26 +204,35 @@ class SyntheticClickStream:
     def teacher_probs(self, batch: Batch) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.teacher_logit(batch)))
 
-    def teacher_stats(self, num_samples: int, batch_size: int = 8192,
-                      split: str = "eval") -> dict[str, float]:
-        """What a perfect model would score on `num_samples` held-out samples.
+    def teacher_predictions(self, num_samples: int, batch_size: int = 8192,
+                            split: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+        """(labels_N, teacher logits_N) of the first `num_samples` samples of a split.
 
-        Returns ctr (mean label), mean_p, bayes_logloss (mean binary entropy of the teacher's p),
-        teacher_auc (of p against the sampled labels), constant_logloss (entropy of the mean CTR,
-        the log loss of the best constant predictor) and bayes_ne (= bayes / constant log loss).
+        The teacher is the best possible model of this stream; scoring its logits with the same
+        metrics as a trained model (train/metrics.py) gives the ceiling a run can reach.
         """
-        ps, labels = [], []
+        logits, labels = [], []
         for i in range(math.ceil(num_samples / batch_size)):
             b = self.batch(i, batch_size, split)
-            ps.append(self.teacher_probs(b))
+            logits.append(self.teacher_logit(b))
             labels.append(b["label"])
-        p = np.concatenate(ps)[:num_samples]
-        y = np.concatenate(labels)[:num_samples]
+        return np.concatenate(labels)[:num_samples], np.concatenate(logits)[:num_samples]
+
+    def teacher_stats(self, num_samples: int, batch_size: int = 8192,
+                      split: str = "eval") -> dict[str, float]:
+        """Expected-loss view of the teacher on `num_samples` held-out samples.
+
+        Returns ctr (mean label), mean_p, bayes_logloss (mean binary entropy of the teacher's p:
+        the expected log loss of a perfect model), constant_logloss (entropy of the mean CTR, the
+        log loss of the best constant predictor) and bayes_ne (= bayes / constant log loss).
+        """
+        y, logits = self.teacher_predictions(num_samples, batch_size, split)
+        p = 1.0 / (1.0 + np.exp(-logits))
         ctr = float(y.mean())
         bayes = float(_binary_entropy(p).mean())
         const = float(_binary_entropy(np.array(ctr)))
         return {"ctr": ctr, "mean_p": float(p.mean()), "bayes_logloss": bayes,
-                "teacher_auc": binary_auc(p, y), "constant_logloss": const,
+                "constant_logloss": const,
                 "bayes_ne": bayes / const if const > 0 else float("nan")}
 
     def write_tsv(self, path: str | os.PathLike, num_samples: int, batch_size: int = 4096,

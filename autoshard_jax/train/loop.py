@@ -26,7 +26,7 @@ from autoshard_jax.sharding.plan import load_plan
 from autoshard_jax.sharding.stage import ShardedEmbeddingStage
 from autoshard_jax.tables.spec import TableSpec, criteo_tables, load_tables
 from autoshard_jax.train.checkpoint import Checkpointer, abstract_state
-from autoshard_jax.train.metrics import EvalAccumulator
+from autoshard_jax.train.metrics import EvalAccumulator, evaluate_predictions
 from autoshard_jax.train.prefetch import prefetch
 from autoshard_jax.train.runtime import release_host_memory
 from autoshard_jax.train.step import (
@@ -86,9 +86,9 @@ class DataSource:
         """What the synthetic teacher itself scores on the eval batches: the reachable ceiling."""
         if self.kind != "synthetic":
             return {}
-        stats = self.stream.teacher_stats(self.num_eval_batches * self.batch_size,
-                                          batch_size=self.batch_size, split="eval")
-        return {"teacher_auc": stats["teacher_auc"], "teacher_ne": stats["bayes_ne"]}
+        teacher = evaluate_predictions(*self.stream.teacher_predictions(
+            self.num_eval_batches * self.batch_size, batch_size=self.batch_size, split="eval"))
+        return {"teacher_auc": teacher["auc"], "teacher_ne": teacher["ne"]}
 
     def train(self, start: int) -> Iterator[Batch]:
         if self.kind == "synthetic":

@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from autoshard_jax.data import SyntheticClickStream
-from autoshard_jax.train.loop import build_tables, train_and_evaluate
+from autoshard_jax.train.loop import train_and_evaluate
 from launch.configs import synthetic_small
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,11 +49,11 @@ def test_learns_most_of_what_the_teacher_knows(tmp_path):
     config = tiny_config(num_train_steps=600, log_every=100, checkpoint_every=1000)
     config.data.num_eval_batches = 40
     result = train_and_evaluate(config, str(tmp_path))
-    teacher = SyntheticClickStream(build_tables(config), seed=config.seed).teacher_stats(
-        40 * 256)
-    # The teacher is the best any model can do; a constant predictor has AUC 0.5 and NE 1.
-    assert result["auc"] > 0.9 * teacher["teacher_auc"], (result, teacher)
-    assert result["ne"] < 1.0 - 0.5 * (1.0 - teacher["bayes_ne"]), (result, teacher)
+    # The teacher (scored on the same eval batches) is the best any model can do; a constant
+    # predictor has AUC 0.5 and NE 1.
+    assert result["teacher_auc"] > 0.75, result
+    assert result["auc"] > 0.9 * result["teacher_auc"], result
+    assert result["ne"] < 1.0 - 0.5 * (1.0 - result["teacher_ne"]), result
 
 
 def test_resume_continues_bit_identically(tmp_path):
