@@ -26,7 +26,7 @@ test: lint
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet '.[torch]'
+	$(PY) -m pip install --quiet -e '.[torch]'
 	$(PY) benchmarks/dlrm_throughput.py
 
 clean:

@@ -127,6 +127,8 @@ def make_dense_optimizer(name: str, learning_rate: ScalarOrSchedule,
                          **kwargs) -> optax.GradientTransformation:
     """Any optax optimizer by name (`sgd`, `adam`, `adagrad`, `adamw`, ...)."""
     factory = getattr(optax, name, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"unknown optax optimizer {name!r}")
-    return factory(learning_rate, **kwargs)
+    tx = factory(learning_rate, **kwargs) if callable(factory) else None
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ValueError(f"unknown optax optimizer {name!r} (expected e.g. 'sgd', 'adam', "
+                         "'adagrad')")
+    return tx

@@ -6,6 +6,7 @@ restored from a checkpoint at step k reads batch k next and continues bit-identi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -70,6 +71,12 @@ class DataSource:
                 raise ValueError("config.data.path must name a Criteo TSV file or directory")
             if not os.path.exists(d.path):
                 raise FileNotFoundError(f"config.data.path {d.path!r} does not exist")
+            if set(d.train_days) & set(d.eval_days):
+                raise ValueError(f"config.data.train_days {tuple(d.train_days)} and eval_days "
+                                 f"{tuple(d.eval_days)} overlap: eval data would be trained on")
+            if d.eval_days and not d.train_days:
+                raise ValueError("config.data.eval_days is set but train_days is empty (= every "
+                                 "day, eval days included): list the train days")
             kaggle_days = d.kaggle_days or None
             common = dict(tables=tables, num_dense=d.num_dense, kaggle_days=kaggle_days,
                           skip_bad_lines=d.skip_bad_lines)
@@ -125,9 +132,16 @@ class MetricsWriter:
     def __init__(self, workdir: str, resume_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):
+            kept = []
             with open(self.path) as f:
-                kept = [line for line in f if line.strip()
-                        and json.loads(line).get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # torn by a kill mid-write
+                        logging.warning("dropping unreadable line of %s: %r", self.path, line)
+                        continue
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(json.dumps(record) + "\n")
             with open(self.path, "w") as f:
                 f.writelines(kept)
 
@@ -181,7 +195,7 @@ def _sharded_setup(config, tables, row_opt, dense_model, dense_tx, rng, example)
                                   devices=jax.devices()[:plan.num_devices])
     kinds = state_kinds(row_opt)
     real = stage.layout.real_bytes(kinds)
-    allocated = stage.layout.allocated_bytes(kinds) // plan.num_devices
+    allocated = stage.layout.allocated_bytes(kinds)  # per device: SPMD shapes are equal
     for d, b in enumerate(real):
         logging.info("device %d: %.2f MB of embedding parameters + optimizer state "
                      "(%.2f MB allocated)", d, b / 2**20, allocated / 2**20)
@@ -202,6 +216,10 @@ def _format_eta(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from workdir's latest checkpoint if any); returns the final eval metrics."""
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            "multi-host input pipelines (per-process data shards fed with "
+            "jax.make_array_from_process_local_data) are not implemented yet; run single-host")
     os.makedirs(workdir, exist_ok=True)
     tables = build_tables(config)
     data = DataSource(config, tables)
@@ -234,8 +252,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         save_interval_steps=config.checkpoint_every)
     start = ckpt.latest_step()
+    identity = run_identity(config)
     if start is not None:
         state, meta = ckpt.restore(start, abstract_state(state))
+        check_same_run(meta.get("run", {}), identity, ckpt.directory)
         logging.info("Resumed from step %d (data position %d)", start, meta["data_position"])
     else:
         start = 0
@@ -272,20 +292,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     logging.info("eval at step %d: %s", step, _fmt(result))
                     writer.write({"step": step, "eval": result})
             if ckpt.should_save(step) or preemption.requested:
-                ckpt.save(step, state, {"data_position": step, "seed": config.seed},
+                ckpt.save(step, state, {"data_position": step, "run": identity},
                           force=preemption.requested)
             if preemption.requested:
                 logging.warning("SIGTERM: saved step %d, stopping", step)
+                _report_skipped_lines(data)
                 return {"preempted_at": step}
-        ckpt.save(step, state, {"data_position": step, "seed": config.seed}, force=True)
+        ckpt.save(step, state, {"data_position": step, "run": identity}, force=True)
         final = evaluate(eval_step, state.params, data.eval(), place)
         if final:
             final.update(data.reference_metrics())
             logging.info("final eval at step %d: %s", step, _fmt(final))
             writer.write({"step": step, "eval": final, "final": True})
+    _report_skipped_lines(data)
+    return final or {}
+
+
+def _report_skipped_lines(data: DataSource) -> None:
     if data.kind == "criteo_tsv" and data.train_reader.stats.num_bad:
         logging.warning("skipped malformed lines: %s", data.train_reader.stats.report())
-    return final or {}
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict:
+    """What decides the data order and the state layout; a resumed run must match it."""
+    d = config.data
+    return {"seed": config.seed, "batch_size": config.batch_size, "data_kind": d.kind,
+            "data_path": os.path.abspath(d.path) if d.path else "",
+            "train_days": list(d.train_days), "kaggle_days": d.kaggle_days,
+            "skip_bad_lines": d.skip_bad_lines,
+            "tables": _file_digest(config.tables) if config.tables else list(
+                config.model.table_rows),
+            "plan": _file_digest(config.plan) if config.plan else ""}
+
+
+def check_same_run(saved: dict, current: dict, where: str) -> None:
+    """Refuses to resume a checkpoint with a config that would read other data or state."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items()
+             if saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"cannot resume from {where}: the config differs from the run that "
+                         "wrote it (use a new workdir or the original config):\n  "
+                         + "\n  ".join(diffs))
 
 
 def _fmt(metrics: dict) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import flax
 import flax.linen as nn
@@ -19,17 +19,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from autoshard_jax.data.batch import Batch
 from autoshard_jax.models.embedding import (
     check_combiner,
-    gather_rows,
+    embedding_bag,
     pool_backward,
-    pool_rows,
     uniform_table_init,
 )
 from autoshard_jax.optim.sparse import RowOptimizer
 from autoshard_jax.tables.spec import TableSpec
-
-Batch = dict[str, Any]  # {"dense": [B, D] f32, "ids": tuple of [B, H_t] i32, "label": [B] f32}
 
 
 @flax.struct.dataclass
@@ -71,11 +69,12 @@ class LocalEmbeddingStage:
     def init_state(self, tables: dict) -> dict:
         return {s.name: self.row_optimizer.init(tables[s.name]) for s in self.tables}
 
-    def lookup(self, tables, ids):
-        return tuple(pool_rows(gather_rows(tables[s.name], ids_BxH), ids_BxH, self.combiner)
+    def lookup(self, tables: dict, ids: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        return tuple(embedding_bag(tables[s.name], ids_BxH, self.combiner)
                      for s, ids_BxH in zip(self.tables, ids, strict=True))
 
-    def update(self, tables, state, ids, g_pooled, step):
+    def update(self, tables: dict, state: dict, ids: Sequence[jax.Array],
+               g_pooled: Sequence[jax.Array], step: jax.Array) -> tuple[dict, dict]:
         new_tables, new_state = {}, {}
         for s, ids_BxH, g_BxE in zip(self.tables, ids, g_pooled, strict=True):
             g_rows_BxHxE = pool_backward(g_BxE, ids_BxH, self.combiner)

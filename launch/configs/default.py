@@ -19,7 +19,7 @@ def get_config():
     config.keep_checkpoints = 3
     config.tables = ""  # path of a tables.json; overrides model.table_rows / embedding_dim
     config.plan = ""  # path of a plan.json (sharded training)
-    config.num_devices = 0  # 0: all available devices
+    config.num_devices = 0  # with a plan: must equal the plan's device count (0: not checked)
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = "synthetic"  # or "criteo_tsv"
@@ -27,7 +27,7 @@ def get_config():
     config.data.num_dense = 13
     config.data.zipf_a = 1.2
     config.data.kaggle_days = 0  # >0: split a single file into this many days (Kaggle: 7)
-    config.data.train_days = ()
+    config.data.train_days = ()  # empty: every day (then eval_days must be empty too)
     config.data.eval_days = ()
     config.data.num_eval_batches = 20  # synthetic eval set size, in batches
     config.data.skip_bad_lines = False

@@ -61,3 +61,12 @@ def test_malformed_tsv_line_names_file_and_line(tmp_path):
     config.data.skip_bad_lines = True
     result = train_and_evaluate(_tsv_config(config.data.path, True), str(tmp_path / "work2"))
     assert result["num_examples"] == 256
+
+
+@pytest.mark.parametrize("train_days, eval_days", [((0, 1, 6), (6,)), ((), (6,))])
+def test_eval_days_never_train(tmp_path, train_days, eval_days):
+    config = _tsv_config(tmp_path / "train.txt")
+    SyntheticClickStream(build_tables(config)).write_tsv(config.data.path, 7 * 16)
+    config.data.train_days, config.data.eval_days = train_days, eval_days
+    with pytest.raises(ValueError, match="eval"):
+        train_and_evaluate(config, str(tmp_path / "work"))

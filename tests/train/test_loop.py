@@ -134,3 +134,19 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(tmp_path, sig, reference_
     final = [r["eval"] for r in read_metrics(reference_run) if r.get("final")]
     assert final and [r["eval"] for r in read_metrics(broken) if r.get("final")] == final
     assert np.isfinite(final[0]["log_loss"])
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny_config(num_train_steps=10), workdir)
+    with pytest.raises(ValueError, match="batch_size: checkpoint 256, config 128"):
+        train_and_evaluate(tiny_config(num_train_steps=20, batch_size=128), workdir)
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny_config(num_train_steps=10), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 11, "lo')  # a kill in the middle of a write
+    train_and_evaluate(tiny_config(num_train_steps=12), workdir)
+    assert sorted(losses(workdir)) == list(range(1, 13))
