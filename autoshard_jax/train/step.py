@@ -10,7 +10,7 @@ table-sized gradient ever exists.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import flax
@@ -104,7 +104,8 @@ def init_train_state(rng: jax.Array, dense_model: nn.Module, stage: EmbeddingSta
 
 
 def dense_loss_and_grads(dense_model: nn.Module, dense_params: dict, batch: Batch,
-                         pooled: Sequence[jax.Array]):
+                         pooled: Sequence[jax.Array]
+                         ) -> tuple[jax.Array, jax.Array, dict, tuple[jax.Array, ...]]:
     """Loss, logits and gradients w.r.t. the dense parameters and the pooled embeddings."""
 
     def loss_fn(params, pooled):
@@ -117,7 +118,8 @@ def dense_loss_and_grads(dense_model: nn.Module, dense_params: dict, batch: Batc
 
 
 def make_train_step(dense_model: nn.Module, stage: EmbeddingStage,
-                    dense_tx: optax.GradientTransformation):
+                    dense_tx: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """(state, batch) -> (state, {"loss"}); jit it with donate_argnums=0."""
 
     def train_step(state: TrainState, batch: Batch):
@@ -140,7 +142,8 @@ def make_train_step(dense_model: nn.Module, stage: EmbeddingStage,
     return train_step
 
 
-def make_eval_step(dense_model: nn.Module, stage: EmbeddingStage):
+def make_eval_step(dense_model: nn.Module,
+                   stage: EmbeddingStage) -> Callable[[dict, Batch], jax.Array]:
     """(params, batch) -> logits_B."""
 
     def eval_step(params: dict, batch: Batch) -> jax.Array:
