@@ -8,7 +8,8 @@ byte-balanced (greedy) and skewed plans, then times the full DLRM train step (sm
 embedding stage in shard_map, sparse updates under donation). On CPU the devices are simulated
 (they share the host's cores), so times show the cost of padding and collectives, not speed-up.
 Imbalance columns: `bytes_imb` = max / mean packed bytes per device; `ids_imb` = max / mean id
-positions per sample per device (what each device gathers; SPMD pads every device to the max).
+positions per sample per device (what each device gathers; SPMD pads every device to the max);
+`ids/dev` = positions each device runs per sample (per width class, padded to the busiest device).
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ row-wise shards, replicated tables, then its table-wise tables; the first two ha
 on every device.
 
 Lookups are described per device by *positions*: each table owns `hotness` consecutive id positions
-per sample and one *slot* (a pooled [W] vector) whose first `dim` columns are copied to the
-device's output columns. Two position groups exist: "sh" (row-wise + table-wise, fed by the ids
-all_to_all, full batch) and "rep" (replicated tables, local batch). "all" is both, used by the
-update. Everything here is numpy and built once per plan, so shapes are static and one plan
-compiles once.
+per sample and one pooled *slot* whose first `dim` columns are copied to the device's output
+columns; positions and slots are grouped by packed width (lookup_meta.py), so an id reads only
+its table's w' values, never the whole W. Two position groups exist: "sh" (row-wise +
+table-wise, fed by the ids all_to_all, full batch) and "rep" (replicated tables, local batch).
+"all" is both, used by the update. Everything here is numpy and built once per plan, so shapes
+are static and one plan compiles once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autoshard_jax.optim.sparse import RowOptimizer
+from autoshard_jax.sharding.lookup_meta import GroupMeta, concat_meta, group_meta
 from autoshard_jax.tables.spec import TableSpec
 
 BYTES_PER_VALUE = 4  # float32 tables and optimizer state
@@ -75,62 +77,6 @@ class Placed:
     wpad: int  # packed width (divides W)
     row_off: int  # first physical row in the slab
     key_off: int  # first logical row (row-state index, dedup key)
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupMeta:
-    """Per-device position/column metadata of one lookup group, numpy [D, ...] int32 arrays."""
-
-    row_off: np.ndarray  # [D, L] physical row offset of each position's table
-    pack: np.ndarray  # [D, L]
-    wpad: np.ndarray  # [D, L]
-    width: np.ndarray  # [D, L] real dim (0 on padding positions)
-    key_off: np.ndarray  # [D, L]
-    slot: np.ndarray  # [D, L] pooled slot of each position (sorted)
-    out_src: np.ndarray  # [D, O] flat index slot * W + col of each output column, F * W = zero
-    num_slots: int
-    pos: dict  # (device, table) -> first position
-    col: dict  # (device, table) -> first output column
-
-    @property
-    def num_positions(self) -> int:
-        return self.row_off.shape[1]
-
-    @property
-    def num_cols(self) -> int:
-        return self.out_src.shape[1]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in
-                ("row_off", "pack", "wpad", "width", "key_off", "slot", "out_src")}
-
-
-def _group_meta(members: list[list[Placed]], specs: Sequence[TableSpec], width: int) -> GroupMeta:
-    """Lays out positions, slots and output columns for the per-device member lists."""
-    d_count = len(members)
-    lens = [sum(specs[p.table].hotness for p in m) for m in members]
-    cols = [sum(specs[p.table].dim for p in m) for m in members]
-    n_pos, n_col = max(1, max(lens)), max(1, max(cols))
-    n_slots = max(1, max(len(m) for m in members))
-    arr = {k: np.zeros((d_count, n_pos), np.int32)
-           for k in ("row_off", "pack", "wpad", "width", "key_off", "slot")}
-    arr["pack"][:] = 1
-    arr["wpad"][:] = width
-    arr["slot"][:] = n_slots - 1  # padding positions sort last and are always masked
-    out_src = np.full((d_count, n_col), n_slots * width, np.int32)
-    pos, col = {}, {}
-    for d, m in enumerate(members):
-        p0 = c0 = 0
-        for s, p in enumerate(m):
-            h, dim = specs[p.table].hotness, specs[p.table].dim
-            sl = slice(p0, p0 + h)
-            arr["row_off"][d, sl], arr["pack"][d, sl] = p.row_off, p.pack
-            arr["wpad"][d, sl], arr["width"][d, sl] = p.wpad, dim
-            arr["key_off"][d, sl], arr["slot"][d, sl] = p.key_off, s
-            out_src[d, c0:c0 + dim] = s * width + np.arange(dim)
-            pos[d, p.table], col[d, p.table] = p0, c0
-            p0, c0 = p0 + h, c0 + dim
-    return GroupMeta(**arr, out_src=out_src, num_slots=n_slots, pos=pos, col=col)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,26 +264,12 @@ def build_layout(specs: Sequence[TableSpec], placements: Mapping[str, Mapping],
             row += -(-local // pack)
             key += local
         members.append(placed)
-    # +1: a spare row so that the lookup's W-wide window of the last packed row stays in bounds.
+    # +1: a spare row that stays zero; padding ids (-1) read it instead of being masked.
     phys_rows = 1 + max(sum(-(-p.local_rows // p.pack) for p in m) for m in members)
     keys = max(1, max(sum(p.local_rows for p in m) for m in members))
     sh_members = [[p for p in m if p.kind != "replicated"] for m in members]
     rep_members = [[p for p in m if p.kind == "replicated"] for m in members]
-    sh = _group_meta(sh_members, specs, width)
-    rep = _group_meta(rep_members, specs, width)
+    sh = group_meta(sh_members, specs)
+    rep = group_meta(rep_members, specs)
     return Layout(specs, kinds, devices, num_devices, width, phys_rows, keys,
-                  tuple(tuple(m) for m in members), sh, rep, _concat_meta(sh, rep, width))
-
-
-def _concat_meta(sh: GroupMeta, rep: GroupMeta, width: int) -> GroupMeta:
-    """The update's group: sh positions/columns (padded) followed by the replicated ones."""
-    cat = {k: np.concatenate([getattr(sh, k), getattr(rep, k)], axis=1)
-           for k in ("row_off", "pack", "wpad", "width", "key_off")}
-    slot = np.concatenate([sh.slot, rep.slot + sh.num_slots], axis=1)
-    num_slots = sh.num_slots + rep.num_slots
-    sh_src = np.where(sh.out_src == sh.num_slots * width, num_slots * width, sh.out_src)
-    out_src = np.concatenate([sh_src, rep.out_src + sh.num_slots * width], axis=1)
-    pos = {**sh.pos, **{k: v + sh.num_positions for k, v in rep.pos.items()}}
-    col = {**sh.col, **{k: v + sh.num_cols for k, v in rep.col.items()}}
-    return GroupMeta(**cat, slot=slot.astype(np.int32), out_src=out_src.astype(np.int32),
-                     num_slots=num_slots, pos=pos, col=col)
+                  tuple(tuple(m) for m in members), sh, rep, concat_meta(sh, rep))

@@ -169,7 +169,7 @@ class ShardedEmbeddingStage:
     def _meta(self, group) -> dict[str, jax.Array]:
         """This device's row of a GroupMeta (inside shard_map)."""
         d = jax.lax.axis_index(AXIS)
-        return {k: jnp.asarray(v)[d] for k, v in group.arrays().items()}
+        return jax.tree.map(lambda x: jnp.asarray(x)[d], group.arrays())
 
     def lookup(self, tables: dict, ids: dict) -> tuple[jax.Array, ...]:
         lay = self.layout
@@ -177,9 +177,9 @@ class ShardedEmbeddingStage:
         def body(slab_1xRxW, ids_bxDxL, ids_bxLr):
             slab_RxW = slab_1xRxW[0]
             routed_BxL = jax.lax.all_to_all(ids_bxDxL, AXIS, 1, 0, tiled=True)[:, 0]
-            out_BxO = device_lookup(slab_RxW, routed_BxL, self._meta(lay.sh), lay.sh.num_slots)
+            out_BxO = device_lookup(slab_RxW, routed_BxL, self._meta(lay.sh))
             back_bxDxO = jax.lax.all_to_all(out_BxO[:, None], AXIS, 0, 1, tiled=True)
-            rep_bxO = device_lookup(slab_RxW, ids_bxLr, self._meta(lay.rep), lay.rep.num_slots)
+            rep_bxO = device_lookup(slab_RxW, ids_bxLr, self._meta(lay.rep))
             pooled = []
             for t, s in enumerate(self.tables):
                 kind = lay.kinds[t]
@@ -226,7 +226,6 @@ class ShardedEmbeddingStage:
                 slab_1xRxW[0], {n: x[0] for n, x in zip(names, state_leaves, strict=True)},
                 jnp.concatenate([routed_BxL, rep_ids_BxL], axis=1),
                 jnp.concatenate([g_BxO, g_rep_BxO], axis=1), step, self._meta(lay.all),
-                num_slots=lay.all.num_slots, num_keys=lay.keys,
                 row_optimizer=self.row_optimizer, kinds=self.kinds)
             return slab_RxW[None], tuple(new_state[n][None] for n in names)
 

@@ -42,7 +42,7 @@ def test_device_step_alone_matches_sharded_slice():
     accs = np.asarray(new_state["accumulator"])
 
     hook = jax.jit(device_embedding_step,
-                   static_argnames=("num_slots", "num_keys", "row_optimizer", "kinds"))
+                   static_argnames=("row_optimizer", "kinds"))
     old_slabs = np.asarray(tables["slab"])
     old_accs = np.asarray(state["accumulator"])
     for d in range(lay.num_devices):
@@ -50,8 +50,8 @@ def test_device_step_alone_matches_sharded_slice():
         one = jax.devices()[d]
         args = jax.device_put((old_slabs[d], {"accumulator": old_accs[d]}, ids_BxL, g_BxO), one)
         pooled_BxO, slab_RxW, dev_state = hook(
-            *args, step, device_meta(lay.all, d), num_slots=lay.all.num_slots,
-            num_keys=lay.keys, row_optimizer=opt, kinds=tuple(stage.kinds.items()))
+            *args, step, device_meta(lay.all, d), row_optimizer=opt,
+            kinds=tuple(stage.kinds.items()))
         assert slab_RxW.devices() == {one}
         np.testing.assert_array_equal(np.asarray(slab_RxW), slabs[d])
         np.testing.assert_array_equal(np.asarray(dev_state["accumulator"]), accs[d])

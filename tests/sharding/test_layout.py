@@ -59,3 +59,15 @@ def test_route_ids_sends_each_id_to_its_owner():
     assert send_BxDxL[:, 1, t1:t1 + 2].tolist() == [[3, -1], [9, 9]]
     assert (send_BxDxL[:, 0, t1:t1 + 2] == -1).all()  # padding positions on other devices
     assert rep_BxL[:, lay.rep.pos[0, 2]].tolist() == [2, -1]
+
+
+def test_lookups_are_grouped_by_packed_width():
+    """An id reads only its table's packed width: one class per width, positions per class."""
+    specs = [TableSpec("w", 10, 64, 2.0), TableSpec("n", 1000, 4, 3.0), TableSpec("o", 30, 12)]
+    lay = layout_lib.build_layout(specs, {s.name: {"type": "table_wise", "device": 0}
+                                          for s in specs}, 1)
+    assert [c.width for c in lay.sh.classes] == [4, 16, 64]
+    assert [c.row_off.shape[1] for c in lay.sh.classes] == [3, 1, 2]
+    assert [c.max_rows for c in lay.sh.classes] == [1000, 30, 10]
+    assert (lay.sh.pos[0, 1], lay.sh.pos[0, 2], lay.sh.pos[0, 0]) == (0, 3, 4)
+    assert lay.sh.num_positions == 6 and lay.sh.num_cols == 64 + 4 + 12
