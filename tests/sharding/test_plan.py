@@ -172,3 +172,12 @@ def test_validator_accepts_exactly_valid_plans(num_devices, placements, memory):
         return
     assert set(placements) == names
     assert layout.allocated_bytes({"accumulator": "row"}) <= memory
+
+
+def test_slab_beyond_int32_indexing_is_refused():
+    specs = [TableSpec("huge", 40_000_000, 128), TableSpec("narrow", 10, 1)]
+    plan = plan_from_mapping({"huge": 0, "narrow": 0}, 1, 1 << 45)
+    with pytest.raises(PlanError, match="int32"):
+        plan.validate(specs)
+    ok = plan_from_mapping({"huge": "row_wise", "narrow": 0}, 8, 1 << 45)
+    ok.validate(specs)  # 5M rows x 128 per device fits
