@@ -93,12 +93,16 @@ class ShardedEmbeddingStage:
             host.update({s.name: np.asarray(v) for s, v in zip(specs, values, strict=True)})
         return self.tables_from_dict(host)
 
+    @property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Stacked shapes: the slab and element-wise state ("element"), row-wise state ("row")."""
+        lay = self.layout
+        return {"row": (lay.num_devices, lay.keys),
+                "element": (lay.num_devices, lay.phys_rows, lay.width)}
+
     def init_state(self, tables: dict) -> dict:
         del tables
-        lay = self.layout
-        shapes = {"row": (lay.num_devices, lay.keys),
-                  "element": (lay.num_devices, lay.phys_rows, lay.width)}
-        return {name: jnp.full(shapes[kind], self._fills[name], jnp.float32,
+        return {name: jnp.full(self._shapes[kind], self._fills[name], jnp.float32,
                                device=self.sharded)
                 for name, kind in self.kinds.items()}
 
@@ -247,13 +251,8 @@ class ShardedEmbeddingStage:
         return jnp.concatenate(parts, axis=1)
 
     # --- training helpers (duck-typed on train.step.TrainState: sharding sits below train/) ---
-    def init_params(self, rng: jax.Array, dense_model: nn.Module,
-                    dense_tx: optax.GradientTransformation, example_batch: Batch
-                    ) -> tuple[dict, dict]:
-        """(params, opt_state) as `train.step.init_train_state` builds them (same rng use, same
-        values), laid out on the mesh; wrap them in a TrainState with a replicated step."""
-        emb_rng, dense_rng = jax.random.split(rng)
-        tables = self.init_tables(emb_rng)
+    def _dense_init_fn(self, dense_model: nn.Module, dense_tx: optax.GradientTransformation,
+                       example_batch: Batch):
         b = np.asarray(example_batch["label"]).shape[0]
         dense_BxD = jnp.asarray(np.asarray(example_batch["dense"]))
 
@@ -262,9 +261,34 @@ class ShardedEmbeddingStage:
             params = dense_model.init(dense_rng, dense_BxD, pooled)["params"]
             return params, dense_tx.init(params)
 
+        return init_dense
+
+    def init_params(self, rng: jax.Array, dense_model: nn.Module,
+                    dense_tx: optax.GradientTransformation, example_batch: Batch
+                    ) -> tuple[dict, dict]:
+        """(params, opt_state) as `train.step.init_train_state` builds them (same rng use, same
+        values), laid out on the mesh; wrap them in a TrainState with a replicated step."""
+        emb_rng, dense_rng = jax.random.split(rng)
+        tables = self.init_tables(emb_rng)
+        init_dense = self._dense_init_fn(dense_model, dense_tx, example_batch)
         dense_params, dense_opt = jax.jit(init_dense, out_shardings=self.replicated)(dense_rng)
         return ({"embedding": tables, "dense": dense_params},
                 {"embedding": self.init_state(tables), "dense": dense_opt})
+
+    def abstract_params(self, dense_model: nn.Module, dense_tx: optax.GradientTransformation,
+                        example_batch: Batch) -> tuple[dict, dict]:
+        """Shapes, dtypes and shardings of `init_params`' result, allocating nothing: the target
+        a checkpoint restores into and the step compiles against."""
+        shapes = self._shapes
+        sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32,  # noqa: E731
+                                                 sharding=self.sharded)
+        init_dense = self._dense_init_fn(dense_model, dense_tx, example_batch)
+        dense_params, dense_opt = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+            jax.eval_shape(init_dense, jax.random.key(0)))
+        return ({"embedding": {"slab": sds(shapes["element"])}, "dense": dense_params},
+                {"embedding": {name: sds(shapes[kind]) for name, kind in self.kinds.items()},
+                 "dense": dense_opt})
 
     def state_shardings(self, state):
         """NamedShardings of a TrainState-like pytree (`.params`, `.opt_state`, `.replace`):

@@ -181,8 +181,20 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _sharded_setup(config, tables, row_opt, dense_model, dense_tx, rng, example):
-    """Stage, initial state, jitted step and batch placement for training with a plan.json."""
+def _local_setup(config, tables, row_opt, dense_model, dense_tx, example):
+    """Stage, abstract state, state init, compiled step and batch placement on one device."""
+    stage = LocalEmbeddingStage(tables, row_opt, config.model.combiner)
+    example = jax.device_put(example)
+    init_fn = jax.jit(lambda key: init_train_state(key, dense_model, stage, dense_tx, example))
+    key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init_fn, key)
+    train_step = jax.jit(make_train_step(dense_model, stage, dense_tx),
+                         donate_argnums=0).lower(abstract, example).compile()
+    return stage, abstract, init_fn.lower(key).compile(), train_step, jax.device_put
+
+
+def _sharded_setup(config, tables, row_opt, dense_model, dense_tx, example):
+    """Stage, abstract state, state init, compiled step and batch placement for a plan.json."""
     plan = load_plan(config.plan)
     if config.num_devices and config.num_devices != plan.num_devices:
         raise ValueError(f"--config.num_devices={config.num_devices} but {config.plan} is a plan "
@@ -201,11 +213,19 @@ def _sharded_setup(config, tables, row_opt, dense_model, dense_tx, rng, example)
                      "(%.2f MB allocated)", d, b / 2**20, allocated / 2**20)
     logging.info("plan %s: padding overhead %.3f (allocated / real bytes)", config.plan,
                  stage.layout.padding_overhead(kinds))
-    params, opt_state = stage.init_params(rng, dense_model, dense_tx, example)
-    step0 = jax.device_put(jnp.zeros((), jnp.int32), stage.replicated)
-    state = TrainState(step=step0, params=params, opt_state=opt_state)
-    train_step = stage.jit(make_train_step(dense_model, stage, dense_tx), state)
-    return stage, state, train_step, stage.prepare_batch
+    example_placed = stage.prepare_batch(example)
+    params, opt_state = stage.abstract_params(dense_model, dense_tx, example)
+    step0 = jax.ShapeDtypeStruct((), jnp.int32, sharding=stage.replicated)
+    abstract = TrainState(step=step0, params=params, opt_state=opt_state)
+    train_step = stage.jit(make_train_step(dense_model, stage, dense_tx),
+                           abstract).lower(abstract, example_placed).compile()
+
+    def init_fn(rng):
+        params, opt_state = stage.init_params(rng, dense_model, dense_tx, example)
+        step0 = jax.device_put(jnp.zeros((), jnp.int32), stage.replicated)
+        return TrainState(step=step0, params=params, opt_state=opt_state)
+
+    return stage, abstract, init_fn, train_step, stage.prepare_batch
 
 
 def _format_eta(seconds: float) -> str:
@@ -232,21 +252,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     example = (data.stream.batch(0, config.batch_size) if data.kind == "synthetic"
                else next(data.train(0)))
-    if config.plan:
-        stage, state, train_step, place = _sharded_setup(config, tables, row_opt, dense_model,
-                                                         dense_tx, rng, example)
-    else:
-        stage = LocalEmbeddingStage(tables, row_opt, config.model.combiner)
-        place = jax.device_put
-        example = place(example)
-        init_fn = jax.jit(lambda key: init_train_state(key, dense_model, stage, dense_tx,
-                                                       example))
-        state = jax.eval_shape(init_fn, rng)
-        # Compile before the tables exist, then hand the compiler's scratch back to the OS.
-        init_fn = init_fn.lower(rng).compile()
-        train_step = jax.jit(make_train_step(dense_model, stage, dense_tx),
-                             donate_argnums=0).lower(state, example).compile()
-        release_host_memory()
+    setup = _sharded_setup if config.plan else _local_setup
+    # Both compile against an abstract state before any table exists, so a resumed run never
+    # holds a fresh state beside the restored one.
+    stage, state, init_fn, train_step, place = setup(config, tables, row_opt, dense_model,
+                                                     dense_tx, example)
+    release_host_memory()  # the compiler's scratch, before the tables are allocated
     eval_step = jax.jit(make_eval_step(dense_model, stage))
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
@@ -259,8 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Resumed from step %d (data position %d)", start, meta["data_position"])
     else:
         start = 0
-        if not config.plan:
-            state = init_fn(rng)
+        state = init_fn(rng)
     writer = MetricsWriter(workdir, start)
     num_steps = config.num_train_steps
     final = None
