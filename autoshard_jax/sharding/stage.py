@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from autoshard_jax.data.batch import Batch
 from autoshard_jax.models.embedding import check_combiner, uniform_table_init
 from autoshard_jax.optim.sparse import RowOptimizer
 from autoshard_jax.sharding import mesh as mesh_lib
@@ -32,8 +33,6 @@ from autoshard_jax.sharding.device_step import constant_fill, device_lookup, dev
 from autoshard_jax.sharding.layout import state_kinds
 from autoshard_jax.sharding.plan import ShardingPlan
 from autoshard_jax.tables.spec import TableSpec
-
-Batch = dict  # {"dense": [B, D] f32, "ids": tuple of [B, H_t] i32, "label": [B] f32}
 
 P = jax.P
 AXIS = mesh_lib.AXIS

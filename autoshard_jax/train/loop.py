@@ -181,20 +181,23 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _local_setup(config, tables, row_opt, dense_model, dense_tx, example):
+def _local_setup(config, tables, row_opt, dense_model, dense_tx, example, rng):
     """Stage, abstract state, state init, compiled step and batch placement on one device."""
     stage = LocalEmbeddingStage(tables, row_opt, config.model.combiner)
     example = jax.device_put(example)
     init_fn = jax.jit(lambda key: init_train_state(key, dense_model, stage, dense_tx, example))
-    key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init_fn, key)
+    abstract = jax.eval_shape(init_fn, rng)
     train_step = jax.jit(make_train_step(dense_model, stage, dense_tx),
                          donate_argnums=0).lower(abstract, example).compile()
-    return stage, abstract, init_fn.lower(key).compile(), train_step, jax.device_put
+    return stage, abstract, init_fn.lower(rng).compile(), train_step, jax.device_put
 
 
-def _sharded_setup(config, tables, row_opt, dense_model, dense_tx, example):
-    """Stage, abstract state, state init, compiled step and batch placement for a plan.json."""
+def _sharded_setup(config, tables, row_opt, dense_model, dense_tx, example, rng):
+    """Stage, abstract state, state init, compiled step and batch placement for a plan.json.
+
+    `rng` is unused here (the returned init_fn takes it); the signature matches _local_setup.
+    """
+    del rng
     plan = load_plan(config.plan)
     if config.num_devices and config.num_devices != plan.num_devices:
         raise ValueError(f"--config.num_devices={config.num_devices} but {config.plan} is a plan "
@@ -256,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Both compile against an abstract state before any table exists, so a resumed run never
     # holds a fresh state beside the restored one.
     stage, state, init_fn, train_step, place = setup(config, tables, row_opt, dense_model,
-                                                     dense_tx, example)
+                                                     dense_tx, example, rng)
     release_host_memory()  # the compiler's scratch, before the tables are allocated
     eval_step = jax.jit(make_eval_step(dense_model, stage))
 
