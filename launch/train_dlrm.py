@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from autoshard_jax.train.loop import train_and_evaluate
 from autoshard_jax.train.runtime import configure_cpu_runtime
+from launch.common import run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

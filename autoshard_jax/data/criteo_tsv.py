@@ -27,6 +27,7 @@ import numpy as np
 
 from autoshard_jax.data.batch import Batch
 from autoshard_jax.data.tsv_parse import parse_block
+from autoshard_jax.errors import InputError
 from autoshard_jax.tables.spec import TableSpec
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 _READ_BYTES = 1 << 22
 
 
-class MalformedLineError(ValueError):
+class MalformedLineError(InputError):
     """A line that does not parse; the message is `path:line: what is wrong`."""
 
     def __init__(self, path: str, lineno: int, kind: str, detail: str):

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from autoshard_jax.errors import InputError
 from autoshard_jax.optim.sparse import RowOptimizer
 from autoshard_jax.sharding import layout as layout_lib
 from autoshard_jax.tables.spec import TableSpec, load_versioned_json
@@ -22,7 +23,7 @@ PLAN_VERSION = 1
 PLACEMENT_TYPES = ("table_wise", "row_wise", "replicated")
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A plan that cannot run; the message names the table, device or field at fault."""
 
 

@@ -13,11 +13,13 @@ import math
 import os
 from collections.abc import Sequence
 
+from autoshard_jax.errors import InputError
+
 TABLES_VERSION = 1
 NUM_REUSE_BINS = 17  # dlrm_datasets locality bins: (0,1], (1,2], (2,4], ..., (16384,32768], >32768
 
 
-class TableSpecError(ValueError):
+class TableSpecError(InputError):
     """A table spec or tables.json file that cannot be used; the message names the bad field."""
 
 

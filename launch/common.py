@@ -1,0 +1,72 @@
+"""The error surface every launcher shares: `run(main)` instead of `absl.app.run(main)`.
+
+An expected failure (`autoshard_jax.errors.is_user_error`) ends with one line on stderr,
+`error: <what is wrong, where, what to do>`, and exit status 2; its traceback goes to
+`<workdir>/error.log` when the launcher has a `--workdir` (to the terminal under `--traceback`).
+Any other exception is a bug and keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from absl import app, flags
+
+from autoshard_jax.errors import is_user_error
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("traceback", False, "Print the full traceback of expected errors too.")
+
+EXIT_USER_ERROR = 2
+ERROR_LOG = "error.log"
+
+
+def _log_traceback(exc: BaseException) -> str | None:
+    """Writes the traceback to <workdir>/error.log; returns the path, or None if not writable."""
+    workdir = FLAGS["workdir"].value if "workdir" in FLAGS else None
+    if not workdir:
+        return None
+    path = os.path.join(workdir, ERROR_LOG)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "a") as f:
+            traceback.print_exception(exc, file=f)
+    except OSError:
+        return None
+    return path
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on a single line (multi-line messages are joined)."""
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc)
+    joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return joined or type(exc).__name__
+
+
+def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+    """Wraps a launcher's main so expected failures exit with one named line."""
+
+    def wrapped(argv: list[str]) -> object:
+        try:
+            return main(argv)
+        except Exception as exc:  # noqa: BLE001 - sorted into expected / unexpected below
+            if not is_user_error(exc) or FLAGS.traceback:
+                raise
+            log = _log_traceback(exc)
+            sys.stderr.flush()
+            where = f" (traceback in {log})" if log else ""
+            print(f"error: {one_line(exc)}{where}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapped
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """`absl.app.run` with the project's error surface."""
+    app.run(guarded(main))
