@@ -4,30 +4,36 @@ A line is `label \\t I1..I13 \\t C1..C26` (counts configurable). Missing integer
 negative ones are clamped to 0 before log1p (as the public DLRM does); a missing categorical becomes
 the padding id -1; a present one is int(hex, 16) mod the table's rows.
 
-Layouts: a directory of day files (`day_0`, `day_1`, ..., sorted by the numbers in their names)
-is one day per file; a single file is one day, or `kaggle_days` equal consecutive chunks of it
-(the Kaggle convention: train on days 0-5, evaluate on day 6). Selected days are read in order as
-one stream.
+Layouts: a directory of day files is one day per file, and day d is the file whose name carries
+the number d (`day_0`, `day_1.gz`, `day-2.tsv`, `3.txt`); any other entry (a README, a stray copy)
+is listed in a warning and never read as a day. A single file is one day, or `kaggle_days` equal
+consecutive chunks of it (the Kaggle convention: train on days 0-5, evaluate on day 6). Selected
+days are read in order as one stream.
 
 Malformed lines raise MalformedLineError naming file and line; with skip_bad_lines=True they are
 counted per reason in `stats` and a warning is logged when the stream ends. Nothing malformed is
-silently turned into a value.
+silently turned into a value. A corrupt or truncated .gz file, too little data for one batch and
+days that are not there are `DataError`s that name the file (and the last good line) or say how
+much data there is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import gzip
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from autoshard_jax.data.batch import Batch
 from autoshard_jax.data.tsv_parse import parse_block
-from autoshard_jax.errors import InputError
+from autoshard_jax.errors import DataError, InputError
 from autoshard_jax.tables.spec import TableSpec
 
 log = logging.getLogger(__name__)
@@ -63,24 +69,103 @@ class ReadStats:
         return text
 
 
-def _natural_key(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+# A day file's name: an optional "day" prefix, the day number, optional .tsv/.txt/.csv and .gz.
+_DAY_NAME = re.compile(r"(?:day[_-]?)?(\d+)(?:\.(?:tsv|txt|csv))?(?:\.gz)?", re.IGNORECASE)
+_DECODE_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _span(numbers: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5": a list of day numbers as a person would write it."""
+    parts, run = [], []
+    for n in sorted(numbers):
+        if run and n != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(n)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(parts) or "none"
+
+
+def day_files(directory: str) -> dict[int, str]:
+    """Day number -> path for the day files of a directory, by the numbers in their names.
+
+    Hidden entries are ignored; any other entry that is not a file named like a day is listed in
+    a warning (never read as a day). Two files with one day number are an error.
+    """
+    days: dict[int, str] = {}
+    ignored = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("."):
+            continue
+        full = os.path.join(directory, name)
+        match = _DAY_NAME.fullmatch(name)
+        if match is None or not os.path.isfile(full):
+            ignored.append(name)
+            continue
+        d = int(match.group(1))
+        if d in days:
+            raise DataError(f"{directory}: {os.path.basename(days[d])} and {name} are both day "
+                            f"{d}; keep one of them")
+        days[d] = full
+    if not days:
+        raise DataError(f"directory {directory!r} holds no day files (named like day_0, "
+                        f"day_1.gz, 2.tsv){'; found: ' + ', '.join(ignored) if ignored else ''}")
+    if ignored:
+        log.warning("Criteo TSV directory %s: ignoring %d entries whose names carry no day number "
+                    "(day files are named like day_0, day_1.gz): %s", directory, len(ignored),
+                    ", ".join(ignored))
+    return dict(sorted(days.items()))
+
+
+@contextlib.contextmanager
+def _decoding(path: str, good_lines: list[int]):
+    """Turns a corrupt or truncated compressed file into a DataError naming it and its last good
+    line (`good_lines[0]`: complete lines read so far)."""
+    try:
+        yield
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: corrupt or truncated compressed file after line {good_lines[0]} "
+                        f"(the last complete line) ({type(exc).__name__}: {exc}); re-download or "
+                        "re-compress it") from exc
 
 
 def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def _chunks(f) -> Iterator[bytes]:
+    """Chunks of about _READ_BYTES. On a decode error the bytes decoded before it come out first
+    (a plain `read` would drop them), so the error can name the true last good line."""
+    parts, size = [], 0
+    try:
+        while chunk := f.read1(_READ_BYTES - size):
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= _READ_BYTES:
+                yield b"".join(parts)
+                parts, size = [], 0
+    except _DECODE_ERRORS:
+        if parts:
+            yield b"".join(parts)
+        raise
+    if parts:
+        yield b"".join(parts)
+
+
 def _line_blocks(path: str) -> Iterator[bytes]:
     """Blocks of complete lines, each ending in b"\\n" (added to an unterminated last line)."""
-    with _open(path) as f:
+    good = [0]
+    with _decoding(path, good), _open(path) as f:
         rest = b""
-        while block := f.read(_READ_BYTES):
+        for block in _chunks(f):
             block = rest + block
             cut = block.rfind(b"\n") + 1
             rest = block[cut:]
             if cut:
-                yield block[:cut].replace(b"\r\n", b"\n")
+                out = block[:cut].replace(b"\r\n", b"\n")
+                good[0] += out.count(b"\n")
+                yield out
         if rest:
             yield rest.replace(b"\r\n", b"\n") + b"\n"
 
@@ -96,7 +181,7 @@ def _count_lines(path: str) -> int:
 
 
 def _is_empty(path: str) -> bool:
-    with _open(path) as f:
+    with _decoding(path, [0]), _open(path) as f:
         return not f.read(1)
 
 
@@ -120,12 +205,13 @@ class CriteoTSVReader:
                  drop_last: bool = True):
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"Criteo TSV path {path!r} does not exist")
+            raise FileNotFoundError(errno.ENOENT, "Criteo TSV path does not exist", path)
         if not tables:
-            raise ValueError("need at least one table (one per categorical feature)")
+            raise InputError("need at least one table (one per categorical feature)")
         rows = [t.rows if isinstance(t, TableSpec) else int(t) for t in tables]
         if any(r < 1 or r >= 2**31 for r in rows):
-            raise ValueError(f"table rows must be in [1, 2**31), got {rows}")
+            raise InputError(f"table rows must be in [1, 2**31), got {rows}")
+        self.path = path
         self.rows_S = np.array(rows, dtype=np.int64)
         self.hotness_S = [t.hotness if isinstance(t, TableSpec) else 1 for t in tables]
         self.num_dense = num_dense
@@ -135,33 +221,35 @@ class CriteoTSVReader:
 
         if os.path.isdir(path):
             if kaggle_days is not None:
-                raise ValueError("kaggle_days splits a single file; got a directory")
-            files = sorted((os.path.join(path, n) for n in os.listdir(path)
-                            if not n.startswith(".") and os.path.isfile(os.path.join(path, n))),
-                           key=lambda p: _natural_key(os.path.basename(p)))
-            if not files:
-                raise ValueError(f"directory {path!r} holds no day files")
-            all_days = [(f, 0, None) for f in files]
+                raise InputError(f"kaggle_days splits a single file; {path!r} is a directory of "
+                                 "day files")
+            all_days = {d: (f, 0, None) for d, f in day_files(path).items()}
         else:
-            all_days = [(path, 0, None)]
-        for f, _, _ in all_days:
-            if _is_empty(f):
-                raise ValueError(f"Criteo TSV file {f!r} is empty")
+            all_days = {0: (path, 0, None)}
         if kaggle_days is not None:
             if kaggle_days < 1:
-                raise ValueError(f"kaggle_days must be >= 1, got {kaggle_days}")
-            n = _count_lines(path)
+                raise InputError(f"kaggle_days must be >= 1, got {kaggle_days}")
+            n = 0 if _is_empty(path) else _count_lines(path)
             if n < kaggle_days:
-                raise ValueError(f"{path!r} has {n} lines, fewer than kaggle_days={kaggle_days}")
+                raise DataError(f"{path!r} has {n} lines, fewer than kaggle_days={kaggle_days}")
             # np.array_split sizes: the first n % k days get one extra line.
             bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(n), kaggle_days)])
-            all_days = [(path, int(bounds[d]), int(bounds[d + 1])) for d in range(kaggle_days)]
+            all_days = {d: (path, int(bounds[d]), int(bounds[d + 1])) for d in range(kaggle_days)}
+        #: The day numbers this path holds (a directory's may have gaps).
+        self.available_days = sorted(all_days)
         if days is None:
-            days = range(len(all_days))
-        for d in days:
-            if not 0 <= d < len(all_days):
-                raise ValueError(f"day {d} out of range: {path!r} has {len(all_days)} days")
+            days = self.available_days
+        missing = [d for d in days if d not in all_days]
+        if missing:
+            hint = "" if len(all_days) > 1 or os.path.isdir(path) else (
+                " (a single file is one day unless kaggle_days splits it)")
+            raise DataError(f"day {_span(missing)} out of range: {path!r} holds "
+                            f"{len(all_days)} day(s), numbered {_span(all_days)}{hint}")
+        self.days = list(days)
         self.segments = [all_days[d] for d in days]
+        for f in sorted({f for f, _, _ in self.segments}):
+            if _is_empty(f):
+                raise DataError(f"Criteo TSV file {f!r} is empty")
 
     def _blocks(self, skip_lines: int) -> Iterator[tuple[str, int, bytes]]:
         """(path, 1-based line number of the first line, block) over the selected days, in order,
@@ -190,7 +278,8 @@ class CriteoTSVReader:
                 if limit is not None:
                     limit -= k
             if limit:
-                raise ValueError(f"{path!r} ended {limit} lines before its day did (file changed?)")
+                raise DataError(f"{path!r} ended {limit} lines before its day did (the file "
+                                "changed since the run started?)")
             skip_lines = skip  # a day file shorter than the resume offset passes the rest on
 
     def _record_bad(self, path: str, lineno0: int, bad) -> None:
@@ -212,7 +301,7 @@ class CriteoTSVReader:
         """Batches from batch number `start_batch` on; resuming at k yields what a full read
         yields from its k-th batch. Resets `stats` to this pass."""
         if batch_size < 1 or start_batch < 0:
-            raise ValueError(f"need batch_size >= 1, start_batch >= 0; got {batch_size}, "
+            raise InputError(f"need batch_size >= 1, start_batch >= 0; got {batch_size}, "
                              f"{start_batch}")
         self.stats = ReadStats()
         to_skip = start_batch * batch_size
@@ -222,6 +311,7 @@ class CriteoTSVReader:
         num_sparse = len(self.rows_S)
         pend = (np.zeros(0, np.float32), np.zeros((0, self.num_dense), np.float32),
                 np.zeros((0, num_sparse), np.int32))
+        yielded = 0
         for path, lineno0, block in self._blocks(raw_skip):
             parsed = parse_block(block, self.num_dense, self.rows_S)
             self._record_bad(path, lineno0, parsed.bad)
@@ -236,14 +326,23 @@ class CriteoTSVReader:
             for i in range(n_full):
                 yield self._batch(*pend, i * batch_size, (i + 1) * batch_size)
             pend = tuple(a[n_full * batch_size:] for a in pend)
+            yielded += n_full
         if len(pend[0]) and not self.drop_last:
             yield self._batch(*pend, 0, len(pend[0]))
-        self._finish(to_skip)
+            yielded += 1
+        self._finish(to_skip, yielded, batch_size)
 
-    def _finish(self, skipped: int) -> None:
+    def describe(self) -> str:
+        """The file or directory and the selected days, for messages."""
+        return f"{self.path} (day {_span(self.days)})" if len(self.available_days) > 1 \
+            else self.path
+
+    def _finish(self, skipped: int, yielded: int, batch_size: int) -> None:
         if self.stats.num_bad:
-            log.warning("Criteo TSV %s: %s", self.segments[0][0], self.stats.report())
+            log.warning("Criteo TSV %s: %s", self.describe(), self.stats.report())
         if self.stats.samples == 0 and skipped == 0:
-            files = sorted({p for p, _, _ in self.segments})
-            raise ValueError(f"no valid lines in {files} ({self.stats.lines} lines read, "
-                             f"{self.stats.num_bad} malformed)")
+            raise DataError(f"no valid lines in {self.describe()} ({self.stats.lines} lines read, "
+                            f"{self.stats.num_bad} malformed)")
+        if yielded == 0 and skipped == 0:
+            raise DataError(f"{self.describe()} holds {self.stats.samples} samples, fewer than one "
+                            f"batch of {batch_size}")

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoshard_jax.data import CriteoTSVReader, MalformedLineError, check_batch, criteo_tsv
+from autoshard_jax.errors import DataError
 from autoshard_jax.tables.spec import TableSpec
+from autoshard_jax.train.prefetch import prefetch
 
 ROWS = [10, 1000, 2**31 - 1]
 D = 2  # dense features in the small hand-written files
@@ -219,6 +221,7 @@ def test_resume_matches_full_read(tmp_path, read_bytes, skip_bad, source):
         for a, b in zip(resumed, full[start:], strict=True):
             assert concat([a])[2].tolist() == concat([b])[2].tolist()
             np.testing.assert_array_equal(a["dense"], b["dense"])
+            np.testing.assert_array_equal(a["label"], b["label"])
 
 
 hex_field = st.one_of(st.just(""), st.integers(0, 2**64 - 1).map(lambda v: f"{v:x}"),
@@ -238,3 +241,103 @@ def test_random_valid_lines_round_trip(tmp_path_factory, lines, batch_size, rows
     batches = list(reader.batches(batch_size))
     assert_matches(batches, lines, rows=rows, num_dense=3)
     assert reader.stats.samples == len(lines)
+
+
+def test_day_directory_reads_only_day_numbered_files(tmp_path, caplog):
+    days = [make_lines(5 + d, seed=d) for d in range(3)]
+    (tmp_path / "days").mkdir()
+    for d, lines in enumerate(days):
+        write(tmp_path / "days" / f"day_{d}", lines)
+    write(tmp_path / "days" / "README.txt", ["About these files.\n"])
+    write(tmp_path / "days" / "day_1.old", make_lines(3, seed=9))
+    (tmp_path / "days" / "sub").mkdir()
+    write(tmp_path / "days" / ".hidden", ["x\n"])
+    with caplog.at_level(logging.WARNING):
+        reader = CriteoTSVReader(tmp_path / "days", ROWS, num_dense=D, days=[2], drop_last=False)
+    assert_matches(list(reader.batches(4)), days[2])  # "day 2" is day_2, whatever else is there
+    assert "README.txt, day_1.old, sub" in caplog.text and ".hidden" not in caplog.text
+    everything = CriteoTSVReader(tmp_path / "days", ROWS, num_dense=D, drop_last=False)
+    assert everything.available_days == [0, 1, 2]
+    assert_matches(list(everything.batches(4)), days[0] + days[1] + days[2])
+
+
+def test_day_numbers_come_from_names(tmp_path):
+    (tmp_path / "d").mkdir()
+    a, b = make_lines(4, seed=1), make_lines(6, seed=2)
+    write(tmp_path / "d" / "day-5.tsv", b)
+    with gzip.open(tmp_path / "d" / "0.gz", "wt") as f:
+        f.write("".join(a))
+    reader = CriteoTSVReader(tmp_path / "d", ROWS, num_dense=D, days=[5, 0], drop_last=False)
+    assert_matches(list(reader.batches(3)), b + a)
+    with pytest.raises(DataError, match=r"day 1-2 out of range: .* 2 day\(s\), numbered 0, 5"):
+        CriteoTSVReader(tmp_path / "d", ROWS, num_dense=D, days=[0, 1, 2])
+    write(tmp_path / "d" / "day_5", b)
+    with pytest.raises(DataError, match="day-5.tsv and day_5 are both day 5"):
+        CriteoTSVReader(tmp_path / "d", ROWS, num_dense=D)
+
+
+def test_single_file_is_one_day(tmp_path):
+    path = write(tmp_path / "train.txt", make_lines(10))
+    with pytest.raises(DataError, match="day 1 out of range.*unless kaggle_days"):
+        CriteoTSVReader(path, ROWS, num_dense=D, days=[0, 1])
+
+
+def _truncated_gz(path, lines, keep=0.5):
+    with gzip.open(path, "wt") as f:
+        f.write("".join(lines))
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("read_bytes", [7, 1 << 22], indirect=True)
+def test_truncated_gzip_names_file_and_last_good_line(tmp_path, read_bytes):
+    lines = make_lines(3000)
+    path = _truncated_gz(tmp_path / "day_0.gz", lines)
+    got = []
+    with pytest.raises(DataError, match=r"day_0\.gz: corrupt or truncated compressed file after "
+                       r"line (\d+)") as err:
+        for b in CriteoTSVReader(path, ROWS, num_dense=D).batches(1):
+            got.append(b)
+    last_good = int(err.value.args[0].split("after line ")[1].split()[0])
+    assert 0 < last_good < 3000 and len(got) == last_good  # every good line was delivered
+    assert_matches(got, lines[:last_good])
+    assert isinstance(err.value.__cause__, EOFError)
+
+
+def test_truncated_gzip_in_a_directory_fails_in_the_prefetch_thread_naming_the_file(tmp_path):
+    (tmp_path / "days").mkdir()
+    write(tmp_path / "days" / "day_0", make_lines(20))
+    _truncated_gz(tmp_path / "days" / "day_1.gz", make_lines(3000, seed=1))
+    reader = CriteoTSVReader(tmp_path / "days", ROWS, num_dense=D)
+    with pytest.raises(DataError, match=r"days/day_1\.gz: corrupt or truncated .* after line"):
+        for _ in prefetch(reader.batches(8), place=lambda b: b):
+            pass
+
+
+def test_gzip_crc_mismatch_is_named(tmp_path):
+    path = tmp_path / "day_0.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(make_lines(50)))
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the trailer's CRC32
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"day_0\.gz: corrupt .* after line 50 .*CRC check failed"):
+        list(CriteoTSVReader(path, ROWS, num_dense=D).batches(10))
+
+
+def test_not_a_gzip_file_is_named(tmp_path):
+    path = write(tmp_path / "day_0.gz", make_lines(3))
+    with pytest.raises(DataError, match=r"day_0\.gz: corrupt or truncated .*Not a gzipped file"):
+        CriteoTSVReader(path, ROWS, num_dense=D)
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_less_than_one_batch_says_how_much_there_is(tmp_path, skip_bad):
+    lines = make_lines(3) + ([BAD["int_word"][0]] if skip_bad else [])
+    path = write(tmp_path / "f.tsv", lines)
+    reader = CriteoTSVReader(path, ROWS, num_dense=D, skip_bad_lines=skip_bad)
+    with pytest.raises(DataError, match="f.tsv holds 3 samples, fewer than one batch of 4"):
+        next(reader.batches(4))
+    assert len(list(reader.batches(4, start_batch=1))) == 0  # resuming past the end: no error
+    assert len(list(reader.batches(3))) == 1
