@@ -6,24 +6,89 @@ Kept free of heavy imports (no orbax, no flax) so benchmarks can use it without 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import json
 import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
 
 # XLA:CPU's MLIR fusion emitters hold ~150 MB more host memory after compiling the DLRM train step
 # than the classic emitters, for the same step time (benchmarks/dlrm_throughput.py). On a host
-# whose RAM is mostly embedding tables, that memory matters more than anything they buy.
+# whose RAM is mostly embedding tables, that memory matters more than anything they buy. Newer
+# XLA (jax 0.12) has only the fusion emitters and no such flag; it is then left out.
 CPU_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 
 
+def _cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "autoshard_jax", "xla_flags.json")
+
+
+def _jaxlib_build() -> str:
+    """Names the XLA that will parse XLA_FLAGS (jaxlib's version and location), without
+    importing it."""
+    try:
+        dist = importlib.metadata.distribution("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+    return f"{dist.version}@{dist.locate_file('')}"
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Starts the CPU backend in a child process with only `flag` set: XLA aborts a process whose
+    XLA_FLAGS holds a flag it does not know, so only a child can ask."""
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    try:
+        done = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def supported_xla_flags(flags: Sequence[str]) -> list[str]:
+    """The subset of `flags` the installed XLA accepts, in order.
+
+    XLA's flag set changes between releases (jax 0.12's XLA dropped
+    --xla_cpu_use_fusion_emitters and aborts on it), so each flag is tried once per jaxlib build
+    and the answer is cached in ~/.cache/autoshard_jax/xla_flags.json.
+    """
+    path, build = _cache_path(), _jaxlib_build()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    known = cache.get(build, {})
+    missing = [flag for flag in flags if not isinstance(known.get(flag), bool)]
+    if missing:
+        known = {**known, **{flag: _xla_accepts(flag) for flag in missing}}
+        cache[build] = known
+        try:  # best effort: an unwritable cache only means probing again next time
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as f:
+                json.dump(cache, f, indent=1)
+            os.replace(f.name, path)
+        except OSError:
+            pass
+    return [flag for flag in flags if known[flag]]
+
+
 def configure_cpu_runtime() -> None:
-    """Adds CPU_XLA_FLAGS to XLA_FLAGS (a user's own setting of a flag wins).
+    """Adds those CPU_XLA_FLAGS the installed XLA knows to XLA_FLAGS (a user's own setting of a
+    flag wins).
 
     Call before the first JAX computation: XLA reads XLA_FLAGS when the backend starts. The flags
     only affect the CPU backend.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    for flag in CPU_XLA_FLAGS:
-        if flag.split("=")[0] not in flags:
-            flags = f"{flags} {flag}".strip()
+    wanted = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in flags]
+    for flag in supported_xla_flags(wanted):
+        flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags
 
 

@@ -1,0 +1,56 @@
+"""XLA flags are set only where the running XLA knows them (an unknown one aborts the process)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autoshard_jax.train import runtime
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "autoshard_jax" / "xla_flags.json"
+
+
+def _no_probe(flag):
+    raise AssertionError(f"probed {flag} again")
+
+
+def test_unknown_flag_is_left_out_and_the_answer_cached(cache_home, monkeypatch):
+    bogus = "--xla_autoshard_no_such_flag=1"
+    assert runtime.supported_xla_flags([bogus]) == []
+    assert json.loads(cache_home.read_text())[runtime._jaxlib_build()] == {bogus: False}
+    monkeypatch.setattr(runtime, "_xla_accepts", _no_probe)
+    assert runtime.supported_xla_flags([bogus]) == []
+
+
+def test_corrupt_cache_is_rebuilt(cache_home, monkeypatch):
+    cache_home.parent.mkdir(parents=True)
+    cache_home.write_text("{not json")
+    monkeypatch.setattr(runtime, "_xla_accepts", lambda flag: flag.endswith("=1"))
+    assert runtime.supported_xla_flags(["--a=1", "--b=2"]) == ["--a=1"]
+    assert json.loads(cache_home.read_text())[runtime._jaxlib_build()] == {"--a=1": True,
+                                                                          "--b=2": False}
+
+
+def test_configured_flags_start_the_backend(cache_home, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    runtime.configure_cpu_runtime()
+    flags = os.environ["XLA_FLAGS"]
+    assert set(flags.split()) <= set(runtime.CPU_XLA_FLAGS)
+    child = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == "3.0"
+
+
+def test_a_users_own_setting_wins(cache_home, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    monkeypatch.setattr(runtime, "_xla_accepts", _no_probe)
+    runtime.configure_cpu_runtime()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true"
