@@ -1,0 +1,114 @@
+"""One entry point for every placement method: `shard(...) -> ShardingPlan`.
+
+Methods: the heuristics (`heuristics.py`), `autoshard` (a trained policy's greedy rollout) and
+`autoshard_search` (local search on the cost model, started from the policy's plan when a
+policy is given, else from the better of spmd_greedy and the cost-model greedy). Every plan is
+validated against the tables and memory before it is returned; its `meta` records the method,
+objective, cost model, predicted costs and the sharding time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from autoshard_jax.errors import InputError
+from autoshard_jax.placement import heuristics, search
+from autoshard_jax.placement.costs import (
+    Cost,
+    check_objective,
+    class_onehot,
+    get_cost,
+    objective_value,
+    plan_costs,
+    single_costs,
+    table_features,
+    width_classes,
+)
+from autoshard_jax.placement.inference import LoadedPolicy, load_policy, policy_place
+from autoshard_jax.placement.memory import memory_model
+from autoshard_jax.sharding.plan import ShardingPlan, plan_from_mapping
+from autoshard_jax.tables.spec import TableSpec
+
+METHODS = heuristics.HEURISTICS + ("autoshard", "autoshard_search")
+DEFAULT_BATCH_SIZE = 512
+
+
+def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str, *,
+          objective: str = "spmd", policy: LoadedPolicy | None = None, cost: Cost | None = None,
+          seed: int = 0, row_optimizer: str = "sgd", search_rounds: int = 200,
+          search_time_s: float = 60.0) -> np.ndarray:
+    """Each table's device under `method` (memory-legal, or PlacementError naming a table)."""
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    check_objective(objective)
+    mem = memory_model(specs, memory_bytes, row_optimizer)
+    cost = cost or get_cost(DEFAULT_BATCH_SIZE)
+    if method == "random":
+        return heuristics.random_placement(specs, num_devices, mem, seed)
+    if method in heuristics.GREEDY_KEYS:
+        return heuristics.lpt(specs, num_devices, mem, heuristics.greedy_key(specs, method))
+    if method == "torchrec_greedy":
+        return heuristics.torchrec_greedy(specs, num_devices, mem, cost.batch_size)
+    if method == "spmd_greedy":
+        return heuristics.spmd_greedy(specs, num_devices, mem, width_classes(specs)[0])
+    if method == "autoshard":
+        if policy is None:
+            raise InputError("method 'autoshard' needs a trained policy (--policy=DIR from "
+                             "launch.train_sharder)")
+        return policy_place(policy, specs, num_devices, mem, cost)
+    # autoshard_search
+    if policy is not None:
+        start = policy_place(policy, specs, num_devices, mem, cost)
+    else:
+        single = single_costs(cost, table_features(specs), class_onehot(specs))
+        starts = [heuristics.spmd_greedy(specs, num_devices, mem, width_classes(specs)[0])]
+        try:
+            starts.append(search.cost_greedy(specs, num_devices, mem, cost, objective, single))
+        except InputError:
+            pass  # cost-order greedy can dead-end on memory where spmd_greedy did not
+        start = min(starts, key=lambda d: objective_value(
+            *plan_costs(cost, specs, d, num_devices), objective))
+    return search.local_search(specs, num_devices, mem, cost, objective, start,
+                               max_rounds=search_rounds, time_budget_s=search_time_s)
+
+
+def shard(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str, *,
+          objective: str = "spmd", policy_dir: str | None = None, cost: Cost | None = None,
+          seed: int = 0, row_optimizer: str = "sgd", **kw) -> ShardingPlan:
+    """A validated plan; `meta` holds method, objective, cost model, predictions and time."""
+    cost = cost or get_cost(DEFAULT_BATCH_SIZE)
+    policy = load_policy(policy_dir) if policy_dir else None
+    if policy is not None and policy.meta.get("objective") != objective:
+        raise InputError(f"policy {policy_dir!r} was trained for objective "
+                         f"{policy.meta.get('objective')!r}, not {objective!r}")
+    args = dict(objective=objective, policy=policy, cost=cost, seed=seed,
+                row_optimizer=row_optimizer, **kw)
+    compile_s = 0.0
+    if method == "autoshard":  # compile once untimed: the sharding time excludes compilation
+        t0 = time.perf_counter()
+        place(specs, num_devices, memory_bytes, method, **args)
+        compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    device_T = place(specs, num_devices, memory_bytes, method, **args)
+    elapsed = time.perf_counter() - t0
+    dev_D, spmd = plan_costs(cost, specs, device_T, num_devices)
+    meta = {"method": method, "objective": objective, "time_s": round(elapsed, 6),
+            "cost_model": cost.name, "predicted_max_ms": float(dev_D.max()),
+            "predicted_spmd_ms": spmd, "seed": seed}
+    if compile_s:
+        meta["first_call_s"] = round(compile_s, 3)
+    if policy_dir:
+        meta["policy"] = policy_dir
+    plan = plan_of(specs, device_T, num_devices, memory_bytes, meta)
+    plan.validate(specs, row_optimizer)
+    return plan
+
+
+def plan_of(specs: Sequence[TableSpec], device_T: Sequence[int], num_devices: int,
+            memory_bytes: int, meta: dict | None = None) -> ShardingPlan:
+    """The table-wise plan putting specs[t] on device_T[t] (not validated)."""
+    return plan_from_mapping({s.name: int(d) for s, d in zip(specs, device_T, strict=True)},
+                             num_devices, memory_bytes, meta)

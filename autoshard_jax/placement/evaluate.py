@@ -1,0 +1,106 @@
+"""Plan evaluation: per-device cost, max, min/max balance, SPMD cost and padding of a plan.
+
+Three ways to get the numbers, same fields:
+* "oracle": measured by the cost oracle (`cost/oracle.py`): each device's own tables fused on one
+  device (`measure_set`, papers' protocol) and the plan's SPMD step (`measure_plan`);
+* "step": the oracle's numbers plus `step_ms`, the full sharded DLRM train step timed on the
+  plan's devices, with the code of `benchmarks/sharded_step.py`;
+* "predicted": a cost model (`placement/costs.py`), no timing (fast; for search and training).
+A row-wise table counts on each device as a 1/D shard seeing 1/D of the ids, a replicated one as
+the whole table seeing 1/D of the ids (the local batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import types
+from collections.abc import Sequence
+
+import numpy as np
+
+from autoshard_jax.optim.sparse import state_kinds
+from autoshard_jax.placement.costs import Cost, plan_costs
+from autoshard_jax.sharding.plan import ShardingPlan
+from autoshard_jax.tables.spec import TableSpec
+
+MEASURES = ("oracle", "step")
+_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "sharded_step.py")
+
+
+def device_tables(specs: Sequence[TableSpec], plan: ShardingPlan) -> list[list[TableSpec]]:
+    """The tables (or shards) each device holds, as specs a per-device measurement takes."""
+    d_count = plan.num_devices
+    out: list[list[TableSpec]] = [[] for _ in range(d_count)]
+    for s in specs:
+        p = plan.placements[s.name]
+        if p["type"] == "table_wise":
+            out[p["device"]].append(s)
+            continue
+        rows = -(-s.rows // d_count) if p["type"] == "row_wise" else s.rows
+        shard = dataclasses.replace(s, rows=max(1, rows), pooling_factor=s.pooling_factor
+                                    / d_count)
+        for d in range(d_count):
+            out[d].append(shard)
+    return out
+
+
+def summarize(device_ms: Sequence[float], spmd_ms: float, padding: float) -> dict:
+    dev = [float(x) for x in device_ms]
+    return {"device_ms": dev, "max_ms": max(dev),
+            "min_max_ratio": min(dev) / max(dev) if max(dev) > 0 else 1.0,
+            "spmd_ms": float(spmd_ms), "padding_overhead": padding}
+
+
+def padding_overhead(specs, plan: ShardingPlan, row_optimizer: str = "sgd") -> float:
+    layout = plan.validate(specs, row_optimizer)
+    return float(layout.padding_overhead(state_kinds(row_optimizer)))
+
+
+def evaluate_predicted(specs: Sequence[TableSpec], plan: ShardingPlan, cost: Cost,
+                       row_optimizer: str = "sgd") -> dict:
+    """Cost-model numbers of a table-wise plan."""
+    device_T = np.asarray([plan.placements[s.name].get("device", -1) for s in specs])
+    if (device_T < 0).any():
+        raise ValueError("predicted evaluation covers table_wise plans only")
+    dev_D, spmd = plan_costs(cost, specs, device_T, plan.num_devices)
+    return summarize(dev_D, spmd, padding_overhead(specs, plan, row_optimizer))
+
+
+def evaluate_measured(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int,
+                      measure: str = "oracle", row_optimizer: str = "sgd", seed: int = 0,
+                      protocol=None) -> dict:
+    """Oracle-measured numbers (and `step_ms` when measure == "step")."""
+    from autoshard_jax.cost import oracle
+
+    pad = padding_overhead(specs, plan, row_optimizer)
+    kw = {"row_optimizer": row_optimizer, "seed": seed}
+    if protocol is not None:
+        kw["protocol"] = protocol
+    dev = [oracle.measure_set(tables, batch_size, **kw).total_ms if tables else 0.0
+           for tables in device_tables(specs, plan)]
+    spmd = oracle.measure_plan(specs, plan, batch_size, **kw).total_ms
+    out = summarize(dev, spmd, pad)
+    if measure == "step":
+        out["step_ms"] = step_ms(specs, plan, batch_size, row_optimizer, seed)
+    return out
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("sharded_step_bench", os.path.abspath(_BENCH))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def step_ms(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int,
+            row_optimizer: str = "sgd", seed: int = 0, steps: int = 5) -> float:
+    """Median ms of the full sharded train step (benchmarks/sharded_step.py's `time_plan`)."""
+    import jax
+
+    bench = _bench_module()
+    args = types.SimpleNamespace(optimizer=row_optimizer, seed=seed, batch=batch_size,
+                                 steps=steps)
+    devices = jax.devices()[:plan.num_devices]
+    return 1e3 * bench.time_plan(list(specs), plan, args, devices)

@@ -1,0 +1,92 @@
+"""A trained AutoShard policy: loading it from a workdir and one greedy rollout per task.
+
+A policy workdir holds `policy.json` (objective, reward, network width, the cost model it was
+trained against) and orbax checkpoints (`checkpoints/`) written by `placement/trainer.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from autoshard_jax.errors import InputError
+from autoshard_jax.placement import env as env_lib
+from autoshard_jax.placement.costs import Cost, class_onehot, single_costs, table_features
+from autoshard_jax.placement.memory import MemoryModel
+from autoshard_jax.placement.policy import PolicyNet, init_params, make_optimizer, rollout
+from autoshard_jax.tables.features import NUM_FEATURES
+from autoshard_jax.tables.spec import TableSpec
+from autoshard_jax.train.checkpoint import Checkpointer, abstract_state
+
+POLICY_JSON = "policy.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedPolicy:
+    net: PolicyNet
+    params: dict
+    meta: dict
+    step: int
+
+
+def load_policy(workdir: str) -> LoadedPolicy:
+    """The newest checkpoint of a `launch.train_sharder` workdir; errors name what is missing."""
+    path = os.path.join(workdir, POLICY_JSON)
+    if not os.path.exists(path):
+        raise InputError(f"policy directory {workdir!r} has no {POLICY_JSON}: train one with "
+                         "`python -m launch.train_sharder --workdir=DIR`")
+    with open(path) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON: {e}") from e
+    net = PolicyNet(hidden=int(meta.get("hidden", 128)))
+    target = init_params(jax.random.key(0), net, NUM_FEATURES)
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise InputError(f"policy directory {workdir!r} has no checkpoint yet")
+        step = ckpt.latest_step()
+        tx = make_optimizer(float(meta["learning_rate"]), int(meta["total_steps"]))
+        skeleton = {"params": target, "opt_state": tx.init(target), "step": 0}
+        state, _ = ckpt.restore(step, abstract_state(skeleton))
+    finally:
+        ckpt.close()
+    return LoadedPolicy(net, state["params"], meta, int(step))
+
+
+@functools.partial(jax.jit, static_argnames=("net", "cost_fn"))
+def _greedy(net, params, task, cost_fn):
+    return rollout(net, params, task, jax.random.key(0), cost_fn, greedy=True)
+
+
+def policy_place(pol: LoadedPolicy, specs: Sequence[TableSpec], num_devices: int,
+                 mem: MemoryModel, cost: Cost) -> np.ndarray:
+    """Each table's device from one greedy (argmax) rollout against the cost model."""
+    feats, cls = table_features(specs), class_onehot(specs)
+    single = single_costs(cost, feats, cls)
+    task, order = env_lib.build_task(specs, num_devices, mem, feats, cls, single)
+    out = _greedy(pol.net, pol.params, task, cost.fn)
+    if bool(out["dead"]):
+        _raise_first_misfit(specs, num_devices, mem, order, np.asarray(out["action"]))
+    device_T = np.zeros(len(specs), np.int64)
+    device_T[order] = np.asarray(out["action"])
+    return device_T
+
+
+def _raise_first_misfit(specs, num_devices, mem, order, actions) -> None:
+    phys_D = np.zeros(num_devices, np.int64)
+    keys_D = np.zeros(num_devices, np.int64)
+    for t, a in zip(order, actions, strict=True):
+        if not mem.fits_D(int(t), phys_D, keys_D).any():
+            raise mem.does_not_fit(specs, int(t), num_devices)
+        phys_D[a] += mem.phys_T[t]
+        keys_D[a] += mem.keys_T[t]
+    raise mem.does_not_fit(specs, int(order[-1]), num_devices)

@@ -1,0 +1,171 @@
+"""Cost-model-guided search: NeuroShard-style greedy and local search (moves and swaps).
+
+`cost_greedy` places tables by descending predicted single cost, each on the legal device that
+minimises the predicted objective after placing it (max_device: one cost_fn call gives every
+device's what-if cost; spmd: the plan cost with the table on each device, vmapped).
+`local_search` then improves any start plan (a heuristic's or the policy's: "policy +
+refinement") by the best legal single-table move or two-table swap among tables on the
+critical devices, all candidates scored in batched cost_fn calls, until no candidate improves
+or the round budget is spent.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autoshard_jax.placement.costs import Cost, class_onehot, table_features
+from autoshard_jax.placement.memory import MemoryModel
+from autoshard_jax.tables.spec import TableSpec
+
+_CHUNK = 256
+
+
+def _objective(cost_fn, feats, assign, cls, objective: str):
+    dev_D, spmd = cost_fn(feats, assign, cls)
+    main = spmd if objective == "spmd" else jnp.max(dev_D)
+    # Secondary: spread of device costs, so plateaus (several devices at the max) still move.
+    return main, jnp.sum(dev_D**2) / jnp.maximum(jnp.sum(dev_D) ** 2, 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("cost_fn", "objective"))
+def _whatif(cost_fn, feats, assign, cls, t, objective: str):
+    """Objective with table t added on each device d ([D] main, [D] secondary)."""
+    d = assign.shape[1]
+
+    def one(dev):
+        a = assign.at[t].set((jnp.arange(d) == dev).astype(assign.dtype))
+        return _objective(cost_fn, feats, a, cls, objective)
+
+    return jax.vmap(one)(jnp.arange(d))
+
+
+@functools.partial(jax.jit, static_argnames=("cost_fn", "objective"))
+def _score_candidates(cost_fn, feats, assign, cls, t1_C, d1_C, t2_C, d2_C, objective: str):
+    """Objective of each candidate: t1 -> d1 and (if t2 >= 0) t2 -> d2."""
+    d = assign.shape[1]
+
+    def one(t1, d1, t2, d2):
+        a = assign.at[t1].set((jnp.arange(d) == d1).astype(assign.dtype))
+        row2 = jnp.where(t2 >= 0, (jnp.arange(d) == d2).astype(assign.dtype), a[t2])
+        a = a.at[jnp.maximum(t2, 0)].set(row2)
+        return _objective(cost_fn, feats, a, cls, objective)
+
+    return jax.vmap(one)(t1_C, d1_C, t2_C, d2_C)
+
+
+def _inputs(specs):
+    return jnp.asarray(table_features(specs)), jnp.asarray(class_onehot(specs))
+
+
+def cost_greedy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, cost: Cost,
+                objective: str, single_T: np.ndarray) -> np.ndarray:
+    """Each table (descending predicted single cost) on the legal device minimising the
+    predicted objective after it is placed (ties: lower secondary, lower index)."""
+    feats, cls = _inputs(specs)
+    assign = jnp.zeros((len(specs), num_devices), jnp.float32)
+    phys_D = np.zeros(num_devices, np.int64)
+    keys_D = np.zeros(num_devices, np.int64)
+    device_T = np.full(len(specs), -1, np.int64)
+    for t in sorted(range(len(specs)), key=lambda t: (-single_T[t], t)):
+        fits = mem.fits_D(t, phys_D, keys_D)
+        if not fits.any():
+            raise mem.does_not_fit(specs, t, num_devices)
+        main, second = (np.asarray(x) for x in
+                        _whatif(cost.fn, feats, assign, cls, t, objective))
+        d = min(np.flatnonzero(fits), key=lambda d: (main[d], second[d], d))
+        device_T[t] = d
+        phys_D[d] += mem.phys_T[t]
+        keys_D[d] += mem.keys_T[t]
+        assign = assign.at[t, d].set(1.0)
+    return device_T
+
+
+def _legal(mem: MemoryModel, device_T, phys_D, keys_D, t1, d1, t2, d2) -> np.ndarray:
+    """Memory legality of candidate moves / swaps (vectorised over candidates)."""
+    c = len(t1)
+    dp = np.zeros((c, len(phys_D)), np.int64)
+    dk = np.zeros_like(dp)
+    rows = np.arange(c)
+    for t, d in ((t1, d1), (t2, d2)):
+        on = t >= 0
+        tt = np.where(on, t, 0)
+        for arr, per_T in ((dp, mem.phys_T), (dk, mem.keys_T)):
+            np.add.at(arr, (rows[on], device_T[tt][on]), -per_T[tt][on])
+            np.add.at(arr, (rows[on], d[on]), per_T[tt][on])
+    phys = (phys_D[None] + dp).max(1)
+    keys = (keys_D[None] + dk).max(1)
+    return mem.allocated(phys, keys) <= mem.budget
+
+
+def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, cost: Cost,
+                 objective: str, device_T: np.ndarray, max_rounds: int = 200,
+                 time_budget_s: float = 60.0, max_candidates: int = 4096) -> np.ndarray:
+    """Best-improvement moves and swaps of tables on the critical devices (the slowest device;
+    for spmd also each width class's busiest device by predicted class cost) until none
+    improves, `max_rounds` moves, or `time_budget_s`."""
+    feats, cls = _inputs(specs)
+    cls_np = np.asarray(cls)
+    device_T = np.asarray(device_T, np.int64).copy()
+    t_count, d_count = len(specs), num_devices
+    t0 = time.perf_counter()
+
+    def assign_of(dev):
+        a = np.zeros((t_count, d_count), np.float32)
+        a[np.arange(t_count), dev] = 1.0
+        return jnp.asarray(a)
+
+    cur = tuple(float(x) for x in _objective(cost.fn, feats, assign_of(device_T), cls,
+                                             objective))
+    for _ in range(max_rounds):
+        if time.perf_counter() - t0 > time_budget_s:
+            break
+        assign = assign_of(device_T)
+        dev_D = np.asarray(cost.fn(feats, assign, cls)[0])
+        critical = {int(np.argmax(dev_D))}
+        if objective == "spmd":
+            for k in range(cls_np.shape[1]):
+                members = np.flatnonzero(cls_np[:, k] > 0)
+                if len(members):
+                    sub = np.zeros((t_count, d_count), np.float32)
+                    sub[members, device_T[members]] = 1.0
+                    critical.add(int(np.argmax(np.asarray(cost.fn(feats, sub, cls)[0]))))
+        crit_T = np.flatnonzero(np.isin(device_T, list(critical)))
+        moves = [(t, d, -1, 0) for t in crit_T for d in range(d_count) if d != device_T[t]]
+        swaps = [(t, device_T[u], u, device_T[t]) for t in crit_T for u in range(t_count)
+                 if device_T[u] != device_T[t]]
+        cand = np.asarray(moves + swaps, np.int64).reshape(-1, 4)
+        if len(cand) > max_candidates:
+            keep = np.random.default_rng(len(cand)).choice(len(cand), max_candidates, False)
+            cand = cand[np.sort(keep)]
+        phys_D = np.bincount(device_T, mem.phys_T, d_count).astype(np.int64)
+        keys_D = np.bincount(device_T, mem.keys_T, d_count).astype(np.int64)
+        cand = cand[_legal(mem, device_T, phys_D, keys_D, *cand.T)]
+        if not len(cand):
+            break
+        main, second = [], []
+        for lo in range(0, len(cand), _CHUNK):
+            part = cand[lo:lo + _CHUNK]
+            pad = _CHUNK - len(part)
+            part = np.concatenate([part, np.repeat(part[:1], pad, 0)])  # one compiled shape
+            m, s = _score_candidates(cost.fn, feats, assign, cls,
+                                     *(jnp.asarray(c, jnp.int32) for c in part.T), objective)
+            main.append(np.asarray(m)[:_CHUNK - pad])
+            second.append(np.asarray(s)[:_CHUNK - pad])
+        main, second = np.concatenate(main), np.concatenate(second)
+        best = int(np.lexsort((second, main))[0])
+        better = main[best] < cur[0] * (1 - 1e-6) or (
+            main[best] <= cur[0] * (1 + 1e-9) and second[best] < cur[1] - 1e-9)
+        if not better:
+            break
+        t1, d1, t2, d2 = cand[best]
+        device_T[t1] = d1
+        if t2 >= 0:
+            device_T[t2] = d2
+        cur = (float(main[best]), float(second[best]))
+    return device_T

@@ -1,0 +1,88 @@
+"""Measures sharding plans: one JSON object per plan, in the order given.
+
+python -m launch.evaluate_plans --tables=tables.json --plans=a.json,b.json --batch_size=512
+python -m launch.evaluate_plans --tables=tables.json --plans=a.json --measure=step
+
+Fields: plan (its path), device_ms (each device's own tables fused and timed on one device, the
+papers' protocol), max_ms, min_max_ratio, spmd_ms (the plan's SPMD embedding step: padded
+program + exchange), padding_overhead (allocated / real bytes); --measure=step adds step_ms, the
+real sharded train step timed on the plan's (simulated, on CPU) devices.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+
+from autoshard_jax.errors import InputError, check_range
+from autoshard_jax.placement.evaluate import MEASURES
+from launch.common import run
+
+flags.DEFINE_string("tables", None, "tables.json of the plans' tables.")
+flags.DEFINE_string("plans", None, "Comma-separated plan.json paths.")
+flags.DEFINE_integer("batch_size", 512, "Global batch size of the measured step.")
+flags.DEFINE_enum("measure", "oracle", list(MEASURES), "oracle: cost oracle; step: also the "
+                  "full sharded train step.")
+flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer of the measured update.")
+flags.DEFINE_integer("seed", 0, "Seed of the id draw.")
+FLAGS = flags.FLAGS
+
+
+def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str = "oracle",
+                  row_optimizer: str = "sgd", seed: int = 0, out=sys.stdout) -> list[dict]:
+    """The job: validates every input first, then measures; returns the printed records."""
+    if not tables or not plans:
+        raise InputError("--tables and --plans are required")
+    check_range("batch_size", batch_size, low=1, high=1 << 24, integer=True)
+    if measure not in MEASURES:
+        raise InputError(f"--measure must be one of {list(MEASURES)}, got {measure!r}")
+    from autoshard_jax.sharding.plan import load_plan
+    from autoshard_jax.tables.spec import load_tables
+
+    specs = load_tables(tables)
+    paths = [p for p in plans.split(",") if p]
+    loaded = [load_plan(p) for p in paths]
+    for path, plan in zip(paths, loaded, strict=True):
+        try:
+            plan.validate(specs, row_optimizer)
+        except InputError as e:
+            raise type(e)(f"{path}: {e}") from e
+        if batch_size % plan.num_devices:
+            raise InputError(f"{path}: --batch_size={batch_size} is not divisible by its "
+                             f"{plan.num_devices} devices")
+    _ensure_devices(max(p.num_devices for p in loaded))
+    from autoshard_jax.placement.evaluate import evaluate_measured
+
+    records = []
+    for path, plan in zip(paths, loaded, strict=True):
+        rec = {"plan": path, **evaluate_measured(specs, plan, batch_size, measure,
+                                                 row_optimizer, seed)}
+        print(json.dumps(rec), file=out, flush=True)
+        records.append(rec)
+    return records
+
+
+def _ensure_devices(n: int) -> None:
+    """On CPU, simulate enough devices (only possible before JAX's backend starts)."""
+    import jax
+
+    try:
+        if jax.config.jax_num_cpu_devices < n:
+            jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass  # backend already up: the device count is what it is
+    if jax.device_count() < n:
+        raise InputError(f"a plan needs {n} devices, this backend has {jax.device_count()}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise InputError(f"unexpected arguments {argv[1:]}")
+    evaluate_main(FLAGS.tables, FLAGS.plans, FLAGS.batch_size, FLAGS.measure,
+                  FLAGS.row_optimizer, FLAGS.seed)
+
+
+if __name__ == "__main__":
+    run(main)
