@@ -1,0 +1,50 @@
+"""Scaling-law sweeps on the synthetic teacher stream, sized for 2 CPU cores (`make scaling`).
+
+python -m launch.scaling_sweep --config=launch/configs/scaling_cpu.py --workdir=/tmp/scaling
+python -m launch.fit_scaling --workdir=/tmp/scaling
+
+`--config=launch/configs/scaling_cpu.py:demo` is the small variant `make demo` runs. One axis:
+`--config.axis=data|embedding|over_arch|mlp|depth`; Criteo: `--config.data.path=train.txt` (its last
+10% of lines is held out). The model is the synthetic_small DLRM with 8 tables of 10 to 20k rows
+(dim 16, bottom 64-32-16, top 64-32-1, dot; Adam 1e-3 + row-wise Adagrad 0.05, warmup + cosine
+per run), batch 256, 65,536 held-out samples.
+
+Cost (scaling_laws.accounting; wall times measured on 2 shared AMD EPYC cores, jax 0.10.2 CPU; one
+accelerator estimated at ~1e11 useful FLOP/s for these tiny matmuls, so input-bound in practice):
+  full study: data 8 runs 4k..1M samples (2.4 decades) + embedding 5 + mlp 5 + over_arch 5 runs of
+    128k samples: FILLED_BY_STUDY
+  demo: data 5 runs 4k..256k samples + embedding 4 runs of 32k: FILLED_BY_DEMO
+"""
+
+from launch.configs import synthetic_small
+
+
+def get_config(variant: str = ""):
+    config = synthetic_small.get_config()
+    config.axis = "all"
+    # Eight tables (10 to 20k rows, Zipf ids): compiling the step of 26 tables costs more than
+    # training the smaller runs on 2 cores.
+    config.model.table_rows = (20000, 10000, 5000, 2000, 1000, 300, 50, 10)
+    config.batch_size = 256
+    config.data.num_eval_batches = 256  # 65,536 held-out samples
+    s = config.scaling = type(config)()
+    s.axes = ("data", "embedding", "mlp", "over_arch")
+    s.data_samples = tuple(4096 * 2**k for k in range(0, 9))  # 4k .. 1M
+    s.param_samples = 131072
+    s.embedding_dims = (1, 2, 4, 8, 16, 32)
+    s.over_arch_widths = (0.125, 0.25, 0.5, 1.0, 2.0)
+    s.mlp_widths = (0.125, 0.25, 0.5, 1.0, 2.0)
+    s.depths = (1, 2, 3, 4)
+    s.warmup_fraction = 0.05
+    s.final_lr_fraction = 0.1
+    s.checkpoint_every = 1000
+    s.keep_run_checkpoints = False
+    if variant == "demo":
+        config.data.num_eval_batches = 128
+        s.axes = ("data", "embedding")
+        s.data_samples = tuple(4096 * 2**k for k in range(0, 5))  # 4k .. 64k
+        s.param_samples = 16384
+        s.embedding_dims = (1, 2, 4, 8, 16)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of scaling_cpu (use '' or 'demo')")
+    return config
