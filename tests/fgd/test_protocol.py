@@ -1,0 +1,122 @@
+"""The online protocol end to end on a tiny stream: records, resume after a kill, summary."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from autoshard_jax.errors import ConfigError
+from fgd import report
+from fgd.online import check_config, run_online
+from launch.configs import fgd_synthetic
+
+
+def tiny_config(methods="bu,fgd,sml,bu_w,full"):
+    c = fgd_synthetic.get_config()
+    c.methods = methods
+    c.seeds = 1
+    c.num_periods = 6
+    c.pretrain_periods = 3
+    c.pretrain_epochs = 1
+    c.diag_rows = 256
+    c.data.samples_per_period = 300
+    c.model.table_rows = (30, 12)
+    c.model.bottom_mlp = (8, 4)
+    c.model.top_mlp = (8, 1)
+    c.model.embedding_dim = 4
+    c.data.num_dense = 3
+    c.optim.batch_size = 64
+    c.optim.meta_batch = 128
+    c.optim.meta_steps = 2
+    c.optim.sml_steps = 2
+    return c
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_loses_nothing_and_matches_uninterrupted_run(tmp_path, monkeypatch):
+    config = tiny_config()
+    full_dir, killed_dir = str(tmp_path / "full"), str(tmp_path / "killed")
+    summary = run_online(config, full_dir)
+    rows = [json.loads(x) for x in open(os.path.join(full_dir, "metrics.jsonl"))]
+    # 5 methods x (1 first deployment + 2 test periods).
+    assert len(rows) == 15 and {r["period"] for r in rows} == {3, 4, 5}
+    assert all(r["test"] == (r["period"] > 3) for r in rows)
+    assert set(summary["methods"]) == {"bu", "fgd", "sml", "bu_w", "full"}
+    assert summary["methods"]["bu"]["win_rate_vs_bu"] == 0.5
+    assert os.path.exists(os.path.join(full_dir, "auc.png"))
+    assert "| fgd |" in open(os.path.join(full_dir, "results.md")).read()
+    for r in rows:
+        if r["test"]:
+            assert 0.0 < r["bayes_ne"] < 1.0 and "grad_variation" in r
+        if r["method"] == "fgd" and r["test"]:
+            assert r["forecast_error"] > 0.0 and np.isfinite(r["meta_loss"])
+
+    # Kill the second run in the middle of fgd (after its first test period).
+    from fgd import protocol
+
+    real_add = protocol.Records.add
+
+    def add_then_die(self, record):
+        out = real_add(self, record)
+        if record["method"] == "fgd" and record["period"] == 4:
+            raise Killed()
+        return out
+
+    monkeypatch.setattr(protocol.Records, "add", add_then_die)
+    with pytest.raises(Killed):
+        run_online(config, killed_dir)
+    monkeypatch.setattr(protocol.Records, "add", real_add)
+    run_online(config, killed_dir)
+    again = [json.loads(x) for x in open(os.path.join(killed_dir, "metrics.jsonl"))]
+    key = lambda r: (r["method"], r["period"])  # noqa: E731
+    assert sorted(map(key, again)) == sorted(map(key, rows))  # no duplicates, nothing lost
+    want = {key(r): r["auc"] for r in rows}
+    assert all(r["auc"] == want[key(r)] for r in again)  # resumed run is identical
+
+    # A finished run says so and writes nothing new.
+    run_online(config, killed_dir)
+    assert len(open(os.path.join(killed_dir, "metrics.jsonl")).readlines()) == 15
+
+
+def test_summary_statistics_against_hand_computation():
+    rows = []
+    aucs = {("bu", 0): [0.6, 0.7], ("fgd", 0): [0.65, 0.7], ("bu", 1): [0.5, 0.6],
+            ("fgd", 1): [0.55, 0.5]}
+    for (m, s), vals in aucs.items():
+        for p, a in zip((5, 6), vals, strict=True):
+            rows.append({"seed": s, "method": m, "period": p, "auc": a, "ne": 1 - a,
+                         "log_loss": 1.0})
+    out = report.summarize(rows, ["bu", "fgd"], [0, 1], [5, 6])
+    fgd = out["methods"]["fgd"]
+    # Per-seed means: bu 0.65, 0.55; fgd 0.675, 0.525 -> diffs +0.025, -0.025.
+    assert fgd["mean_test_auc"]["mean"] == pytest.approx(0.6)
+    assert fgd["mean_test_auc"]["std"] == pytest.approx(np.std([0.675, 0.525], ddof=1))
+    assert fgd["auc_diff_vs_bu"]["mean"] == pytest.approx(0.0)
+    assert fgd["auc_diff_vs_bu"]["se"] == pytest.approx(np.std([0.025, -0.025], ddof=1) / 2 ** .5)
+    assert fgd["win_rate_vs_bu"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+    assert fgd["mean_test_ne"]["mean"] == pytest.approx(0.4)
+    assert report.summarize(rows, ["bu", "fgd"], [0, 1, 2], [5, 6])["incomplete_seeds"] == [2]
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("methods", "bu,magic", "config.methods"),
+    ("seeds", 0, "config.seeds"),
+    ("optim.lr", -1.0, "config.optim.lr"),
+    ("data.drift", "sideways", "config.data.drift"),
+    ("pretrain_periods", 1, "config.pretrain_periods"),
+])
+def test_bad_config_names_the_key(key, value, match):
+    config = tiny_config()
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+        node = node[p]
+    node[leaf] = value
+    if key == "pretrain_periods":
+        config.optim.history = 2
+    with pytest.raises(ConfigError, match=match):
+        check_config(config)
