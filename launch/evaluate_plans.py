@@ -12,6 +12,7 @@ real sharded train step timed on the plan's (simulated, on CPU) devices.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import flags
@@ -20,19 +21,25 @@ from autoshard_jax.errors import InputError, check_range
 from autoshard_jax.placement.evaluate import MEASURES
 from launch.common import run
 
-flags.DEFINE_string("tables", None, "tables.json of the plans' tables.")
-flags.DEFINE_string("plans", None, "Comma-separated plan.json paths.")
-flags.DEFINE_integer("batch_size", 512, "Global batch size of the measured step.")
-flags.DEFINE_enum("measure", "oracle", list(MEASURES), "oracle: cost oracle; step: also the "
-                  "full sharded train step.")
-flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer of the measured update.")
-flags.DEFINE_integer("seed", 0, "Seed of the id draw.")
 FLAGS = flags.FLAGS
 
 
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so tests can import several launchers."""
+    flags.DEFINE_string("tables", None, "tables.json of the plans' tables.")
+    flags.DEFINE_string("plans", None, "Comma-separated plan.json paths.")
+    flags.DEFINE_integer("batch_size", 512, "Global batch size of the measured step.")
+    flags.DEFINE_enum("measure", "oracle", list(MEASURES), "oracle: cost oracle; step: also the "
+                      "full sharded train step.")
+    flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer of the measured update.")
+    flags.DEFINE_integer("seed", 0, "Seed of the id draw.")
+
+
 def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str = "oracle",
-                  row_optimizer: str = "sgd", seed: int = 0, out=sys.stdout) -> list[dict]:
-    """The job: validates every input first, then measures; returns the printed records."""
+                  row_optimizer: str = "sgd", seed: int = 0, out=sys.stdout,
+                  protocol=None) -> list[dict]:
+    """The job: validates every input first, then measures; returns the printed records.
+    `protocol` (the oracle's timing protocol) lets tests time fewer repeats."""
     if not tables or not plans:
         raise InputError("--tables and --plans are required")
     check_range("batch_size", batch_size, low=1, high=1 << 24, integer=True)
@@ -41,8 +48,11 @@ def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str =
     from autoshard_jax.sharding.plan import load_plan
     from autoshard_jax.tables.spec import load_tables
 
-    specs = load_tables(tables)
     paths = [p for p in plans.split(",") if p]
+    for path, what in [(tables, "--tables")] + [(p, "--plans") for p in paths]:
+        if not os.path.isfile(path):
+            raise InputError(f"{what}: file {path!r} does not exist")
+    specs = load_tables(tables)
     loaded = [load_plan(p) for p in paths]
     for path, plan in zip(paths, loaded, strict=True):
         try:
@@ -58,7 +68,7 @@ def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str =
     records = []
     for path, plan in zip(paths, loaded, strict=True):
         rec = {"plan": path, **evaluate_measured(specs, plan, batch_size, measure,
-                                                 row_optimizer, seed)}
+                                                 row_optimizer, seed, protocol)}
         print(json.dumps(rec), file=out, flush=True)
         records.append(rec)
     return records
@@ -85,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

@@ -13,6 +13,7 @@ records method, objective and time.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -24,19 +25,23 @@ from autoshard_jax.sharding.plan import save_plan
 from autoshard_jax.tables.spec import load_tables
 from launch.common import run
 
-flags.DEFINE_string("tables", None, "tables.json of the tables to shard.")
-flags.DEFINE_integer("num_devices", None, "Number of devices D.")
-flags.DEFINE_float("memory_gb", None, "Memory per device for tables + optimizer state, GiB.")
-flags.DEFINE_string("method", "spmd_greedy", f"One of {', '.join(METHODS)}.")
-flags.DEFINE_string("objective", "spmd", f"One of {', '.join(OBJECTIVES)}.")
-flags.DEFINE_string("policy", None, "Workdir of launch.train_sharder (autoshard methods).")
-flags.DEFINE_string("out", None, "Where to write plan.json.")
-flags.DEFINE_string("cost_model", None, "Cost network workdir; default: the policy's, else "
-                    "the analytical estimator.")
-flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Batch size the costs refer to.")
-flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer whose state counts in memory.")
-flags.DEFINE_integer("seed", 0, "Seed of the random method.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so tests can import several launchers."""
+    flags.DEFINE_string("tables", None, "tables.json of the tables to shard.")
+    flags.DEFINE_integer("num_devices", None, "Number of devices D.")
+    flags.DEFINE_float("memory_gb", None, "Memory per device for tables + optimizer state, GiB.")
+    flags.DEFINE_string("method", "spmd_greedy", f"One of {', '.join(METHODS)}.")
+    flags.DEFINE_string("objective", "spmd", f"One of {', '.join(OBJECTIVES)}.")
+    flags.DEFINE_string("policy", None, "Workdir of launch.train_sharder (autoshard methods).")
+    flags.DEFINE_string("out", None, "Where to write plan.json.")
+    flags.DEFINE_string("cost_model", None, "Cost network workdir; default: the policy's, else "
+                        "the analytical estimator.")
+    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Batch size the costs refer to.")
+    flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer whose state counts in memory.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random method.")
 
 
 def check_flags(f) -> None:
@@ -60,6 +65,8 @@ def check_flags(f) -> None:
 def shard_main(f: dict, out=sys.stdout) -> dict:
     """The job: returns the plan's meta. `f` holds the flag values by name."""
     check_flags(f)
+    if not os.path.isfile(f["tables"]):
+        raise InputError(f"--tables: file {f['tables']!r} does not exist")
     specs = load_tables(f["tables"])
     cost_dir = f["cost_model"]
     if not cost_dir and f["policy"]:
@@ -88,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

@@ -19,9 +19,13 @@ from autoshard_jax.placement.trainer import train
 from launch.common import run
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Sharder training configuration file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, policy.json.")
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so tests can import several launchers."""
+    config_flags.DEFINE_config_file("config", None, "Sharder training configuration file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, policy.json.")
 
 
 def main(argv):
@@ -35,4 +39,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

@@ -19,6 +19,7 @@ all_to_all exchange of ids and pooled vectors, forward and backward).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -129,11 +130,13 @@ def _cost(feats_TxF, assign_TxD, class_TxK, batch_size: int, bw: Bandwidth):
     return device_ms_D, spmd_ms
 
 
+@functools.lru_cache(maxsize=32)
 def analytical_cost_fn(batch_size: int, bandwidth: Bandwidth = DEFAULT_BANDWIDTH) -> CostFn:
     """`cost_fn(feats_TxF, assign_TxD, class_TxK) -> (device_ms_D, spmd_ms)`, pure and jittable.
 
     feats are raw `table_features` (rows, dim, pooling_factor, ...); a zero row of assign_TxD is a
-    table not yet placed; class_TxK is each table's one-hot width class.
+    table not yet placed; class_TxK is each table's one-hot width class. Memoised: the same
+    settings give the same function, so jitted callers compile once per process.
     """
 
     def cost_fn(feats_TxF, assign_TxD, class_TxK):

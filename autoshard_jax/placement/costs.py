@@ -65,7 +65,17 @@ def get_cost(batch_size: int, cost_model_dir: str | None = None) -> Cost:
         raise InputError(f"cost model {cost_model_dir!r} given but autoshard_jax.cost.network "
                          "is not available in this checkout") from e
     model = load_cost_model(cost_model_dir)
-    return Cost(model.cost_fn, f"learned:{cost_model_dir}", batch_size, model)
+    return learned_cost(model, cost_model_dir, batch_size)
+
+
+def learned_cost(model, name: str, batch_size: int) -> Cost:
+    """A Cost over a CostModel. The function is a fresh closure: hashable (jit static args),
+    and a new one after the model is refined, so jitted callers retrace with the new weights."""
+
+    def fn(feats_TxF, assign_TxD, class_TxK):
+        return model.cost_fn(feats_TxF, assign_TxD, class_TxK)
+
+    return Cost(fn, f"learned:{name}", batch_size, model)
 
 
 def single_costs(cost: Cost, feats_TxF: np.ndarray, class_TxK: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ and a learning-curve PNG go to the workdir; a killed run resumes from its last c
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -85,8 +86,10 @@ def load_pool(c) -> list:
                           max_rows=c.pool.max_rows)
 
 
-def make_train_step(net: PolicyNet, tx, cost_fn: Callable, c) -> Callable:
-    objective, reward_kind = c.objective, c.reward
+@functools.lru_cache(maxsize=8)
+def make_train_step(net: PolicyNet, tx, cost_fn: Callable, objective: str, reward_kind: str,
+                    value_coef: float, entropy_coef: float, episodes_per_task: int) -> Callable:
+    """The jitted A2C step; memoised so a resumed or repeated run reuses its compilation."""
 
     def one(params, task, key):
         out = rollout(net, params, task, key, cost_fn, greedy=False)
@@ -108,14 +111,14 @@ def make_train_step(net: PolicyNet, tx, cost_fn: Callable, c) -> Callable:
         pg = -jnp.sum(out["logp"] * (adv - mean) / std * valid) / n
         vloss = 0.5 * jnp.sum((ret - out["value"]) ** 2 * valid) / n
         ent = jnp.sum(out["entropy"] * valid) / n
-        loss = pg + c.value_coef * vloss - c.entropy_coef * ent
+        loss = pg + value_coef * vloss - entropy_coef * ent
         metrics = {"reward": jnp.mean(r_BxE), "cost_ms": jnp.mean(cost_BxE), "entropy": ent,
                    "value_loss": vloss, "dead": jnp.mean(out["dead"].astype(jnp.float32))}
         return loss, (metrics, out["assign_TxD"])
 
     @jax.jit
     def train_step(params, opt_state, tasks, key):
-        b, e = tasks["valid_T"].shape[0], c.episodes_per_task
+        b, e = tasks["valid_T"].shape[0], episodes_per_task
         keys = jax.random.split(key, b * e).reshape(b, e)
         (loss, (metrics, assign)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, tasks, keys)
@@ -157,6 +160,17 @@ def _baseline_costs(tasks, cost: Cost, objective: str, method: str) -> list[floa
         dev_D, spmd = plan_costs(cost, t.specs, dev_T, t.num_devices)
         out.append(spmd if objective == "spmd" else float(dev_D.max()))
     return out
+
+
+def _train_step_for(net, tx, cost: Cost, c) -> Callable:
+    return make_train_step(net, tx, cost.fn, c.objective, c.reward, float(c.value_coef),
+                           float(c.entropy_coef), int(c.episodes_per_task))
+
+
+@functools.lru_cache(maxsize=8)
+def _greedy_batch(net: PolicyNet, cost_fn: Callable) -> Callable:
+    return jax.jit(jax.vmap(lambda p, t: rollout(net, p, t, jax.random.key(0), cost_fn, True),
+                            (None, 0)))
 
 
 def _read_metrics(path: str, upto: int) -> list[dict]:
@@ -210,9 +224,8 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print) -> dict
                               c.mem_factor) for _ in range(c.num_eval_tasks)]
     eval_arrays = env_lib.stack_tasks([builder.build(t)[0] for t in eval_tasks])
     slg = _baseline_costs(eval_tasks, cost, c.objective, "size_lookup_greedy")
-    train_step = make_train_step(net, tx, cost.fn, c)
-    greedy = jax.jit(jax.vmap(lambda p, t: rollout(net, p, t, jax.random.key(0), cost.fn,
-                                                   True), (None, 0)))
+    train_step = _train_step_for(net, tx, cost, c)
+    greedy = _greedy_batch(net, cost.fn)
     last = {}
     t_start = time.time()
     for it in range(start, c.num_iterations):
@@ -231,7 +244,7 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print) -> dict
             if new_cost is not cost:
                 cost = new_cost
                 builder = TaskBuilder(pool, cost)
-                train_step = make_train_step(net, tx, cost.fn, c)
+                train_step = _train_step_for(net, tx, cost, c)
         rec = None
         if (it + 1) % c.log_every == 0 or (it + 1) % c.eval_every == 0 \
                 or it + 1 == c.num_iterations:

@@ -65,7 +65,8 @@ def test_rl_improves_a_fixed_task():
     tx = make_optimizer(c.learning_rate, 10**6)
     params = init_params(jax.random.key(0), net, 21)
     opt_state = tx.init(params)
-    step = trainer.make_train_step(net, tx, COST.fn, c)
+    step = trainer.make_train_step(net, tx, COST.fn, c.objective, c.reward, c.value_coef,
+                                   c.entropy_coef, c.episodes_per_task)
     rewards = []
     for it in range(60):
         params, opt_state, m, _ = step(params, opt_state, tasks, jax.random.key(it))

@@ -1,0 +1,225 @@
+"""The AutoShard evaluation protocol: settings, tasks, every method's plans, scores, tables.
+
+Tasks follow the papers: the pool is split into disjoint train / test halves (`tasks.py`);
+test tasks draw `unseen` of their tables from the test half. The base setting is the policy's
+training shape; transfer settings vary T (tables), D (devices) and the unseen fraction.
+Every plan is scored by `score_fn` (the oracle's measurement, or the cost model), and the
+*reference* is a budgeted local search whose moves are proposed by the cost model and accepted
+only when the scorer confirms them (oracle-in-the-loop when the scorer is the oracle).
+Results go to JSONL one task at a time (a rerun skips finished tasks), then to Markdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from autoshard_jax.errors import InputError
+from autoshard_jax.placement import api, search
+from autoshard_jax.placement.costs import Cost, plan_costs
+from autoshard_jax.placement.inference import LoadedPolicy
+from autoshard_jax.placement.memory import memory_model
+from autoshard_jax.placement.tasks import Task, sample_task
+
+HEURISTIC_ROWS = ("random", "dim_greedy", "size_greedy", "lookup_greedy", "size_lookup_greedy",
+                  "torchrec_greedy", "spmd_greedy")
+# greedy_search: autoshard_search without a policy (cost-model greedy + swaps);
+# autoshard_search: the policy's plan + the same local search ("policy + refinement").
+SEARCH_ROWS = ("autoshard", "autoshard_search", "greedy_search")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    num_tables: int
+    num_devices: int
+    unseen: float
+
+
+def settings(base_t: int, base_d: int, tables=(10, 100, 200), devices=(2, 8, 16),
+             unseen=(0.0, 0.5)) -> list[Setting]:
+    """Base (all test tables unseen, as DreamShard) and one transfer axis at a time."""
+    out = [Setting("base", base_t, base_d, 1.0)]
+    out += [Setting(f"T={t}", t, base_d, 1.0) for t in tables if t != base_t]
+    out += [Setting(f"D={d}", base_t, d, 1.0) for d in devices if d != base_d]
+    out += [Setting(f"unseen={int(100 * u)}%", base_t, base_d, u) for u in unseen if u != 1.0]
+    return out
+
+
+def objective_of(rec: dict, objective: str) -> float:
+    """The record's cost under `objective`; NaN for a method that found no legal plan."""
+    if "failed" in rec:
+        return float("nan")
+    return rec["spmd_ms"] if objective == "spmd" else rec["max_ms"]
+
+
+def reference_search(task: Task, start_T: np.ndarray, cost: Cost, objective: str,
+                     score: Callable[[np.ndarray], dict], budget: int, seed: int = 0
+                     ) -> tuple[np.ndarray, dict]:
+    """Budgeted local search: each proposal (one cost-model-guided move from the incumbent, or
+    a random legal move when the model sees none) is scored and kept only if it is better."""
+    mem = memory_model(task.specs, task.memory_bytes)
+    rng = np.random.default_rng(seed)
+    best_T, best = np.asarray(start_T).copy(), score(start_T)
+    for _ in range(budget):
+        cand = search.local_search(task.specs, task.num_devices, mem, cost, objective, best_T,
+                                   max_rounds=1)
+        if (cand == best_T).all():
+            cand = best_T.copy()
+            t = int(rng.integers(len(cand)))
+            others = [d for d in range(task.num_devices) if d != cand[t]]
+            if not others:
+                break
+            cand[t] = int(rng.choice(others))
+            phys = np.bincount(cand, mem.phys_T, task.num_devices)
+            keys = np.bincount(cand, mem.keys_T, task.num_devices)
+            if mem.allocated(phys.max(), keys.max()) > mem.budget:
+                continue
+        rec = score(cand)
+        if objective_of(rec, objective) < objective_of(best, objective):
+            best_T, best = cand, rec
+    return best_T, best
+
+
+def run_task(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | None,
+             score: Callable[[np.ndarray], dict], reference_budget: int,
+             search_time_s: float) -> dict:
+    """Every method's plan on one task, scored; returns {method: record}."""
+    out = {}
+    rows = list(HEURISTIC_ROWS) + ["greedy_search"]
+    if policy is not None:
+        rows += ["autoshard", "autoshard_search"]
+    for method in rows:
+        cli = "autoshard_search" if method == "greedy_search" else method
+        pol = None if method == "greedy_search" else policy
+        if method == "autoshard":  # compile outside the timed call
+            api.place(task.specs, task.num_devices, task.memory_bytes, cli, objective=objective,
+                      policy=pol, cost=cost)
+        t0 = time.perf_counter()
+        try:
+            device_T = api.place(task.specs, task.num_devices, task.memory_bytes, cli,
+                                 objective=objective, policy=pol, cost=cost,
+                                 search_time_s=search_time_s)
+        except InputError as e:  # e.g. a dead end on memory: reported, not hidden
+            out[method] = {"failed": str(e), "time_s": time.perf_counter() - t0}
+            continue
+        elapsed = time.perf_counter() - t0
+        out[method] = {**score(device_T), "time_s": elapsed, "device_T": device_T.tolist()}
+    ok = [r for r in out.values() if "failed" not in r]
+    start = min(ok, key=lambda r: objective_of(r, objective))
+    ref_T, ref = reference_search(task, np.asarray(start["device_T"]), cost, objective, score,
+                                  reference_budget)
+    out["reference"] = {**ref, "time_s": float("nan"), "device_T": ref_T.tolist()}
+    return out
+
+
+def predicted_scorer(task: Task, cost: Cost) -> Callable[[np.ndarray], dict]:
+    def score(device_T):
+        dev_D, spmd = plan_costs(cost, task.specs, np.asarray(device_T), task.num_devices)
+        return {"device_ms": dev_D.tolist(), "max_ms": float(dev_D.max()), "spmd_ms": spmd}
+    return score
+
+
+def oracle_scorer(task: Task, batch_size: int, protocol=None) -> Callable[[np.ndarray], dict]:
+    from autoshard_jax.placement.evaluate import evaluate_measured
+
+    def score(device_T):
+        plan = api.plan_of(task.specs, device_T, task.num_devices, task.memory_bytes)
+        rec = evaluate_measured(task.specs, plan, batch_size, "oracle", protocol=protocol)
+        return {k: rec[k] for k in ("device_ms", "max_ms", "spmd_ms")}
+    return score
+
+
+def run_setting(setting: Setting, objective: str, train_pool, test_pool, num_tasks: int,
+                mem_factor: float, seed: int, make_score, cost: Cost,
+                policy: LoadedPolicy | None, results_path: str, reference_budget: int,
+                search_time_s: float, log=print) -> list[dict]:
+    """All tasks of a setting, appended to `results_path` as they finish (resumable)."""
+    done = {(r["setting"], r["objective"], r["task"]): r for r in read_results(results_path)}
+    rng = np.random.default_rng([seed, setting.num_tables, setting.num_devices,
+                                 int(100 * setting.unseen)])
+    records = []
+    for i in range(num_tasks):
+        task = sample_task(train_pool, test_pool, setting.num_tables, setting.num_devices, rng,
+                           setting.unseen, mem_factor)
+        key = (setting.name, objective, i)
+        if key in done:
+            records.append(done[key])
+            continue
+        res = run_task(task, objective, cost, policy, make_score(task), reference_budget,
+                       search_time_s)
+        rec = {"setting": setting.name, "objective": objective, "task": i, "T": len(task.specs),
+               "D": task.num_devices, "memory_bytes": task.memory_bytes, "methods": res}
+        with open(results_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        records.append(rec)
+        log(f"{setting.name} {objective} task {i}: " + ", ".join(
+            f"{m}={objective_of(r, objective):.3f}" for m, r in res.items()))
+    return records
+
+
+def read_results(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from a kill: that task reruns
+    return out
+
+
+def table(records: Sequence[dict], objective: str, tie_rel: float) -> str:
+    """Markdown: mean cost, mean ratios to size-lookup greedy / spmd_greedy / reference,
+    win / tie / loss against size-lookup greedy (tie: within tie_rel), sharding time."""
+    if not records:
+        raise InputError("no results to tabulate")
+    methods = list(records[0]["methods"])
+    lines = [f"| method | mean {objective} ms | / size_lookup_greedy | / spmd_greedy | "
+             "/ reference | W/T/L vs SLG | shard time s |", "|---" * 7 + "|"]
+    for m in methods:
+        cost = np.asarray([objective_of(r["methods"][m], objective) for r in records])
+
+        def ratio(other, cost=cost):
+            return np.nanmean(cost / np.asarray([objective_of(r["methods"][other], objective)
+                                                  for r in records]))
+        slg = np.asarray([objective_of(r["methods"]["size_lookup_greedy"], objective)
+                          for r in records])
+        rel = cost / slg - 1.0
+        fails = int(np.isnan(cost).sum())
+        wtl = f"{(rel < -tie_rel).sum()}/{(abs(rel) <= tie_rel).sum()}/{(rel > tie_rel).sum()}"
+        wtl += f" ({fails} failed)" if fails else ""
+        times = [r["methods"][m]["time_s"] for r in records]
+        t = "-" if m == "reference" else f"{np.mean(times):.4f}"
+        lines.append(f"| {m} | {np.nanmean(cost):.3f} | {ratio('size_lookup_greedy'):.3f} | "
+                     f"{ratio('spmd_greedy'):.3f} | {ratio('reference'):.3f} | {wtl} | {t} |")
+    return "\n".join(lines)
+
+
+def bar_chart(record: dict, objective: str, out_png: str) -> None:
+    """Per-device costs of one task, one group of bars per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in record["methods"] if "failed" not in record["methods"][m]]
+    d = len(record["methods"][methods[0]]["device_ms"])
+    fig, ax = plt.subplots(figsize=(max(8, len(methods) * 1.1), 4))
+    width = 0.8 / d
+    for j in range(d):
+        ax.bar(np.arange(len(methods)) + j * width,
+               [record["methods"][m]["device_ms"][j] for m in methods], width)
+    ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=30, ha="right")
+    ax.set_ylabel("device ms (own tables)")
+    ax.set_title(f"{record['setting']} task {record['task']}: per-device cost, objective "
+                 f"{objective} (T={record['T']}, D={record['D']})")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

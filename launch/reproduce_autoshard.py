@@ -1,0 +1,139 @@
+"""The AutoShard evaluation: every method on held-out tasks, base + transfer settings, both
+objectives; Markdown tables, results JSONL and a per-device bar chart in --workdir.
+
+python -m launch.reproduce_autoshard --workdir=/tmp/repro --policy=/tmp/sharder,/tmp/sharder_md
+python -m launch.reproduce_autoshard --workdir=/tmp/repro_demo --policy=/tmp/sharder \
+    --num_tasks=5 --settings=base,T=100,D=8,unseen=50%   # demo
+python -m launch.reproduce_autoshard --workdir=/tmp/repro_m --measure=oracle --num_tasks=10 \
+    --max_rows=100000 --policy=...   # plans measured by the cost oracle on this machine
+
+--policy takes launch.train_sharder workdirs (one per objective; each policy.json names its
+objective); objectives without a policy get heuristic and search rows only. --measure=predicted
+scores with the cost model (the policy's, --cost_model, or the analytical estimator);
+--measure=oracle times every plan (and the reference search's proposals) with the cost oracle.
+Tasks come from the test half of the pool (`--tables`, or the synthetic 856-table pool with
+`--max_rows`), split as in training. Rerunning with the same workdir skips finished tasks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from autoshard_jax.errors import InputError, check_range
+from autoshard_jax.placement import harness
+from autoshard_jax.placement.costs import OBJECTIVES, get_cost
+from autoshard_jax.placement.tasks import split_pool
+from launch.common import run
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so tests can import several launchers."""
+    flags.DEFINE_string("workdir", None, "Output directory (results.jsonl, results.md, "
+                        "bars_*.png).")
+    flags.DEFINE_string("policy", "", "Comma-separated launch.train_sharder workdirs.")
+    flags.DEFINE_string("cost_model", None, "Cost network workdir (default: the policy's, else "
+                        "the analytical estimator).")
+    flags.DEFINE_string("tables", None, "Pool tables.json (default: synthetic 856-table pool).")
+    flags.DEFINE_integer("max_rows", 1_000_000, "Row cap of the synthetic pool.")
+    flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool and of its train/test split.")
+    flags.DEFINE_enum("measure", "predicted", ["predicted", "oracle"], "How plans are scored.")
+    flags.DEFINE_integer("batch_size", 512, "Batch size the costs refer to.")
+    flags.DEFINE_integer("num_tasks", 50, "Test tasks per setting.")
+    flags.DEFINE_integer("base_tables", 50, "T of the base setting.")
+    flags.DEFINE_integer("base_devices", 4, "D of the base setting.")
+    flags.DEFINE_string("settings", "all", "Comma-separated setting names (base, T=10, T=100, "
+                        "T=200, D=2, D=8, D=16, unseen=0%, unseen=50%) or 'all'.")
+    flags.DEFINE_string("objectives", "spmd,max_device", "Objectives to evaluate.")
+    flags.DEFINE_float("mem_factor", 1.5, "Memory cap: x max(balanced share, largest table).")
+    flags.DEFINE_integer("reference_budget", 30, "Scored proposals of the reference search.")
+    flags.DEFINE_float("search_time_s", 20.0, "Time budget of autoshard_search per task.")
+    flags.DEFINE_float("tie_rel", 0.02, "Relative difference counted as a tie (the noise).")
+    flags.DEFINE_integer("seed", 0, "Seed of the test tasks.")
+
+
+def check_flags(f) -> None:
+    if not f.workdir:
+        raise InputError("--workdir is required")
+    for name, low, high in (("num_tasks", 1, 10_000), ("base_tables", 1, 100_000),
+                            ("base_devices", 1, 4096), ("batch_size", 1, 1 << 24),
+                            ("reference_budget", 0, 100_000), ("max_rows", 100, 1 << 31)):
+        check_range(name, getattr(f, name), low=low, high=high, integer=True)
+    check_range("mem_factor", f.mem_factor, low=1.0, high=1000.0)
+    check_range("search_time_s", f.search_time_s, low=0.0, high=86400.0)
+    check_range("tie_rel", f.tie_rel, low=0.0, high=1.0)
+    for obj in f.objectives.split(","):
+        if obj not in OBJECTIVES:
+            raise InputError(f"--objectives: unknown objective {obj!r}; choose from "
+                             f"{list(OBJECTIVES)}")
+
+
+def reproduce(f, log=print) -> str:
+    """The job; returns the Markdown report (also written to <workdir>/results.md)."""
+    check_flags(f)
+    from autoshard_jax.placement.inference import load_policy
+    from autoshard_jax.tables.pools import synthetic_pool
+    from autoshard_jax.tables.spec import load_tables
+
+    if f.tables and not os.path.isfile(f.tables):
+        raise InputError(f"--tables: file {f.tables!r} does not exist")
+    policies = {}
+    for path in [p for p in f.policy.split(",") if p]:
+        pol = load_policy(path)
+        policies[pol.meta["objective"]] = pol
+    cost_dir = f.cost_model
+    if not cost_dir and policies:
+        name = next(iter(policies.values())).meta.get("cost_model", "analytical")
+        cost_dir = name.split(":", 1)[1] if name.startswith("learned:") else None
+    cost = get_cost(f.batch_size, cost_dir)
+    pool = load_tables(f.tables) if f.tables else synthetic_pool(856, seed=f.pool_seed,
+                                                                 max_rows=f.max_rows)
+    train_pool, test_pool = split_pool(pool, f.pool_seed)
+    all_settings = harness.settings(f.base_tables, f.base_devices)
+    wanted = None if f.settings == "all" else f.settings.split(",")
+    chosen = [s for s in all_settings if wanted is None or s.name in wanted]
+    if wanted is not None and len(chosen) != len(wanted):
+        known = [s.name for s in all_settings]
+        raise InputError(f"--settings: unknown {sorted(set(wanted) - set(known))}; "
+                         f"choose from {known}")
+    os.makedirs(f.workdir, exist_ok=True)
+    results = os.path.join(f.workdir, "results.jsonl")
+
+    def make_score(task):
+        if f.measure == "oracle":
+            return harness.oracle_scorer(task, f.batch_size)
+        return harness.predicted_scorer(task, cost)
+
+    report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
+              f"{f.num_tasks} tasks per setting)\n"]
+    for objective in f.objectives.split(","):
+        for s in chosen:
+            recs = harness.run_setting(s, objective, train_pool, test_pool, f.num_tasks,
+                                       f.mem_factor, f.seed, make_score, cost,
+                                       policies.get(objective), results, f.reference_budget,
+                                       f.search_time_s, log)
+            report.append(f"## {s.name} (T={s.num_tables}, D={s.num_devices}, "
+                          f"unseen={s.unseen:.0%}), objective {objective}\n")
+            report.append(harness.table(recs, objective, f.tie_rel) + "\n")
+            if s.name == "base":
+                harness.bar_chart(recs[0], objective,
+                                  os.path.join(f.workdir, f"bars_{objective}.png"))
+    text = "\n".join(report)
+    with open(os.path.join(f.workdir, "results.md"), "w") as out:
+        out.write(text)
+    log(text)
+    return text
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise InputError(f"unexpected arguments {argv[1:]}")
+    reproduce(FLAGS)
+
+
+if __name__ == "__main__":
+    define_flags()
+    run(main)

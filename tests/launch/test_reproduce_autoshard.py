@@ -1,0 +1,62 @@
+"""launch.reproduce_autoshard: every method scored per task, Markdown tables, bar chart,
+resumable results; bad flags exit 2."""
+
+import json
+import os
+import types
+
+import pytest
+
+from autoshard_jax.errors import ConfigError, InputError
+from autoshard_jax.placement.trainer import train
+from launch.reproduce_autoshard import reproduce
+from tests.launch.test_shard import cli, last_error
+from tests.launch.test_train_sharder import tiny_config
+
+
+def args(workdir, **kw):
+    f = dict(workdir=workdir, policy="", cost_model=None, tables=None, max_rows=5000,
+             pool_seed=0, measure="predicted", batch_size=512, num_tasks=2, base_tables=8,
+             base_devices=2, settings="base,D=3", objectives="spmd,max_device", mem_factor=1.5,
+             reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0)
+    f.update(kw)
+    return types.SimpleNamespace(**f)
+
+
+def test_reports_every_method_and_resumes(tmp_path):
+    policy = str(tmp_path / "policy")
+    train(tiny_config(num_iterations=2), policy, log=lambda *_: None)
+    work = str(tmp_path / "out")
+    text = reproduce(args(work, policy=policy), log=lambda *_: None)
+    for heading in ("## base (T=8, D=2", "## D=3 (T=8, D=3"):
+        assert heading in text
+    for method in ("| random | ", "| size_lookup_greedy | ", "| spmd_greedy | ",
+                   "| greedy_search | ", "| reference | "):
+        assert text.count(method) == 4  # 2 settings x 2 objectives
+    # The policy was trained for spmd: max_device tables have no policy rows.
+    assert text.count("| autoshard | ") == text.count("| autoshard_search | ") == 2
+    lines = open(os.path.join(work, "results.jsonl")).read().splitlines()
+    assert len(lines) == 8
+    for rec in map(json.loads, lines):
+        best = min(r["spmd_ms" if rec["objective"] == "spmd" else "max_ms"]
+                   for m, r in rec["methods"].items() if m != "reference")
+        ref = rec["methods"]["reference"]
+        assert ref["spmd_ms" if rec["objective"] == "spmd" else "max_ms"] <= best + 1e-9
+    assert os.path.exists(os.path.join(work, "bars_spmd.png"))
+    reproduce(args(work, policy=policy), log=lambda *_: None)  # finished tasks are skipped
+    assert open(os.path.join(work, "results.jsonl")).read().splitlines() == lines
+
+
+@pytest.mark.parametrize("kw,err,culprit", [
+    ({"num_tasks": 0}, ConfigError, "num_tasks"),
+    ({"objectives": "speed"}, InputError, "speed"),
+    ({"settings": "base,T=7"}, InputError, "T=7"),
+    ({"tables": "/nonexistent.json"}, InputError, "nonexistent.json")])
+def test_bad_flags(tmp_path, kw, err, culprit):
+    with pytest.raises(err, match=culprit):
+        reproduce(args(str(tmp_path / "w"), **kw), log=lambda *_: None)
+
+
+def test_cli_bad_flag_exits_2(tmp_path):
+    proc = cli("launch.reproduce_autoshard", f"--workdir={tmp_path}", "--mem_factor=0.1")
+    assert "mem_factor" in last_error(proc)
