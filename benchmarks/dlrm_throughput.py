@@ -55,8 +55,7 @@ def jax_worker(args) -> None:
     from autoshard_jax.train.step import (
         LocalEmbeddingStage,
         dense_loss_and_grads,
-        init_train_state,
-        make_train_step,
+        setup_training,
     )
 
     b = args.batch
@@ -68,23 +67,20 @@ def jax_worker(args) -> None:
         ids = tuple(np.minimum(rng.zipf(1.2, (b, 1)) - 1, t.rows - 1).astype(np.int32)
                     for t in tables)
         label = (rng.random(b) < 0.25).astype(np.float32)
-        batches.append(jax.device_put({"dense": dense, "ids": ids, "label": label}))
+        batches.append({"dense": dense, "ids": ids, "label": label})
 
     dense_model = DLRMDense((512, 256, 64, 16), (512, 256, 1), interaction="dot")
     stage = LocalEmbeddingStage(tables, sgd(0.1))
     tx = optax.sgd(0.1)
-    init = jax.jit(lambda key: init_train_state(key, dense_model, stage, tx, batches[0]))
-    key = jax.random.key(0)
-    abstract = jax.eval_shape(init, key)
-    # Compile both programs before the tables exist, then return the compiler's scratch to the
-    # OS, as the training loop does.
-    init = init.lower(key).compile()
+    # The training loop's setup: the step compiles before the tables exist, then the compiler's
+    # scratch goes back to the OS.
     t0 = time.perf_counter()
-    step = jax.jit(make_train_step(dense_model, stage, tx),
-                   donate_argnums=0).lower(abstract, batches[0]).compile()
+    setup = setup_training(stage, dense_model, tx, batches[0])
     compile_s = time.perf_counter() - t0
+    step = setup.train_step
+    batches = [setup.place(b) for b in batches]
     release_host_memory()
-    state = init(key)
+    state = setup.init(jax.random.key(0))
 
     def timed(fn, n):
         t0 = time.perf_counter()

@@ -29,9 +29,11 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from autoshard_jax.embedding import LocalEmbeddingStage  # noqa: E402
 from autoshard_jax.models.dlrm import DLRMDense  # noqa: E402
 from autoshard_jax.optim import sparse  # noqa: E402
-from autoshard_jax.sharding.layout import build_layout, state_kinds  # noqa: E402
+from autoshard_jax.optim.sparse import state_kinds  # noqa: E402
+from autoshard_jax.sharding.layout import build_layout  # noqa: E402
 from autoshard_jax.sharding.stage import ShardedEmbeddingStage  # noqa: E402
 from autoshard_jax.sharding.synthetic_plans import (  # noqa: E402
     greedy_bytes_plan,
@@ -39,12 +41,7 @@ from autoshard_jax.sharding.synthetic_plans import (  # noqa: E402
     random_tables,
     skewed_plan,
 )
-from autoshard_jax.train.step import (  # noqa: E402
-    LocalEmbeddingStage,
-    TrainState,
-    init_train_state,
-    make_train_step,
-)
+from autoshard_jax.train.step import setup_training  # noqa: E402
 
 
 def make_batch(specs, batch: int, dense_dim: int, rng: np.random.Generator) -> dict:
@@ -80,21 +77,13 @@ def time_plan(specs, plan, args, devices) -> float:
     tx = optax.adagrad(0.01)
     rng = np.random.default_rng(args.seed)
     host_batches = [make_batch(specs, args.batch, 13, rng) for _ in range(args.steps + 1)]
-    if plan is None:
-        stage = LocalEmbeddingStage(specs, opt)
-        batches = [jax.device_put(b) for b in host_batches]
-        state = jax.jit(lambda key: init_train_state(key, dense, stage, tx, batches[0]))(
-            jax.random.key(args.seed))
-        train_step = jax.jit(make_train_step(dense, stage, tx), donate_argnums=0)
-    else:
-        stage = ShardedEmbeddingStage(specs, plan, opt, devices=devices)
-        batches = [stage.prepare_batch(b) for b in host_batches]
-        params, opt_state = stage.init_params(jax.random.key(args.seed), dense, tx,
-                                              host_batches[0])
-        state = TrainState(jax.device_put(np.zeros((), np.int32), stage.replicated), params,
-                           opt_state)
-        train_step = stage.jit(make_train_step(dense, stage, tx), state)
-    state, m = train_step(state, batches[0])  # compile + warm up
+    stage = (LocalEmbeddingStage(specs, opt) if plan is None
+             else ShardedEmbeddingStage(specs, plan, opt, devices=devices))
+    setup = setup_training(stage, dense, tx, host_batches[0])  # compiled: one program
+    batches = [setup.place(b) for b in host_batches]
+    state = setup.init(jax.random.key(args.seed))
+    train_step = setup.train_step
+    state, m = train_step(state, batches[0])  # warm up
     jax.block_until_ready(m)
     times = []
     for b in batches[1:]:
@@ -102,7 +91,6 @@ def time_plan(specs, plan, args, devices) -> float:
         state, m = train_step(state, b)
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
-    assert train_step._cache_size() == 1
     return float(np.median(times))
 
 

@@ -1,7 +1,7 @@
 """The batch contract shared by every data source and every consumer.
 
 A batch is a dict of host numpy arrays:
-  "dense": float32 [B, num_dense], already log1p-transformed non-negative counts;
+  "dense": float32 [B, Q] (Q = num_dense), already log1p-transformed non-negative counts;
   "ids":   tuple of int32 [B, H_t], one per table in spec order, H_t = spec.hotness;
            -1 marks an empty (padded) slot, every real id is in [0, rows_t);
   "label": float32 [B] holding 0.0 / 1.0.
@@ -24,13 +24,13 @@ def check_batch(batch: Batch, tables: Sequence[TableSpec], num_dense: int | None
     for key in ("dense", "ids", "label"):
         if key not in batch:
             raise ValueError(f"batch is missing {key!r}")
-    dense_BxD, label_B, ids = batch["dense"], batch["label"], batch["ids"]
-    if dense_BxD.dtype != np.float32 or dense_BxD.ndim != 2:
-        raise ValueError(f"'dense' must be float32 [B, D], got {dense_BxD.dtype} {dense_BxD.shape}")
-    b = dense_BxD.shape[0]
-    if num_dense is not None and dense_BxD.shape[1] != num_dense:
-        raise ValueError(f"'dense' has {dense_BxD.shape[1]} features, expected {num_dense}")
-    if not np.all(np.isfinite(dense_BxD)) or np.any(dense_BxD < 0):
+    dense_BxQ, label_B, ids = batch["dense"], batch["label"], batch["ids"]
+    if dense_BxQ.dtype != np.float32 or dense_BxQ.ndim != 2:
+        raise ValueError(f"'dense' must be float32 [B, Q], got {dense_BxQ.dtype} {dense_BxQ.shape}")
+    b = dense_BxQ.shape[0]
+    if num_dense is not None and dense_BxQ.shape[1] != num_dense:
+        raise ValueError(f"'dense' has {dense_BxQ.shape[1]} features, expected {num_dense}")
+    if not np.all(np.isfinite(dense_BxQ)) or np.any(dense_BxQ < 0):
         raise ValueError("'dense' must be finite and non-negative (log1p of counts)")
     if label_B.dtype != np.float32 or label_B.shape != (b,):
         raise ValueError(f"'label' must be float32 [{b}], got {label_B.dtype} {label_B.shape}")

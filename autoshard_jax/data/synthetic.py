@@ -40,11 +40,6 @@ def _coprime_multiplier(rows: int, rng: np.random.Generator) -> int:
     return m % rows or 1
 
 
-def _binary_entropy(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-12, 1 - 1e-12)
-    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
-
-
 class SyntheticClickStream:
     """Deterministic, random-access stream of batches obeying the batch contract (see batch.py).
 
@@ -80,18 +75,18 @@ class SyntheticClickStream:
         self._mult = [_coprime_multiplier(t.rows, rng) for t in self.tables]
         self._offset = [int(rng.integers(0, t.rows)) for t in self.tables]
         # Dense counts are floor(lognormal): many zeros and a heavy tail, like Criteo's I1..I13.
-        self._dense_mu_D = rng.uniform(-1.0, 4.0, num_dense)
-        self._dense_sigma_D = rng.uniform(0.5, 2.0, num_dense)
+        self._dense_mu_Q = rng.uniform(-1.0, 4.0, num_dense)
+        self._dense_sigma_Q = rng.uniform(0.5, 2.0, num_dense)
         # Teacher: a small MLP on standardised dense features plus hashed per-id terms.
         hidden = 8
-        self._w_lin_D = rng.normal(size=num_dense)
-        self._w1_DxK = rng.normal(size=(num_dense, hidden)) / math.sqrt(max(num_dense, 1))
+        self._w_lin_Q = rng.normal(size=num_dense)
+        self._w1_QxK = rng.normal(size=(num_dense, hidden)) / math.sqrt(max(num_dense, 1))
         self._w2_K = rng.normal(size=hidden)
         self._salt_T = rng.integers(0, 2**63, len(self.tables), dtype=np.uint64)
         self._id_scale_T = np.array([1.0 / math.sqrt(max(t.pooling_factor, 1.0))
                                      for t in self.tables])
-        self._dense_mean_D = np.zeros(num_dense)
-        self._dense_std_D = np.ones(num_dense)
+        self._dense_mean_Q = np.zeros(num_dense)
+        self._dense_std_Q = np.ones(num_dense)
         self._part_scale = np.ones(3)
         self._bias = 0.0
         self._calibrate(base_ctr, teacher_std)
@@ -124,16 +119,16 @@ class SyntheticClickStream:
         return ids_BxH
 
     def _features(self, rng: np.random.Generator, b: int) -> tuple[np.ndarray, tuple]:
-        z_BxD = rng.standard_normal((b, self.num_dense))
-        counts_BxD = np.floor(np.exp(np.minimum(self._dense_mu_D + self._dense_sigma_D * z_BxD,
+        z_BxQ = rng.standard_normal((b, self.num_dense))
+        counts_BxQ = np.floor(np.exp(np.minimum(self._dense_mu_Q + self._dense_sigma_Q * z_BxQ,
                                                 math.log(_MAX_COUNT))))
         ids = tuple(self._table_ids(rng, t, b) for t in range(len(self.tables)))
-        return counts_BxD.astype(np.int64), ids
+        return counts_BxQ.astype(np.int64), ids
 
-    def _raw_parts(self, dense_BxD: np.ndarray, ids: Sequence[np.ndarray]) -> np.ndarray:
+    def _raw_parts(self, dense_BxQ: np.ndarray, ids: Sequence[np.ndarray]) -> np.ndarray:
         """Unscaled teacher parts [3, B]: dense MLP, sum of per-id weights, id-id interactions."""
-        z_BxD = (dense_BxD.astype(np.float64) - self._dense_mean_D) / self._dense_std_D
-        dense_B = z_BxD @ self._w_lin_D + np.tanh(z_BxD @ self._w1_DxK) @ self._w2_K
+        z_BxQ = (dense_BxQ.astype(np.float64) - self._dense_mean_Q) / self._dense_std_Q
+        dense_B = z_BxQ @ self._w_lin_Q + np.tanh(z_BxQ @ self._w1_QxK) @ self._w2_K
         ids_BxN = np.concatenate(ids, axis=1)
         hot_N = np.array([t.hotness for t in self.tables])
         salt_N = np.repeat(self._salt_T, hot_N)
@@ -152,12 +147,12 @@ class SyntheticClickStream:
 
     def _calibrate(self, base_ctr: float, teacher_std: float) -> None:
         """Fix dense standardisation, part scales and bias on a private calibration sample."""
-        counts_BxD, ids = self._features(np.random.default_rng([self.seed, _CALIB_STREAM]),
+        counts_BxQ, ids = self._features(np.random.default_rng([self.seed, _CALIB_STREAM]),
                                          _CALIB_SAMPLES)
-        dense_BxD = np.log1p(counts_BxD.astype(np.float64))
-        self._dense_mean_D = dense_BxD.mean(axis=0)
-        self._dense_std_D = np.maximum(dense_BxD.std(axis=0), 1e-6)
-        parts_3xB = self._raw_parts(dense_BxD, ids)
+        dense_BxQ = np.log1p(counts_BxQ.astype(np.float64))
+        self._dense_mean_Q = dense_BxQ.mean(axis=0)
+        self._dense_std_Q = np.maximum(dense_BxQ.std(axis=0), 1e-6)
+        parts_3xB = self._raw_parts(dense_BxQ, ids)
         std_3 = np.maximum(parts_3xB.std(axis=1), 1e-9)
         self._part_scale = teacher_std * np.sqrt(np.array(_SHARES)) / std_3
         s_B = self._part_scale @ parts_3xB
@@ -180,12 +175,12 @@ class SyntheticClickStream:
         if index < 0 or batch_size < 1:
             raise ValueError(f"need index >= 0 and batch_size >= 1, got {index}, {batch_size}")
         rng = np.random.default_rng([self.seed, SPLITS[split], index, batch_size])
-        counts_BxD, ids = self._features(rng, batch_size)
-        dense_BxD = np.log1p(counts_BxD.astype(np.float64)).astype(np.float32)
-        batch = {"dense": dense_BxD, "ids": ids}
+        counts_BxQ, ids = self._features(rng, batch_size)
+        dense_BxQ = np.log1p(counts_BxQ.astype(np.float64)).astype(np.float32)
+        batch = {"dense": dense_BxQ, "ids": ids}
         p_B = 1.0 / (1.0 + np.exp(-self.teacher_logit(batch)))
         batch["label"] = (rng.random(batch_size) < p_B).astype(np.float32)
-        return batch, counts_BxD
+        return batch, counts_BxQ
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -209,7 +204,8 @@ class SyntheticClickStream:
         """(labels_N, teacher logits_N) of the first `num_samples` samples of a split.
 
         The teacher is the best possible model of this stream; scoring its logits with the same
-        metrics as a trained model (train/metrics.py) gives the ceiling a run can reach.
+        metrics as a trained model (train/metrics.py, `bayes_reference` for expected losses)
+        gives the ceiling a run can reach.
         """
         logits, labels = [], []
         for i in range(math.ceil(num_samples / batch_size)):
@@ -217,23 +213,6 @@ class SyntheticClickStream:
             logits.append(self.teacher_logit(b))
             labels.append(b["label"])
         return np.concatenate(labels)[:num_samples], np.concatenate(logits)[:num_samples]
-
-    def teacher_stats(self, num_samples: int, batch_size: int = 8192,
-                      split: str = "eval") -> dict[str, float]:
-        """Expected-loss view of the teacher on `num_samples` held-out samples.
-
-        Returns ctr (mean label), mean_p, bayes_logloss (mean binary entropy of the teacher's p:
-        the expected log loss of a perfect model), constant_logloss (entropy of the mean CTR, the
-        log loss of the best constant predictor) and bayes_ne (= bayes / constant log loss).
-        """
-        y, logits = self.teacher_predictions(num_samples, batch_size, split)
-        p = 1.0 / (1.0 + np.exp(-logits))
-        ctr = float(y.mean())
-        bayes = float(_binary_entropy(p).mean())
-        const = float(_binary_entropy(np.array(ctr)))
-        return {"ctr": ctr, "mean_p": float(p.mean()), "bayes_logloss": bayes,
-                "constant_logloss": const,
-                "bayes_ne": bayes / const if const > 0 else float("nan")}
 
     def write_tsv(self, path: str | os.PathLike, num_samples: int, batch_size: int = 4096,
                   split: str = "train") -> None:
@@ -250,11 +229,11 @@ class SyntheticClickStream:
         opener = gzip.open if os.fspath(path).endswith(".gz") else open
         with opener(path, "wt") as f:
             for i in range(math.ceil(num_samples / batch_size)):
-                batch, counts_BxD = self._generate(i, batch_size, split)
+                batch, counts_BxQ = self._generate(i, batch_size, split)
                 n = min(batch_size, num_samples - i * batch_size)
                 hex_cols = [np.where(ids[:n, 0] >= 0, np.char.mod("%08x", ids[:n, 0]), "")
                             for ids in batch["ids"]]
-                num = np.concatenate([batch["label"][:n, None].astype(np.int64), counts_BxD[:n]],
+                num = np.concatenate([batch["label"][:n, None].astype(np.int64), counts_BxQ[:n]],
                                      axis=1).tolist()
                 cols = list(zip(*hex_cols, strict=True))
                 f.write("".join(fmt % (*a, *c) for a, c in zip(num, cols, strict=True)))

@@ -82,7 +82,7 @@ class CrossNetwork(nn.Module):
 
 
 class DLRMDense(nn.Module):
-    """Everything in DLRM except the embedding tables: (dense_BxD, pooled) -> logits_B."""
+    """Everything in DLRM except the embedding tables: (dense_BxQ, pooled) -> logits_B."""
 
     bottom_mlp: Sequence[int]
     top_mlp: Sequence[int]
@@ -92,12 +92,12 @@ class DLRMDense(nn.Module):
     cross_rank: int = 0
 
     @nn.compact
-    def __call__(self, dense_BxD: jax.Array, pooled: Sequence[jax.Array]) -> jax.Array:
+    def __call__(self, dense_BxQ: jax.Array, pooled: Sequence[jax.Array]) -> jax.Array:
         if self.interaction not in INTERACTIONS:
             raise ValueError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
         if self.top_mlp[-1] != 1:
             raise ValueError(f"top_mlp must end in 1 output, got {tuple(self.top_mlp)}")
-        bottom_BxE = MLP(self.bottom_mlp, name="bottom_mlp")(dense_BxD)
+        bottom_BxE = MLP(self.bottom_mlp, name="bottom_mlp")(dense_BxQ)
         if self.interaction == "dot":
             dims = {p.shape[-1] for p in pooled} | {bottom_BxE.shape[-1]}
             if len(dims) != 1:
@@ -113,7 +113,7 @@ class DLRMDense(nn.Module):
 
 
 class DLRM(nn.Module):
-    """Full DLRM: (dense_BxD, ids tuple of [B, H_t]) -> logits_B."""
+    """Full DLRM: (dense_BxQ, ids tuple of [B, H_t]) -> logits_B."""
 
     tables: Sequence[TableSpec]
     bottom_mlp: Sequence[int]
@@ -129,5 +129,5 @@ class DLRM(nn.Module):
         self.dense = DLRMDense(self.bottom_mlp, self.top_mlp, self.interaction,
                                self.self_interaction, self.num_cross_layers, self.cross_rank)
 
-    def __call__(self, dense_BxD: jax.Array, ids: Sequence[jax.Array]) -> jax.Array:
-        return self.dense(dense_BxD, self.embedding(ids))
+    def __call__(self, dense_BxQ: jax.Array, ids: Sequence[jax.Array]) -> jax.Array:
+        return self.dense(dense_BxQ, self.embedding(ids))

@@ -16,24 +16,26 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from autoshard_jax.optim.sparse import RowOptimizer
-from autoshard_jax.sharding.lookup_meta import NO_KEY
-
-# {"out_src": [O], "classes": ({"pos", "row_off", "pack", "slot": [L_c], "slot_key_off",
-#   "slot_row_off", "slot_pack", "slot_dim": [S_c], "in_src": [S_c, c], "max_rows": StaticInt},
-#   ...)}
-Meta = dict
+from autoshard_jax.optim.sparse import ELEMENT, ROW, RowOptimizer, StateKinds
+from autoshard_jax.sharding.lookup_meta import NO_KEY, ClassMeta, GroupMeta, LookupMeta
 
 
-def device_meta(group, device: int) -> Meta:
-    """Device `device`'s metadata of a `GroupMeta` as jnp arrays (for a lone device)."""
+def device_meta(group: GroupMeta, device: int) -> LookupMeta:
+    """One device's view of a group's metadata, to run that device's step alone.
+
+    Args:
+      group: a `GroupMeta` of a `Layout` (e.g. `layout.all` for the update / cost hook).
+      device: the device index d.
+
+    Returns:
+      The group's LookupMeta with the leading [D] axis indexed at d, as jnp arrays.
+    """
     return jax.tree.map(lambda x: jnp.asarray(x[device]), group.arrays())
 
 
-def _class_ids(ids_NxL: jax.Array, cls: Meta) -> jax.Array:
-    return jnp.take(ids_NxL, cls["pos"], axis=1)
+def _class_ids(ids_NxL: jax.Array, cls: ClassMeta) -> jax.Array:
+    return jnp.take(ids_NxL, cls.pos, axis=1)
 
 
 def _chunk_index(row_off, pack, local, width: int, c: int):
@@ -48,27 +50,36 @@ def _chunks(x: jax.Array, c: int) -> jax.Array:
     return x.reshape(-1, c)
 
 
-def device_lookup(slab_RxW: jax.Array, ids_NxL: jax.Array, meta: Meta) -> jax.Array:
-    """Sum-pooled lookups of one device, laid out as its output columns: [N, O]."""
+def device_lookup(slab_RxW: jax.Array, ids_NxL: jax.Array, meta: LookupMeta) -> jax.Array:
+    """Sum-pooled lookups of one device, laid out as its output columns.
+
+    Args:
+      slab_RxW: the device's packed slab.
+      ids_NxL: its routed ids (local row numbers, -1 = padding) for N samples.
+      meta: its view of the group's metadata (no D axis).
+
+    Returns:
+      pooled_NxO, the device's output columns.
+    """
     n = ids_NxL.shape[0]
     rows, width = slab_RxW.shape
     pooled = []
-    for cls in meta["classes"]:
-        num_slots, c = cls["in_src"].shape
+    for cls in meta.classes:
+        num_slots, c = cls.num_slots, cls.width
         ids_NxL_c = _class_ids(ids_NxL, cls)
         # Padding ids read the layout's spare last row, which is always zero: no mask needed.
         chunk_NxL = jnp.where(
             ids_NxL_c >= 0,
-            _chunk_index(cls["row_off"][None], cls["pack"][None], ids_NxL_c, width, c),
+            _chunk_index(cls.row_off[None], cls.pack[None], ids_NxL_c, width, c),
             (rows - 1) * (width // c))
         rows_MxC = jnp.take(_chunks(slab_RxW, c), chunk_NxL.reshape(-1), axis=0, mode="clip")
         # Bag (sample n, slot s) is segment n * S + s; positions are sorted by slot.
-        seg_NxL = jnp.arange(n, dtype=jnp.int32)[:, None] * num_slots + cls["slot"][None]
+        seg_NxL = jnp.arange(n, dtype=jnp.int32)[:, None] * num_slots + cls.slot[None]
         pooled_SxC = jax.ops.segment_sum(rows_MxC, seg_NxL.reshape(-1),
                                          num_segments=n * num_slots, indices_are_sorted=True)
         pooled.append(pooled_SxC.reshape(n, num_slots * c))
     pooled.append(jnp.zeros((n, 1), slab_RxW.dtype))
-    return jnp.take(jnp.concatenate(pooled, axis=1), meta["out_src"], axis=1)
+    return jnp.take(jnp.concatenate(pooled, axis=1), meta.out_src, axis=1)
 
 
 # Rows per optimizer call. A one-row vmap makes XLA:CPU lower row-wise Adagrad's mean over
@@ -126,8 +137,9 @@ def _dedup(keys_M: jax.Array, u: int) -> tuple[jax.Array, jax.Array]:
 
 
 def device_update(slab_RxW: jax.Array, state: Mapping[str, jax.Array], ids_NxL: jax.Array,
-                  g_NxO: jax.Array, step: jax.Array, meta: Meta, *, row_optimizer: RowOptimizer,
-                  kinds: Mapping[str, str] | tuple) -> tuple[jax.Array, dict]:
+                  g_NxO: jax.Array, step: jax.Array, meta: LookupMeta, *,
+                  row_optimizer: RowOptimizer, kinds: StateKinds | tuple
+                  ) -> tuple[jax.Array, dict]:
     """Backward of `device_lookup` + the row optimizer applied in place to touched rows only.
 
     Per width class c, duplicate ids are combined per logical row (slot key_off + id), then the
@@ -136,50 +148,63 @@ def device_update(slab_RxW: jax.Array, state: Mapping[str, jax.Array], ids_NxL: 
     of the gradient (dim..c) are filled with the row's RMS so that row-wise statistics (mean of
     g^2 over the width) equal the unpacked table's. The new rows are then written back into
     the slab.
+
+    Args:
+      slab_RxW: the device's packed slab.
+      state: its row-optimizer state, {leaf: [A] (ROW) | [R, W] (ELEMENT)}.
+      ids_NxL: its routed ids (local row numbers, -1 = padding).
+      g_NxO: the gradient of its output columns.
+      step: the step number (for learning-rate schedules).
+      meta: its view of the group's metadata.
+      row_optimizer: the sparse optimizer.
+      kinds: the state's kinds (`optim.sparse.state_kinds`), or their items as a tuple (hashable
+        for jit's static arguments).
+
+    Returns:
+      (slab_RxW, state) updated.
     """
     kinds = dict(kinds)  # a tuple of pairs is accepted too, hashable for jit's static args
     n = ids_NxL.shape[0]
     rows, width = slab_RxW.shape
     slab_F = slab_RxW.reshape(-1)
-    flat = {name: state[name].reshape(-1) if kind == "element" else state[name]
+    flat = {name: state[name].reshape(-1) if kind == ELEMENT else state[name]
             for name, kind in kinds.items()}
     g_NxO1 = jnp.concatenate([g_NxO, jnp.zeros((n, 1), g_NxO.dtype)], axis=1)
     update_rows = _per_row(row_optimizer)
-    for cls in meta["classes"]:
-        num_slots, c = cls["in_src"].shape
+    for cls in meta.classes:
+        num_slots, c = cls.num_slots, cls.width
         ids_NxL_c = _class_ids(ids_NxL, cls)
         m = ids_NxL_c.size
-        g_NxSxC = jnp.take(g_NxO1, cls["in_src"], axis=1)
-        g_MxC = jnp.take(g_NxSxC, cls["slot"], axis=1).reshape(m, c)
+        g_NxSxC = jnp.take(g_NxO1, cls.in_src, axis=1)
+        g_MxC = jnp.take(g_NxSxC, cls.slot, axis=1).reshape(m, c)
         if not kinds:
             # Stateless (SGD): no per-row statistics, so the optimizer scatters each id's
             # gradient straight into the slab's c-wide rows (duplicates add up), exactly as it
             # does on a local table; no dedup sort is needed.
             chunk_M = jnp.where(
                 ids_NxL_c >= 0,
-                _chunk_index(cls["row_off"][None], cls["pack"][None], ids_NxL_c, width, c),
+                _chunk_index(cls.row_off[None], cls.pack[None], ids_NxL_c, width, c),
                 -1).reshape(-1)
             new_rows, _ = row_optimizer.update(_chunks(slab_F, c), {}, chunk_M, g_MxC, step)
             slab_F = new_rows.reshape(-1)
             continue
-        key_off_L = cls["slot_key_off"][cls["slot"]]
+        key_off_L = cls.slot_key_off[cls.slot]
         keys_M = jnp.where(ids_NxL_c >= 0, key_off_L[None] + ids_NxL_c, NO_KEY).reshape(-1)
-        u = min(m, cls["max_rows"].value)
+        u = min(m, cls.max_rows)
         keys_U, uid_M = _dedup(keys_M, u)
         valid_U = keys_U != NO_KEY
         g_UxC = jax.ops.segment_sum(g_MxC, uid_M, num_segments=u)  # padding (u) is dropped
         # Which slot (table) each key belongs to: slot key offsets ascend.
-        s_U = jnp.clip(jnp.searchsorted(cls["slot_key_off"], keys_U, side="right") - 1,
+        s_U = jnp.clip(jnp.searchsorted(cls.slot_key_off, keys_U, side="right") - 1,
                        0, num_slots - 1)
-        local_U = keys_U - cls["slot_key_off"][s_U]
-        dim_U = cls["slot_dim"][s_U]
-        chunk_U = _chunk_index(cls["slot_row_off"][s_U], cls["slot_pack"][s_U], local_U,
-                               width, c)
+        local_U = keys_U - cls.slot_key_off[s_U]
+        dim_U = cls.slot_dim[s_U]
+        chunk_U = _chunk_index(cls.slot_row_off[s_U], cls.slot_pack[s_U], local_U, width, c)
         chunk_U = jnp.where(valid_U, chunk_U, (rows - 1) * (width // c))
         in_dim_UxC = jnp.arange(c, dtype=jnp.int32)[None] < dim_U[:, None]
         old_UxC = jnp.take(_chunks(slab_F, c), chunk_U, axis=0, mode="clip")
         compact = {name: state[name].at[keys_U].get(mode="fill", fill_value=0.0)
-                   if kind == "row" else jnp.take(_chunks(flat[name], c), chunk_U, axis=0,
+                   if kind == ROW else jnp.take(_chunks(flat[name], c), chunk_U, axis=0,
                                                   mode="clip")
                    for name, kind in kinds.items()}
         rms_U = jnp.sqrt(jnp.sum(g_UxC**2, axis=1) / jnp.maximum(dim_U, 1).astype(g_UxC.dtype))
@@ -191,7 +216,7 @@ def device_update(slab_RxW: jax.Array, state: Mapping[str, jax.Array], ids_NxL: 
         new_UxC = jnp.where(write_UxC, new_UxC, old_UxC).astype(slab_F.dtype)
         slab_F = _chunks(slab_F, c).at[drop_U].set(new_UxC, mode="drop").reshape(-1)
         for name, kind in kinds.items():
-            if kind == "row":
+            if kind == ROW:
                 flat[name] = flat[name].at[keys_U].set(new_compact[name], mode="drop")
             else:
                 new_state_UxC = jnp.where(write_UxC, new_compact[name], compact[name])
@@ -202,14 +227,22 @@ def device_update(slab_RxW: jax.Array, state: Mapping[str, jax.Array], ids_NxL: 
 
 
 def device_embedding_step(slab_RxW: jax.Array, state: Mapping[str, jax.Array],
-                          ids_NxL: jax.Array, g_NxO: jax.Array, step: jax.Array, meta: Meta, *,
-                          row_optimizer: RowOptimizer, kinds: Mapping[str, str] | tuple
-                          ) -> tuple[jax.Array, jax.Array, dict]:
+                          ids_NxL: jax.Array, g_NxO: jax.Array, step: jax.Array,
+                          meta: LookupMeta, *, row_optimizer: RowOptimizer,
+                          kinds: StateKinds | tuple) -> tuple[jax.Array, jax.Array, dict]:
     """Cost hook: forward + backward + sparse update of one device's tables at batch size N.
 
-    Returns (pooled_NxO, slab_RxW, state). Jit it with donate_argnums=(0, 1) to time the
-    in-place update as training runs it; the ids and `meta` come from a `Layout` (the "all"
-    group), e.g. `layout.device_inputs` on a batch drawn from each table's statistics.
+    Jit it with donate_argnums=(0, 1) and static_argnames=("row_optimizer", "kinds") to time
+    the in-place update as training runs it.
+
+    Args:
+      slab_RxW, state, step, row_optimizer, kinds: as for `device_update`.
+      ids_NxL, g_NxO: the device's ids and output-column gradients of the layout's "all" group,
+        e.g. `layout.device_inputs` on a batch drawn from each table's statistics.
+      meta: `device_meta(layout.all, d)`.
+
+    Returns:
+      (pooled_NxO, slab_RxW, state): the forward's output and the updated slab and state.
     """
     pooled_NxO = device_lookup(slab_RxW, ids_NxL, meta)
     # Make the update depend on the forward so neither is dead code when timed alone.
@@ -217,13 +250,3 @@ def device_embedding_step(slab_RxW: jax.Array, state: Mapping[str, jax.Array],
     slab_RxW, state = device_update(slab_RxW, state, ids_NxL, g_NxO, step, meta,
                                     row_optimizer=row_optimizer, kinds=kinds)
     return pooled_NxO, slab_RxW, state
-
-
-def constant_fill(row_optimizer: RowOptimizer, kinds: Mapping[str, str]) -> dict[str, float]:
-    """Initial value of each state leaf; row optimizers here start from constant fills."""
-    probe = row_optimizer.init(jnp.zeros((1, 1), jnp.float32))
-    fills = {}
-    for name in kinds:
-        values = np.asarray(probe[name]).reshape(-1)
-        fills[name] = float(values[0])
-    return fills

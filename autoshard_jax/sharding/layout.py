@@ -21,48 +21,27 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from autoshard_jax.optim.sparse import RowOptimizer
+from autoshard_jax.optim.sparse import BYTES_PER_VALUE, ELEMENT, StateKinds
 from autoshard_jax.sharding.lookup_meta import GroupMeta, concat_meta, group_meta
 from autoshard_jax.tables.spec import TableSpec
 
-BYTES_PER_VALUE = 4  # float32 tables and optimizer state
-KNOWN_STATE_KINDS = {"sgd": {}, "rowwise_adagrad": {"accumulator": "row"},
-                     "adagrad": {"accumulator": "element"}}
-
 
 def padded_width(dim: int, width: int) -> int:
-    """Smallest divisor of `width` that is >= dim: the packed width of a table."""
+    """The packed width of a table: the smallest divisor of `width` that is >= dim.
+
+    Args:
+      dim: the table's width.
+      width: the slab width W.
+
+    Returns:
+      w', which divides W, so W / w' logical rows share a physical row.
+    """
     for w in range(dim, width + 1):
         if width % w == 0:
             return w
     raise ValueError(f"table dim {dim} exceeds the slab width {width}")
-
-
-def state_kinds(row_optimizer: RowOptimizer | str) -> dict[str, str]:
-    """{leaf: "row" | "element"} for an optimizer's state, probed abstractly (no allocation).
-
-    "row" leaves hold one value per logical row ([R]); "element" leaves one per value ([R, E]).
-    """
-    if isinstance(row_optimizer, str):
-        if row_optimizer not in KNOWN_STATE_KINDS:
-            raise ValueError(f"unknown row optimizer {row_optimizer!r}; "
-                             f"choose from {sorted(KNOWN_STATE_KINDS)}")
-        return dict(KNOWN_STATE_KINDS[row_optimizer])
-    probe = jax.eval_shape(row_optimizer.init, jax.ShapeDtypeStruct((2, 3), jnp.float32))
-    kinds = {}
-    for name, leaf in probe.items():
-        if leaf.shape == (2,):
-            kinds[name] = "row"
-        elif leaf.shape == (2, 3):
-            kinds[name] = "element"
-        else:
-            raise ValueError(f"optimizer {row_optimizer.name!r} state {name!r} has shape "
-                             f"{leaf.shape} for a [2, 3] table; only [R] or [R, E] are shardable")
-    return kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +81,15 @@ class Layout:
         return None
 
     # --- memory --------------------------------------------------------------------------
-    def real_bytes(self, state: Mapping[str, str]) -> list[int]:
-        """Per device: bytes of the table values and optimizer state it must hold, unpadded."""
+    def real_bytes(self, state: StateKinds) -> list[int]:
+        """Per device: bytes of the table values and optimizer state it must hold, unpadded.
+
+        Args:
+          state: the optimizer's state kinds (`optim.sparse.state_kinds`); {} for params only.
+
+        Returns:
+          [D] byte counts.
+        """
         out = []
         for d in range(self.num_devices):
             total = 0
@@ -112,41 +98,71 @@ class Layout:
                 rows = _rows_on(s.rows, p, self.num_devices)
                 total += rows * s.dim * BYTES_PER_VALUE
                 for kind in state.values():
-                    total += rows * (s.dim if kind == "element" else 1) * BYTES_PER_VALUE
+                    total += rows * (s.dim if kind == ELEMENT else 1) * BYTES_PER_VALUE
             out.append(total)
         return out
 
-    def used_bytes(self, state: Mapping[str, str]) -> list[int]:
-        """Per device: packed bytes its own tables occupy (padding inside its slab included)."""
+    def used_bytes(self, state: StateKinds) -> list[int]:
+        """Per device: packed bytes its own tables occupy (padding inside its slab included).
+
+        Args:
+          state: the optimizer's state kinds; {} for params only.
+
+        Returns:
+          [D] byte counts.
+        """
         out = []
         for d in range(self.num_devices):
             phys = sum(-(-p.local_rows // p.pack) for p in self.placed[d])
             keys = sum(p.local_rows for p in self.placed[d])
             total = phys * self.width * BYTES_PER_VALUE
             for kind in state.values():
-                total += (phys * self.width if kind == "element" else keys) * BYTES_PER_VALUE
+                total += (phys * self.width if kind == ELEMENT else keys) * BYTES_PER_VALUE
             out.append(total)
         return out
 
-    def allocated_bytes(self, state: Mapping[str, str]) -> int:
-        """Bytes every device allocates: the slab and state padded to the largest device."""
+    def allocated_bytes(self, state: StateKinds) -> int:
+        """Bytes every device allocates: the slab and state padded to the largest device.
+
+        Args:
+          state: the optimizer's state kinds; {} for params only.
+
+        Returns:
+          Bytes per device (the same on every device under SPMD).
+        """
         total = self.phys_rows * self.width * BYTES_PER_VALUE
         for kind in state.values():
-            total += (self.phys_rows * self.width if kind == "element" else self.keys) \
+            total += (self.phys_rows * self.width if kind == ELEMENT else self.keys) \
                 * BYTES_PER_VALUE
         return total
 
-    def padding_overhead(self, state: Mapping[str, str] | None = None) -> float:
-        """Allocated bytes over all devices / real bytes (1.0 = no padding); params only if
-        `state` is None. Replicas count as real: each device needs its copy."""
+    def padding_overhead(self, state: StateKinds | None = None) -> float:
+        """Allocated bytes over all devices / real bytes (1.0 = no padding).
+
+        Replicas count as real: each device needs its copy.
+
+        Args:
+          state: the optimizer's state kinds; None for params only.
+
+        Returns:
+          The ratio, >= 1.
+        """
         state = state or {}
         return self.allocated_bytes(state) * self.num_devices / max(1, sum(self.real_bytes(state)))
 
     # --- host-side data movement ----------------------------------------------------------
     def pack_device(self, tables: Mapping[str, np.ndarray], device: int,
                     per_row: bool = False) -> np.ndarray:
-        """Device `device`'s slab [R, W] (or [A] row state if per_row) from {name: [rows, dim]}
-        (or {name: [rows]})."""
+        """One device's packed slab (or row state) from per-table host arrays.
+
+        Args:
+          tables: {name: [rows, dim]} (or {name: [rows]} with per_row).
+          device: the device index d.
+          per_row: pack ROW state ([A]) instead of a slab or ELEMENT state ([R, W]).
+
+        Returns:
+          float32 [R, W], or [A] with per_row.
+        """
         if per_row:
             out = np.zeros((self.keys,), np.float32)
         else:
@@ -165,7 +181,16 @@ class Layout:
 
     def unpack(self, stacked: np.ndarray, per_row: bool = False,
                replica_device: int = 0) -> dict[str, np.ndarray]:
-        """{name: [rows, dim]} (or [rows]) from all devices' slabs [D, R, W] (or [D, A])."""
+        """Per-table host arrays from every device's slab (or row state); `pack_device` inverted.
+
+        Args:
+          stacked: [D, R, W] slabs (or [D, A] row state with per_row).
+          per_row: unpack ROW state.
+          replica_device: the device whose copy of replicated tables is returned.
+
+        Returns:
+          {name: [rows, dim]} (or {name: [rows]}).
+        """
         out = {}
         for t, s in enumerate(self.specs):
             full = np.zeros((s.rows,) if per_row else (s.rows, s.dim), np.float32)
@@ -188,11 +213,17 @@ class Layout:
         return out
 
     def route_ids(self, ids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Host preprocessing: (ids_BxDxL for the all_to_all, ids_BxLr of replicated tables).
+        """Host preprocessing: each device's ids in its local row numbering.
 
-        ids_BxDxL[:, d] holds, in device d's local row numbering, every id that device d looks up
-        for the whole batch: its table-wise tables' ids, and for row-wise tables the ids it owns
-        (row r lives on device r % D as local row r // D), -1 elsewhere.
+        ids_BxDxL[:, d] holds every id that device d looks up for the whole batch: its
+        table-wise tables' ids, and for row-wise tables the ids it owns (row r lives on device
+        r % D as local row r // D), -1 elsewhere.
+
+        Args:
+          ids: per table, int32 [B, hotness] ids with -1 padding.
+
+        Returns:
+          (ids_BxDxL of group "sh", sent by the all_to_all; ids_BxLr of group "rep").
         """
         b = ids[0].shape[0]
         send = np.full((b, self.num_devices, self.sh.num_positions), -1, np.int32)
@@ -215,10 +246,18 @@ class Layout:
 
     def device_inputs(self, ids: Sequence[np.ndarray], g_pooled: Sequence[np.ndarray],
                       device: int) -> tuple[np.ndarray, np.ndarray]:
-        """What `device` sees in the update for a full batch: (ids_BxL, g_BxO) of group "all".
+        """What `device` sees in the update for a full batch, so its step can run alone.
 
-        Lets the per-device step run alone (cost oracle, tests) on exactly the inputs the
-        all_to_all / all_gather deliver in sharded training.
+        These are exactly the inputs the all_to_all / all_gather deliver in sharded training
+        (cost oracle, tests).
+
+        Args:
+          ids: per table, int32 [B, hotness] ids with -1 padding.
+          g_pooled: per table, float32 [B, dim] gradients of the pooled vectors.
+          device: the device index d.
+
+        Returns:
+          (ids_BxL, g_BxO) of group "all" for device d.
         """
         send, rep = self.route_ids(ids)
         b = send.shape[0]
@@ -242,7 +281,17 @@ def _local_rows_of(table: np.ndarray, p: Placed, num_devices: int) -> np.ndarray
 
 def build_layout(specs: Sequence[TableSpec], placements: Mapping[str, Mapping],
                  num_devices: int, width: int | None = None) -> Layout:
-    """Static layout of structurally valid placements ({name: {"type", "device"?}})."""
+    """The static layout of structurally valid placements (see `ShardingPlan.validate`).
+
+    Args:
+      specs: the tables.
+      placements: {name: {"type": ..., "device"?: d}} as in plan.json.
+      num_devices: D.
+      width: the slab width W (default: the widest table).
+
+    Returns:
+      The Layout: slab shape, where each table lives, lookup metadata per group.
+    """
     specs = tuple(specs)
     width = width or max(s.dim for s in specs)
     kinds = tuple(placements[s.name]["type"] for s in specs)

@@ -16,70 +16,111 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
+import flax
 import numpy as np
 
 # Padding slots get this key offset so that no real key ever maps to them.
 NO_KEY = np.iinfo(np.int32).max
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class StaticInt:
-    """A plan constant that sets array sizes; a leafless pytree node, so jit keeps it static
-    even when the metadata is passed as an argument (as the cost oracle does)."""
-
-    value: int
-
-
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class ClassMeta:
-    """One width class of a group: positions [pos0, pos0 + L_c) and S_c slots of width c."""
+    """One width class c of a group: L_c id positions pooled into S_c slots of c values.
 
-    width: int  # c, the packed width of every table in the class
-    pos0: int  # first position of the class in the group
-    row_off: np.ndarray  # [D, L_c] physical row offset of each position's table
-    pack: np.ndarray  # [D, L_c] logical rows per physical row
-    slot: np.ndarray  # [D, L_c] slot of each position (sorted; padding positions -> S_c - 1)
-    slot_key_off: np.ndarray  # [D, S_c] first logical row (key) of each slot's table, ascending
-    slot_row_off: np.ndarray  # [D, S_c]
-    slot_pack: np.ndarray  # [D, S_c]
-    slot_dim: np.ndarray  # [D, S_c] real dim of each slot's table (0 on padding slots)
-    in_src: np.ndarray  # [D, S_c, c] group output column feeding (slot, col); O = zero column
-    max_rows: int  # most logical rows of this class on any device: a bound on unique ids
+    Array fields are numpy [D, ...] in a plan's `GroupMeta`, jnp [...] (no D) in one device's view
+    (`device_step.device_meta`, or indexed inside shard_map). `max_rows` is static (a pytree
+    aux field), so jit keeps it a Python int even when the metadata is a traced argument.
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """[D, ...] arrays, "pos" (the class's positions in the group) and "max_rows"."""
-        out = {k: getattr(self, k) for k in
-               ("row_off", "pack", "slot", "slot_key_off", "slot_row_off", "slot_pack",
-                "slot_dim", "in_src")}
-        pos_L = np.arange(self.pos0, self.pos0 + self.row_off.shape[1], dtype=np.int32)
-        out["pos"] = np.broadcast_to(pos_L, self.row_off.shape)
-        out["max_rows"] = StaticInt(self.max_rows)
-        return out
+    Attributes:
+      pos: [D, L_c] the class's positions in the group's ids (ascending).
+      row_off: [D, L_c] physical slab row where each position's table starts.
+      pack: [D, L_c] logical rows per physical row of each position's table.
+      slot: [D, L_c] slot of each position (ascending; padding positions -> S_c - 1).
+      slot_key_off: [D, S_c] first logical row (dedup key) of each slot's table, ascending;
+        NO_KEY on padding slots.
+      slot_row_off: [D, S_c] physical row where each slot's table starts.
+      slot_pack: [D, S_c] logical rows per physical row of each slot's table.
+      slot_dim: [D, S_c] real dim of each slot's table (0 on padding slots).
+      in_src: [D, S_c, c] group output column feeding (slot, value); O (the zero column) if none.
+      max_rows: most logical rows of this class on any device: a bound on its unique ids.
+    """
+
+    pos: np.ndarray
+    row_off: np.ndarray
+    pack: np.ndarray
+    slot: np.ndarray
+    slot_key_off: np.ndarray
+    slot_row_off: np.ndarray
+    slot_pack: np.ndarray
+    slot_dim: np.ndarray
+    in_src: np.ndarray
+    max_rows: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def width(self) -> int:
+        """c, the packed width of every table in the class."""
+        return self.in_src.shape[-1]
+
+    @property
+    def num_slots(self) -> int:
+        """S_c."""
+        return self.in_src.shape[-2]
+
+
+@flax.struct.dataclass
+class LookupMeta:
+    """A group's lookup metadata as arrays: what `device_lookup` / `device_update` read.
+
+    Attributes:
+      out_src: [D, O] index of each output column into the classes' pooled values, flattened
+        class by class ([N, S_c * c] each); F (their total) selects a zero column.
+      classes: the width classes, narrowest first.
+    """
+
+    out_src: np.ndarray
+    classes: tuple[ClassMeta, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupMeta:
-    """Width classes of one lookup group plus where each table's ids and columns go."""
+    """Width classes of one lookup group plus where each table's ids and columns go.
 
-    classes: tuple[ClassMeta, ...]
-    out_src: np.ndarray  # [D, O] index into the classes' pooled values, flattened; F = zero
+    Attributes:
+      meta: the [D, ...] arrays (index [d], or `device_step.device_meta`, for one device).
+      num_positions: L, id positions per sample (the widest device's, summed over classes).
+      pos: {(device, table): the table's first position}.
+      col: {(device, table): the table's first output column}.
+    """
+
+    meta: LookupMeta
     num_positions: int
-    pos: dict  # (device, table) -> first position
-    col: dict  # (device, table) -> first output column
+    pos: dict
+    col: dict
+
+    @property
+    def classes(self) -> tuple[ClassMeta, ...]:
+        return self.meta.classes
 
     @property
     def num_cols(self) -> int:
-        return self.out_src.shape[1]
+        """O, output columns per sample."""
+        return self.meta.out_src.shape[1]
 
-    def arrays(self) -> dict:
-        """{"out_src": [D, O], "classes": ({name: [D, ...]}, ...)}; index [d] for a device."""
-        return {"out_src": self.out_src, "classes": tuple(c.arrays() for c in self.classes)}
+    def arrays(self) -> LookupMeta:
+        """The [D, ...] metadata of every device."""
+        return self.meta
 
 
 def group_meta(members, specs) -> GroupMeta:
-    """Lays out classes, positions, slots and output columns for per-device `Placed` lists."""
+    """Lays out classes, positions, slots and output columns of one lookup group.
+
+    Args:
+      members: per device, the `layout.Placed` entries of the group's tables on it.
+      specs: all table specs (Placed.table indexes them).
+
+    Returns:
+      The group's GroupMeta; class sizes are the maxima over devices.
+    """
     d_count = len(members)
     widths = sorted({p.wpad for m in members for p in m})
     cols = [sum(specs[p.table].dim for p in m) for m in members]
@@ -110,7 +151,9 @@ def group_meta(members, specs) -> GroupMeta:
                 slot_of[d, p.table] = (len(classes), s, flat0 + s * c)
                 p0 += h
         max_rows = max(1, max(sum(p.local_rows for p in m) for m in mine))
-        classes.append(ClassMeta(c, pos0, **arr, **sl,
+        pos_DxL = np.broadcast_to(np.arange(pos0, pos0 + n_pos, dtype=np.int32),
+                                  (d_count, n_pos)).copy()
+        classes.append(ClassMeta(pos=pos_DxL, **arr, **sl,
                                  in_src=np.full((d_count, n_slots, c), n_col, np.int32),
                                  max_rows=max_rows))
         pos0 += n_pos
@@ -125,25 +168,32 @@ def group_meta(members, specs) -> GroupMeta:
             classes[k].in_src[d, s, :dim] = c0 + np.arange(dim)
             col[d, p.table] = c0
             c0 += dim
-    return GroupMeta(tuple(classes), out_src, max(1, pos0), pos, col)
+    return GroupMeta(LookupMeta(out_src, tuple(classes)), max(1, pos0), pos, col)
 
 
 def concat_meta(sh: GroupMeta, rep: GroupMeta) -> GroupMeta:
     """The update's group: sh positions/columns (padded to sh's size) then the replicated ones.
 
     Keys of sh and rep never overlap (a table is in one group), so the classes stay separate.
+
+    Args:
+      sh: the all_to_all group (table-wise and row-wise tables).
+      rep: the replicated group.
+
+    Returns:
+      The "all" group, whose ids are [sh ids, rep ids] and columns [sh cols, rep cols].
     """
     n_sh, n_col = sh.num_positions, sh.num_cols + rep.num_cols
-    f_sh = sum(c.in_src.shape[1] * c.width for c in sh.classes)
-    f_rep = sum(c.in_src.shape[1] * c.width for c in rep.classes)
-    classes = [dataclasses.replace(c, in_src=np.where(c.in_src == sh.num_cols, n_col, c.in_src))
+    f_sh = sum(c.num_slots * c.width for c in sh.classes)
+    f_rep = sum(c.num_slots * c.width for c in rep.classes)
+    classes = [c.replace(in_src=np.where(c.in_src == sh.num_cols, n_col, c.in_src))
                for c in sh.classes]
-    classes += [dataclasses.replace(
-        c, pos0=c.pos0 + n_sh,
+    classes += [c.replace(
+        pos=c.pos + n_sh,
         in_src=np.where(c.in_src == rep.num_cols, n_col, c.in_src + sh.num_cols))
         for c in rep.classes]
-    out_src = np.concatenate([np.where(sh.out_src == f_sh, f_sh + f_rep, sh.out_src),
-                              rep.out_src + f_sh], axis=1).astype(np.int32)
+    out_src = np.concatenate([np.where(sh.meta.out_src == f_sh, f_sh + f_rep, sh.meta.out_src),
+                              rep.meta.out_src + f_sh], axis=1).astype(np.int32)
     pos = {**sh.pos, **{k: v + n_sh for k, v in rep.pos.items()}}
     col = {**sh.col, **{k: v + sh.num_cols for k, v in rep.col.items()}}
-    return GroupMeta(tuple(classes), out_src, n_sh + rep.num_positions, pos, col)
+    return GroupMeta(LookupMeta(out_src, tuple(classes)), n_sh + rep.num_positions, pos, col)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autoshard_jax.errors import InputError
-from autoshard_jax.optim.sparse import RowOptimizer
+from autoshard_jax.optim.sparse import RowOptimizer, StateKinds, state_kinds
 from autoshard_jax.sharding import layout as layout_lib
 from autoshard_jax.tables.spec import TableSpec, load_versioned_json
 
@@ -65,6 +65,7 @@ class ShardingPlan:
         object.__setattr__(self, "meta", dict(self.meta))
 
     def to_json(self) -> dict:
+        """The plan.json object (with "version")."""
         return {"version": PLAN_VERSION, "num_devices": self.num_devices,
                 "memory_bytes_per_device": self.memory_bytes_per_device,
                 "placements": {k: dict(v) for k, v in self.placements.items()},
@@ -72,6 +73,7 @@ class ShardingPlan:
 
     @classmethod
     def from_json(cls, d: Any) -> ShardingPlan:
+        """A plan from a plan.json object; raises PlanError naming a bad or unknown field."""
         if not isinstance(d, dict):
             raise PlanError("plan.json must hold a JSON object")
         if d.get("version") != PLAN_VERSION:
@@ -92,6 +94,17 @@ class ShardingPlan:
 
         Memory counted is what execution allocates on each device: the packed slab and optimizer
         state padded to the largest device (see `Layout.allocated_bytes`), not just real bytes.
+
+        Args:
+          specs: the tables; every one must be placed, and only they.
+          row_optimizer: the optimizer (or its name), for its state's bytes.
+          num_devices: the mesh's size, if known; must equal the plan's.
+
+        Returns:
+          The plan's Layout.
+
+        Raises:
+          PlanError: naming the table, device or field at fault.
         """
         if num_devices is not None and num_devices != self.num_devices:
             raise PlanError(f"plan is for {self.num_devices} devices, the mesh has {num_devices}")
@@ -106,7 +119,7 @@ class ShardingPlan:
         if len(known) != len(names):
             raise PlanError("table specs have duplicate names")
         layout = layout_lib.build_layout(specs, self.placements, self.num_devices)
-        check_memory(layout, self.memory_bytes_per_device, layout_lib.state_kinds(row_optimizer))
+        check_memory(layout, self.memory_bytes_per_device, state_kinds(row_optimizer))
         check_int32_indexing(layout)
         return layout
 
@@ -116,6 +129,12 @@ def check_int32_indexing(layout: layout_lib.Layout) -> None:
 
     The narrowest packed width c addresses the slab as [R * W / c, c] rows, so a device slab of
     2**31 * c values or more (8 GiB of fp32 for c = 1) would index past int32.
+
+    Args:
+      layout: a plan's layout.
+
+    Raises:
+      PlanError: if a device slab is too large.
     """
     min_wpad = min((p.wpad for m in layout.placed for p in m), default=layout.width)
     rows_viewed = layout.phys_rows * (layout.width // min_wpad)
@@ -150,8 +169,17 @@ def _check_placement(name: Any, p: Any, num_devices: int) -> None:
             raise PlanError(f"{where}: device {dev} is out of range for {num_devices} devices")
 
 
-def check_memory(layout: layout_lib.Layout, budget: int, kinds: Mapping[str, str]) -> None:
-    """Raises PlanError naming the fullest device if the per-device allocation exceeds budget."""
+def check_memory(layout: layout_lib.Layout, budget: int, kinds: StateKinds) -> None:
+    """Refuses a layout whose per-device allocation exceeds the budget.
+
+    Args:
+      layout: a plan's layout.
+      budget: memory_bytes_per_device.
+      kinds: the optimizer's state kinds.
+
+    Raises:
+      PlanError: naming the fullest device, its tables and the bytes over.
+    """
     allocated = layout.allocated_bytes(kinds)
     if allocated <= budget:
         return
@@ -167,7 +195,17 @@ def check_memory(layout: layout_lib.Layout, budget: int, kinds: Mapping[str, str
 def plan_from_mapping(mapping: Mapping[str, int | str], num_devices: int,
                       memory_bytes_per_device: int, meta: Mapping[str, Any] | None = None,
                       ) -> ShardingPlan:
-    """Plan from {table: device} (table_wise), or {table: "row_wise" | "replicated"}."""
+    """A plan from a compact mapping.
+
+    Args:
+      mapping: {table: device} (table_wise) or {table: "row_wise" | "replicated"}.
+      num_devices: D.
+      memory_bytes_per_device: the budget M.
+      meta: provenance kept in the JSON.
+
+    Returns:
+      The ShardingPlan (structurally checked; `validate` it against the tables).
+    """
     placements = {}
     for name, where in mapping.items():
         if isinstance(where, str):
@@ -178,6 +216,7 @@ def plan_from_mapping(mapping: Mapping[str, int | str], num_devices: int,
 
 
 def save_plan(path: str | os.PathLike, plan: ShardingPlan) -> None:
+    """Writes plan.json."""
     with open(path, "w") as f:
         json.dump(plan.to_json(), f, indent=1)
 

@@ -1,7 +1,7 @@
 """`ShardedEmbeddingStage`: DLRM embeddings placed on a device mesh by a `ShardingPlan`.
 
-It implements the `EmbeddingStage` protocol of `autoshard_jax.train.step`, so `make_train_step`
-trains with it unchanged. The dense half stays data-parallel (replicated parameters, batch split
+It implements the `autoshard_jax.embedding.EmbeddingStage` protocol, so `make_train_step` trains
+with it unchanged. The dense half stays data-parallel (replicated parameters, batch split
 over "d"). The embedding half runs inside one `jax.shard_map`:
 
 * table_wise / row_wise: ids go to their owners with an `all_to_all`, each device gathers and
@@ -19,29 +19,38 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from autoshard_jax.data.batch import Batch
-from autoshard_jax.models.embedding import check_combiner, uniform_table_init
-from autoshard_jax.optim.sparse import RowOptimizer
+from autoshard_jax.embedding.stage import StageIds
+from autoshard_jax.embedding.state import TrainState, draw_tables
+from autoshard_jax.models.embedding import check_combiner
+from autoshard_jax.optim.sparse import ELEMENT, ROW, RowOptimizer, state_fills, state_kinds
 from autoshard_jax.sharding import mesh as mesh_lib
-from autoshard_jax.sharding.device_step import constant_fill, device_lookup, device_update
-from autoshard_jax.sharding.layout import state_kinds
+from autoshard_jax.sharding.device_step import device_lookup, device_update
+from autoshard_jax.sharding.lookup_meta import GroupMeta, LookupMeta
 from autoshard_jax.sharding.plan import ShardingPlan
 from autoshard_jax.tables.spec import TableSpec
 
 P = jax.P
 AXIS = mesh_lib.AXIS
+INIT_CHUNK_BYTES = 1 << 28  # tables drawn per jitted group in `init_tables`
 
 
 class ShardedEmbeddingStage:
     """Embedding stage executing `plan`; params {"slab": [D, R, W]}, state {leaf: [D, ...]}.
 
     The plan is validated (memory included) before anything is allocated.
+
+    Args:
+      tables: the table specs, in feature order.
+      plan: where each table lives.
+      row_optimizer: the sparse optimizer of every table.
+      combiner: "sum" or "mean" pooling.
+      mesh: a one-axis ("d") mesh of plan.num_devices devices; default: `mesh.make_mesh`.
+      devices: the devices of the default mesh (default: jax.devices()).
     """
 
     def __init__(self, tables: Sequence[TableSpec], plan: ShardingPlan,
@@ -54,30 +63,27 @@ class ShardedEmbeddingStage:
         self.row_optimizer = row_optimizer
         self.combiner = combiner
         self.kinds = state_kinds(row_optimizer)
-        self.layout = plan.validate(self.tables, row_optimizer)
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(plan.num_devices, devices)
-        if self.mesh.shape[AXIS] != plan.num_devices:
-            raise ValueError(f"mesh has {self.mesh.shape[AXIS]} devices, plan needs "
-                             f"{plan.num_devices}")
+        self.layout = plan.validate(self.tables, row_optimizer, num_devices=self.mesh.shape[AXIS])
         self.sharded = mesh_lib.batch_sharding(self.mesh)
         self.replicated = mesh_lib.replicated(self.mesh)
-        self._fills = constant_fill(row_optimizer, self.kinds)
+        self._fills = state_fills(row_optimizer)
 
     # --- parameters and state ---------------------------------------------------------------
-    def init_tables(self, rng: jax.Array, chunk_bytes: int = 1 << 28) -> dict:
+    def init_tables(self, rng: jax.Array) -> dict:
         """Same values as `LocalEmbeddingStage.init_tables(rng)`, packed per device.
 
-        Tables are drawn in jitted groups of about `chunk_bytes` (one compile per group, bounded
-        device memory) and packed on the host, so this runs eagerly, not under jit; the host
-        briefly holds the whole model.
+        Tables are drawn in jitted groups of about INIT_CHUNK_BYTES (one compile per group,
+        bounded device memory) and packed on the host, so this runs eagerly, not under jit; the
+        host briefly holds the whole model.
         """
         if isinstance(rng, jax.core.Tracer):
-            raise TypeError("ShardedEmbeddingStage.init_tables runs eagerly; use "
-                            "stage.init_params instead of jitting train.step's init")
+            raise TypeError("ShardedEmbeddingStage.init_tables runs eagerly; call "
+                            "embedding.init_train_state without jax.jit")
         keys = jax.random.split(rng, len(self.tables))
         groups, size = [[]], 0
         for t, s in enumerate(self.tables):
-            if groups[-1] and size + s.param_bytes() > chunk_bytes:
+            if groups[-1] and size + s.param_bytes() > INIT_CHUNK_BYTES:
                 groups.append([])
                 size = 0
             groups[-1].append(t)
@@ -85,19 +91,29 @@ class ShardedEmbeddingStage:
         host = {}
         for group in groups:
             specs = [self.tables[t] for t in group]
-            draw = jax.jit(lambda ks, specs=specs: [
-                uniform_table_init(s.rows)(k, (s.rows, s.dim))
-                for s, k in zip(specs, ks, strict=True)])
-            values = draw([keys[t] for t in group])
+            values = jax.jit(lambda ks, specs=specs: draw_tables(ks, specs))(
+                [keys[t] for t in group])
             host.update({s.name: np.asarray(v) for s, v in zip(specs, values, strict=True)})
         return self.tables_from_dict(host)
 
     @property
     def _shapes(self) -> dict[str, tuple[int, ...]]:
-        """Stacked shapes: the slab and element-wise state ("element"), row-wise state ("row")."""
+        """Stacked shapes by state kind: the slab and ELEMENT state [D, R, W], ROW state [D, A]."""
         lay = self.layout
-        return {"row": (lay.num_devices, lay.keys),
-                "element": (lay.num_devices, lay.phys_rows, lay.width)}
+        return {ROW: (lay.num_devices, lay.keys),
+                ELEMENT: (lay.num_devices, lay.phys_rows, lay.width)}
+
+    def abstract_tables(self) -> dict:
+        return {"slab": jax.ShapeDtypeStruct(self._shapes[ELEMENT], jnp.float32,
+                                             sharding=self.sharded)}
+
+    def state_shardings(self, state: TrainState) -> TrainState:
+        """Embedding leaves split over "d" (one slab per device), everything else replicated."""
+        rep = jax.tree.map(lambda _: self.replicated, state)
+        shard = lambda tree: jax.tree.map(lambda _: self.sharded, tree)  # noqa: E731
+        return rep.replace(
+            params={**rep.params, "embedding": shard(state.params["embedding"])},
+            opt_state={**rep.opt_state, "embedding": shard(state.opt_state["embedding"])})
 
     def init_state(self, tables: dict) -> dict:
         del tables
@@ -113,24 +129,47 @@ class ShardedEmbeddingStage:
             lambda index: fn(index[0].start or 0)[None])
 
     def tables_from_dict(self, tables: Mapping[str, np.ndarray]) -> dict:
-        """{name: [rows, dim]} -> sharded params, e.g. to import or compare with a local run."""
+        """Sharded params from per-table host arrays (to import, or compare with a local run).
+
+        Args:
+          tables: {name: [rows, dim]}.
+
+        Returns:
+          {"slab": [D, R, W]} split over "d".
+        """
         return {"slab": self._stacked(lambda d: self.layout.pack_device(tables, d))}
 
     def tables_to_dict(self, tables: dict, replica_device: int = 0) -> dict[str, np.ndarray]:
-        """Sharded params -> {name: [rows, dim]} numpy (replicated tables from one replica)."""
+        """Per-table host arrays from sharded params; `tables_from_dict` inverted.
+
+        Args:
+          tables: {"slab": [D, R, W]}.
+          replica_device: the device whose copy of replicated tables is returned.
+
+        Returns:
+          {name: [rows, dim]} numpy.
+        """
         return self.layout.unpack(np.asarray(tables["slab"]), replica_device=replica_device)
 
     def state_from_dict(self, state: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
-        """{table: {leaf: [rows] | [rows, dim]}} (LocalEmbeddingStage layout) -> sharded state."""
+        """Sharded optimizer state from LocalEmbeddingStage's layout.
+
+        Args:
+          state: {table: {leaf: [rows] (ROW) | [rows, dim] (ELEMENT)}}.
+
+        Returns:
+          {leaf: [D, A] | [D, R, W]} split over "d".
+        """
         out = {}
         for name, kind in self.kinds.items():
             per_table = {t: s[name] for t, s in state.items()}
             out[name] = self._stacked(
-                lambda d, p=per_table, k=kind: self.layout.pack_device(p, d, k == "row"))
+                lambda d, p=per_table, k=kind: self.layout.pack_device(p, d, k == ROW))
         return out
 
     def state_to_dict(self, state: dict, replica_device: int = 0) -> dict:
-        per_leaf = {name: self.layout.unpack(np.asarray(state[name]), kind == "row",
+        """LocalEmbeddingStage's state layout from sharded state; `state_from_dict` inverted."""
+        per_leaf = {name: self.layout.unpack(np.asarray(state[name]), kind == ROW,
                                              replica_device)
                     for name, kind in self.kinds.items()}
         return {s.name: {name: per_leaf[name][s.name] for name in self.kinds}
@@ -138,9 +177,15 @@ class ShardedEmbeddingStage:
 
     # --- host preprocessing -------------------------------------------------------------------
     def prepare_batch(self, batch: Batch) -> Batch:
-        """Routes a {"dense", "ids", "label"} batch into static shapes on the mesh.
+        """Routes a host batch into static shapes on the mesh (`Layout.route_ids`).
 
-        ids of table t may have fewer than `hotness` columns (padded with -1), never more.
+        Args:
+          batch: {"dense", "ids", "label"}; ids of table t may have fewer than `hotness`
+            columns (padded with -1), never more; B must divide by D.
+
+        Returns:
+          {"dense": [B, Q], "label": [B], "ids": {"sh": [B, D, L], "rep": [B, Lr],
+          ("count": [B, T] with the mean combiner)}}, every array batch-split over "d".
         """
         lay = self.layout
         ids = [np.asarray(x) for x in batch["ids"]]
@@ -168,13 +213,13 @@ class ShardedEmbeddingStage:
         return {"dense": put(batch["dense"]), "label": put(batch["label"]),
                 "ids": {k: put(v) for k, v in routed.items()}}
 
-    # --- the EmbeddingStage protocol ----------------------------------------------------------
-    def _meta(self, group) -> dict[str, jax.Array]:
-        """This device's row of a GroupMeta (inside shard_map)."""
+    # --- lookup and update ---------------------------------------------------------------------
+    def _meta(self, group: GroupMeta) -> LookupMeta:
+        """This device's view of a group's metadata (inside shard_map)."""
         d = jax.lax.axis_index(AXIS)
         return jax.tree.map(lambda x: jnp.asarray(x)[d], group.arrays())
 
-    def lookup(self, tables: dict, ids: dict) -> tuple[jax.Array, ...]:
+    def lookup(self, tables: dict, ids: StageIds) -> tuple[jax.Array, ...]:
         lay = self.layout
 
         def body(slab_1xRxW, ids_bxDxL, ids_bxLr):
@@ -207,7 +252,7 @@ class ShardedEmbeddingStage:
             pooled = tuple(p / count_BxT[:, t:t + 1] for t, p in enumerate(pooled))
         return pooled
 
-    def update(self, tables: dict, state: dict, ids: dict, g_pooled: Sequence[jax.Array],
+    def update(self, tables: dict, state: dict, ids: StageIds, g_pooled: Sequence[jax.Array],
                step: jax.Array) -> tuple[dict, dict]:
         lay = self.layout
         g_pooled = tuple(g_pooled)
@@ -248,59 +293,3 @@ class ShardedEmbeddingStage:
         used = sum(x.shape[1] for x in parts)
         parts.append(jnp.zeros((b, num_cols - used), jnp.float32))
         return jnp.concatenate(parts, axis=1)
-
-    # --- training helpers (duck-typed on train.step.TrainState: sharding sits below train/) ---
-    def _dense_init_fn(self, dense_model: nn.Module, dense_tx: optax.GradientTransformation,
-                       example_batch: Batch):
-        b = np.asarray(example_batch["label"]).shape[0]
-        dense_BxD = jnp.asarray(np.asarray(example_batch["dense"]))
-
-        def init_dense(dense_rng):
-            pooled = tuple(jnp.zeros((b, s.dim), jnp.float32) for s in self.tables)
-            params = dense_model.init(dense_rng, dense_BxD, pooled)["params"]
-            return params, dense_tx.init(params)
-
-        return init_dense
-
-    def init_params(self, rng: jax.Array, dense_model: nn.Module,
-                    dense_tx: optax.GradientTransformation, example_batch: Batch
-                    ) -> tuple[dict, dict]:
-        """(params, opt_state) as `train.step.init_train_state` builds them (same rng use, same
-        values), laid out on the mesh; wrap them in a TrainState with a replicated step."""
-        emb_rng, dense_rng = jax.random.split(rng)
-        tables = self.init_tables(emb_rng)
-        init_dense = self._dense_init_fn(dense_model, dense_tx, example_batch)
-        dense_params, dense_opt = jax.jit(init_dense, out_shardings=self.replicated)(dense_rng)
-        return ({"embedding": tables, "dense": dense_params},
-                {"embedding": self.init_state(tables), "dense": dense_opt})
-
-    def abstract_params(self, dense_model: nn.Module, dense_tx: optax.GradientTransformation,
-                        example_batch: Batch) -> tuple[dict, dict]:
-        """Shapes, dtypes and shardings of `init_params`' result, allocating nothing: the target
-        a checkpoint restores into and the step compiles against."""
-        shapes = self._shapes
-        sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32,  # noqa: E731
-                                                 sharding=self.sharded)
-        init_dense = self._dense_init_fn(dense_model, dense_tx, example_batch)
-        dense_params, dense_opt = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
-            jax.eval_shape(init_dense, jax.random.key(0)))
-        return ({"embedding": {"slab": sds(shapes["element"])}, "dense": dense_params},
-                {"embedding": {name: sds(shapes[kind]) for name, kind in self.kinds.items()},
-                 "dense": dense_opt})
-
-    def state_shardings(self, state):
-        """NamedShardings of a TrainState-like pytree (`.params`, `.opt_state`, `.replace`):
-        embedding leaves split over "d", everything else replicated."""
-        rep = jax.tree.map(lambda _: self.replicated, state)
-        shard = lambda tree: jax.tree.map(lambda _: self.sharded, tree)  # noqa: E731
-        return rep.replace(
-            params={**rep.params, "embedding": shard(state.params["embedding"])},
-            opt_state={**rep.opt_state, "embedding": shard(state.opt_state["embedding"])})
-
-    def jit(self, train_step, state):
-        """`train.step.make_train_step(dense, self, tx)` jitted with the state's shardings and
-        donation; one compilation per plan (batches from `prepare_batch` have static shapes)."""
-        shardings = self.state_shardings(state)
-        return jax.jit(train_step, in_shardings=(shardings, None),
-                       out_shardings=(shardings, None), donate_argnums=0)

@@ -15,7 +15,18 @@ DIMS = (4, 8, 16, 32, 64, 128)
 
 def random_tables(num_tables: int, seed: int = 0, min_rows: int = 10, max_rows: int = 1_000_000,
                   max_pooling: float = 100.0, dims: tuple[int, ...] = DIMS) -> list[TableSpec]:
-    """Tables t000.. with dims from `dims`, log-uniform rows and pooling factors."""
+    """Random tables for tests and benchmarks.
+
+    Args:
+      num_tables: how many (named t000, t001, ...).
+      seed: the draw's seed.
+      min_rows, max_rows: log-uniform row range.
+      max_pooling: pooling factors are log-uniform in [1, max_pooling].
+      dims: widths to choose from uniformly.
+
+    Returns:
+      The TableSpecs.
+    """
     rng = np.random.default_rng(seed)
     rows = np.exp(rng.uniform(np.log(min_rows), np.log(max_rows), num_tables)).astype(int)
     pooling = np.exp(rng.uniform(0.0, np.log(max_pooling), num_tables))
@@ -24,15 +35,32 @@ def random_tables(num_tables: int, seed: int = 0, min_rows: int = 10, max_rows: 
 
 
 def unlimited_memory(specs: list[TableSpec]) -> int:
-    """A budget no plan of these tables exceeds (all tables + elementwise state, 8x padded)."""
+    """A budget no plan of these tables exceeds (all tables + elementwise state, 8x padded).
+
+    Args:
+      specs: the tables.
+
+    Returns:
+      Bytes per device.
+    """
     return 16 * sum(s.rows * s.dim * 4 for s in specs) + (1 << 20)
 
 
 def random_plan(specs: list[TableSpec], num_devices: int, seed: int = 0,
                 mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
                 memory_bytes_per_device: int | None = None) -> ShardingPlan:
-    """Each table table_wise on a uniform random device, or row_wise / replicated with the
-    probabilities in `mix` = (table_wise, row_wise, replicated)."""
+    """A random plan: each table table_wise on a uniform random device, or row_wise/replicated.
+
+    Args:
+      specs: the tables.
+      num_devices: D.
+      seed: the draw's seed.
+      mix: probabilities of (table_wise, row_wise, replicated).
+      memory_bytes_per_device: the budget (default: `unlimited_memory`).
+
+    Returns:
+      The ShardingPlan.
+    """
     rng = np.random.default_rng(seed)
     p = np.asarray(mix, float) / sum(mix)
     mapping = {}
@@ -51,6 +79,15 @@ def greedy_bytes_plan(specs: list[TableSpec], num_devices: int,
 
     A table larger than `row_wise_above` x (total bytes / devices) cannot be balanced as a
     whole, so it is split row_wise over all devices (as TorchRec's planner would).
+
+    Args:
+      specs: the tables.
+      num_devices: D.
+      memory_bytes_per_device: the budget (default: `unlimited_memory`).
+      row_wise_above: the share of a device's fair bytes above which a table goes row_wise.
+
+    Returns:
+      The ShardingPlan.
     """
     share = sum(s.param_bytes() for s in specs) / num_devices
     load = [0] * num_devices
@@ -71,8 +108,18 @@ def greedy_bytes_plan(specs: list[TableSpec], num_devices: int,
 
 def skewed_plan(specs: list[TableSpec], num_devices: int, fraction: float = 0.5,
                 seed: int = 0, memory_bytes_per_device: int | None = None) -> ShardingPlan:
-    """`fraction` of the tables on device 0, the rest uniformly at random: a deliberately
-    imbalanced plan."""
+    """A deliberately imbalanced plan: `fraction` of the tables on device 0, the rest random.
+
+    Args:
+      specs: the tables.
+      num_devices: D.
+      fraction: the expected share of tables on device 0.
+      seed: the draw's seed.
+      memory_bytes_per_device: the budget (default: `unlimited_memory`).
+
+    Returns:
+      The ShardingPlan.
+    """
     rng = np.random.default_rng(seed)
     mapping = {s.name: 0 if rng.random() < fraction else int(rng.integers(num_devices))
                for s in specs}

@@ -15,6 +15,8 @@ __all__ = [
     "EvalAccumulator",
     "accuracy",
     "auc",
+    "bayes_reference",
+    "binary_entropy",
     "evaluate_predictions",
     "log_loss",
     "log_loss_from_logits",
@@ -96,8 +98,32 @@ def log_loss_from_logits(labels_N: Any, logits_N: Any) -> float:
     return float(np.mean(per_example_N))
 
 
-def _binary_entropy(p: float) -> float:
-    return float(-(p * np.log(p) + (1.0 - p) * np.log1p(-p)))
+def binary_entropy(p: Any) -> np.ndarray:
+    """Entropy (nats) of Bernoulli(p), elementwise; p is clipped to (0, 1) to stay finite."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return -(p * np.log(p) + (1.0 - p) * np.log1p(-p))
+
+
+def bayes_reference(labels_N: Any, teacher_logits_N: Any) -> dict[str, float]:
+    """Expected-loss view of a known teacher (synthetic data) on a sample.
+
+    Args:
+      labels_N: the sample's 0/1 labels.
+      teacher_logits_N: the teacher's logits on it.
+
+    Returns:
+      ctr (mean label), mean_p, bayes_logloss (mean binary entropy of the teacher's p: the
+      expected log loss of a perfect model), constant_logloss (entropy of the mean CTR, the log
+      loss of the best constant predictor) and bayes_ne (= bayes / constant log loss).
+    """
+    labels_N, logits_N = _as_pair(labels_N, teacher_logits_N, "logits")
+    p_N = 1.0 / (1.0 + np.exp(-logits_N))
+    ctr = float(labels_N.mean())
+    bayes = float(binary_entropy(p_N).mean())
+    const = float(binary_entropy(ctr))
+    return {"ctr": ctr, "mean_p": float(p_N.mean()), "bayes_logloss": bayes,
+            "constant_logloss": const,
+            "bayes_ne": bayes / const if const > 0 else float("nan")}
 
 
 def normalized_entropy(
@@ -121,7 +147,7 @@ def normalized_entropy(
     ctr = float(np.mean(np.asarray(labels_N, dtype=np.float64)))
     if ctr <= 0.0 or ctr >= 1.0:
         raise ValueError(f"NE is undefined when the mean CTR is {ctr} (entropy 0)")
-    return loss / _binary_entropy(ctr)
+    return loss / float(binary_entropy(ctr))
 
 
 def accuracy(labels_N: Any, probs_N: Any, threshold: float = 0.5) -> float:

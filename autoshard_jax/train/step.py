@@ -1,112 +1,74 @@
-"""The DLRM train step: dense autodiff + sparse in-place embedding updates.
+"""The DLRM train step: dense autodiff + sparse in-place embedding updates, and its setup.
 
-The step is written against an *embedding stage*: an object with `lookup(tables, ids) -> pooled`
-and `update(tables, state, ids, g_pooled, step) -> (tables, state)`. `LocalEmbeddingStage` keeps
-every table on one device; the sharding package provides a stage that places tables by a plan.
-The dense half is differentiated with respect to its parameters and the pooled vectors, so no
-table-sized gradient ever exists.
+The step is written against an `embedding.EmbeddingStage`: `LocalEmbeddingStage` keeps every
+table on one device, `sharding.stage.ShardedEmbeddingStage` places them by a plan. The dense
+half is differentiated with respect to its parameters and the pooled vectors, so no table-sized
+gradient ever exists. `setup_training` compiles a stage's step against an abstract state, the
+one setup the train loop and the benchmarks share.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from autoshard_jax.data.batch import Batch
-from autoshard_jax.models.embedding import (
-    check_combiner,
-    embedding_bag,
-    pool_backward,
-    uniform_table_init,
+from autoshard_jax.embedding import (
+    EmbeddingStage,
+    LocalEmbeddingStage,
+    TrainState,
+    abstract_train_state,
+    init_train_state,
 )
-from autoshard_jax.optim.sparse import RowOptimizer
-from autoshard_jax.tables.spec import TableSpec
 
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a resumed run needs besides the data position (which equals `step`)."""
-
-    step: jax.Array
-    params: dict  # {"embedding": {table: [R, E]}, "dense": flax params}
-    opt_state: dict  # {"embedding": {table: row state}, "dense": optax state}
-
-
-class EmbeddingStage(Protocol):
-    def init_tables(self, rng: jax.Array) -> dict: ...
-
-    def init_state(self, tables: dict) -> dict: ...
-
-    def lookup(self, tables: dict, ids: Sequence[jax.Array]) -> tuple[jax.Array, ...]: ...
-
-    def update(self, tables: dict, state: dict, ids: Sequence[jax.Array],
-               g_pooled: Sequence[jax.Array], step: jax.Array) -> tuple[dict, dict]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalEmbeddingStage:
-    """All tables on the default device, one [R, E] array each."""
-
-    tables: Sequence[TableSpec]
-    row_optimizer: RowOptimizer
-    combiner: str = "sum"
-
-    def __post_init__(self):
-        check_combiner(self.combiner)
-
-    def init_tables(self, rng: jax.Array) -> dict:
-        keys = jax.random.split(rng, len(self.tables))
-        return {s.name: uniform_table_init(s.rows)(k, (s.rows, s.dim))
-                for s, k in zip(self.tables, keys, strict=True)}
-
-    def init_state(self, tables: dict) -> dict:
-        return {s.name: self.row_optimizer.init(tables[s.name]) for s in self.tables}
-
-    def lookup(self, tables: dict, ids: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-        return tuple(embedding_bag(tables[s.name], ids_BxH, self.combiner)
-                     for s, ids_BxH in zip(self.tables, ids, strict=True))
-
-    def update(self, tables: dict, state: dict, ids: Sequence[jax.Array],
-               g_pooled: Sequence[jax.Array], step: jax.Array) -> tuple[dict, dict]:
-        new_tables, new_state = {}, {}
-        for s, ids_BxH, g_BxE in zip(self.tables, ids, g_pooled, strict=True):
-            g_rows_BxHxE = pool_backward(g_BxE, ids_BxH, self.combiner)
-            new_tables[s.name], new_state[s.name] = self.row_optimizer.update(
-                tables[s.name], state[s.name], ids_BxH.reshape(-1),
-                g_rows_BxHxE.reshape(-1, s.dim), step)
-        return new_tables, new_state
+# Re-exported: the training API (stage, state, init) in one import.
+__all__ = [
+    "EmbeddingStage",
+    "LocalEmbeddingStage",
+    "TrainSetup",
+    "TrainState",
+    "abstract_train_state",
+    "bce_with_logits",
+    "dense_loss_and_grads",
+    "init_train_state",
+    "jit_train_step",
+    "make_eval_step",
+    "make_train_step",
+    "setup_training",
+]
 
 
 def bce_with_logits(logits_B: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """Mean binary cross-entropy.
+
+    Args:
+      logits_B: model outputs.
+      labels_B: 0/1 labels.
+
+    Returns:
+      The scalar mean loss.
+    """
     return optax.sigmoid_binary_cross_entropy(logits_B, labels_B).mean()
-
-
-def init_train_state(rng: jax.Array, dense_model: nn.Module, stage: EmbeddingStage,
-                     dense_tx: optax.GradientTransformation, example_batch: Batch) -> TrainState:
-    """Initial state; call under jax.jit so big tables are created once, on device."""
-    emb_rng, dense_rng = jax.random.split(rng)
-    tables = stage.init_tables(emb_rng)
-    pooled = tuple(jnp.zeros((example_batch["label"].shape[0], s.dim), jnp.float32)
-                   for s in stage.tables)
-    dense_params = dense_model.init(dense_rng, example_batch["dense"], pooled)["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params={"embedding": tables, "dense": dense_params},
-        opt_state={"embedding": stage.init_state(tables), "dense": dense_tx.init(dense_params)},
-    )
 
 
 def dense_loss_and_grads(dense_model: nn.Module, dense_params: dict, batch: Batch,
                          pooled: Sequence[jax.Array]
                          ) -> tuple[jax.Array, jax.Array, dict, tuple[jax.Array, ...]]:
-    """Loss, logits and gradients w.r.t. the dense parameters and the pooled embeddings."""
+    """The loss and its gradients w.r.t. the dense parameters and the pooled embeddings.
+
+    Args:
+      dense_model: (dense_BxQ, pooled) -> logits_B.
+      dense_params: its parameters.
+      batch: a batch with "dense" and "label".
+      pooled: one [B, dim] pooled vector per table.
+
+    Returns:
+      (loss, logits_B, g_dense, g_pooled), g_pooled one [B, dim] per table.
+    """
 
     def loss_fn(params, pooled):
         logits_B = dense_model.apply({"params": params}, batch["dense"], pooled)
@@ -120,7 +82,17 @@ def dense_loss_and_grads(dense_model: nn.Module, dense_params: dict, batch: Batc
 def make_train_step(dense_model: nn.Module, stage: EmbeddingStage,
                     dense_tx: optax.GradientTransformation
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """(state, batch) -> (state, {"loss"}); jit it with donate_argnums=0."""
+    """The train step of a DLRM whose embeddings run in `stage`.
+
+    Args:
+      dense_model: the dense half.
+      stage: the embedding stage.
+      dense_tx: the dense optimizer.
+
+    Returns:
+      (state, batch) -> (state, {"loss"}), batch from `stage.prepare_batch`; jit it with the
+      stage's state shardings and donate_argnums=0 (`setup_training` does).
+    """
 
     def train_step(state: TrainState, batch: Batch):
         tables = state.params["embedding"]
@@ -144,10 +116,86 @@ def make_train_step(dense_model: nn.Module, stage: EmbeddingStage,
 
 def make_eval_step(dense_model: nn.Module,
                    stage: EmbeddingStage) -> Callable[[dict, Batch], jax.Array]:
-    """(params, batch) -> logits_B."""
+    """The eval step.
+
+    Args:
+      dense_model: the dense half.
+      stage: the embedding stage.
+
+    Returns:
+      (params, batch) -> logits_B, batch from `stage.prepare_batch`.
+    """
 
     def eval_step(params: dict, batch: Batch) -> jax.Array:
         pooled = stage.lookup(params["embedding"], batch["ids"])
         return dense_model.apply({"params": params["dense"]}, batch["dense"], pooled)
 
     return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """A stage's compiled programs and the abstract state they were compiled against.
+
+    Attributes:
+      stage: the embedding stage.
+      abstract: the TrainState's shapes, dtypes and shardings (the checkpoint restore target).
+      init: rng -> the initial TrainState, placed like `abstract`.
+      train_step: compiled (state, batch) -> (state, {"loss"}); donates the state and accepts
+        only batches shaped like the example (static shapes: one compilation).
+      eval_step: jitted (params, batch) -> logits_B.
+      place: host batch -> device batch (`stage.prepare_batch`).
+    """
+
+    stage: EmbeddingStage
+    abstract: TrainState
+    init: Callable[[jax.Array], TrainState]
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    eval_step: Callable[[dict, Batch], jax.Array]
+    place: Callable[[Batch], Batch]
+
+
+def jit_train_step(dense_model: nn.Module, stage: EmbeddingStage,
+                   dense_tx: optax.GradientTransformation, state: TrainState):
+    """`make_train_step` jitted with the stage's state shardings and donation (not compiled).
+
+    Args:
+      dense_model, stage, dense_tx: as for `make_train_step`.
+      state: a TrainState (or its abstract form) of `stage`.
+
+    Returns:
+      The jitted step.
+    """
+    shardings = stage.state_shardings(state)
+    return jax.jit(make_train_step(dense_model, stage, dense_tx),
+                   in_shardings=(shardings, None), out_shardings=(shardings, None),
+                   donate_argnums=0)
+
+
+def setup_training(stage: EmbeddingStage, dense_model: nn.Module,
+                   dense_tx: optax.GradientTransformation, example_batch: Batch) -> TrainSetup:
+    """Compiles the train step against an abstract state, before any table exists.
+
+    A resumed run restores into `abstract` and never holds a fresh state beside the restored
+    one; a new run calls `init`.
+
+    Args:
+      stage: the embedding stage (local or sharded).
+      dense_model: the dense half.
+      dense_tx: the dense optimizer.
+      example_batch: a host batch with the run's shapes.
+
+    Returns:
+      The TrainSetup.
+    """
+    abstract = abstract_train_state(stage, dense_model, dense_tx, example_batch)
+    shardings = stage.state_shardings(abstract)
+    train_step = jit_train_step(dense_model, stage, dense_tx, abstract).lower(
+        abstract, stage.prepare_batch(example_batch)).compile()
+
+    def init(rng: jax.Array) -> TrainState:
+        state = init_train_state(rng, dense_model, stage, dense_tx, example_batch)
+        return jax.device_put(state, shardings)
+
+    return TrainSetup(stage, abstract, init, train_step,
+                      jax.jit(make_eval_step(dense_model, stage)), stage.prepare_batch)

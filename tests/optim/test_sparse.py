@@ -207,3 +207,16 @@ def test_make_dense_optimizer():
         sparse.make_dense_optimizer("not_an_optimizer", 0.1)
     with pytest.raises(ValueError, match="unknown optax optimizer"):
         sparse.make_dense_optimizer("__version__", 0.1)
+
+
+def test_state_kinds_and_fills():
+    want = {"sgd": {}, "rowwise_adagrad": {"accumulator": sparse.ROW},
+            "adagrad": {"accumulator": sparse.ELEMENT}}
+    for name, kinds in want.items():
+        opt = sparse.make_row_optimizer(name, 0.1)
+        assert sparse.state_kinds(opt) == sparse.state_kinds(name) == kinds
+    assert sparse.state_fills(sparse.rowwise_adagrad(0.1, initial_accumulator_value=0.3)) == {
+        "accumulator": pytest.approx(0.3)}
+    bad = sparse.RowOptimizer("bad", lambda t: {"x": t[0]}, None)
+    with pytest.raises(ValueError, match="only \\[R\\] or \\[R, E\\]"):
+        sparse.state_kinds(bad)

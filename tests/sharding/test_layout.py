@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from autoshard_jax.optim import sparse
 from autoshard_jax.sharding import layout as layout_lib
 from autoshard_jax.sharding.plan import plan_from_mapping
 from autoshard_jax.sharding.synthetic_plans import greedy_bytes_plan, random_tables
@@ -17,12 +16,6 @@ def test_padded_width_divides_slab_width():
     assert layout_lib.padded_width(7, 48) == 8
     with pytest.raises(ValueError, match="exceeds"):
         layout_lib.padded_width(130, 128)
-
-
-def test_state_kinds_probe_matches_names():
-    for name in ("sgd", "rowwise_adagrad", "adagrad"):
-        opt = sparse.make_row_optimizer(name, 0.1)
-        assert layout_lib.state_kinds(opt) == layout_lib.state_kinds(name)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -95,7 +95,7 @@ def test_memory_counts_optimizer_state_and_names_device():
     # Table "a" alone: 1000 x 16 floats = 64000 bytes; packed it is 125 rows of 128.
     plan = plan_from_mapping({"a": 1, "b": 0, "c": 0}, 2, 1)
     layout = plan_lib.ShardingPlan(2, BIG, plan.placements).validate(TABLES)
-    need = {k: layout.allocated_bytes(plan_lib.layout_lib.state_kinds(k))
+    need = {k: layout.allocated_bytes(sparse.state_kinds(k))
             for k in ("sgd", "rowwise_adagrad", "adagrad")}
     assert need["rowwise_adagrad"] - need["sgd"] == 4 * layout.keys
     assert need["adagrad"] == 2 * need["sgd"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import random_batches
 
 from autoshard_jax.models.dlrm import DLRMDense
 from autoshard_jax.optim import sparse
@@ -31,22 +32,7 @@ DENSE_TX = optax.adam(1e-2)
 
 
 def make_batches(n: int, specs=TABLES, seed: int = 0, batch: int = BATCH) -> list[dict]:
-    """Skewed ids with -1 padding and duplicates within bags and across the batch."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = []
-        for s in specs:
-            ids_BxH = np.minimum(rng.zipf(1.3, (batch, s.hotness)) - 1, s.rows - 1)
-            ids_BxH = ids_BxH.astype(np.int32)
-            ids_BxH[rng.random(ids_BxH.shape) < 0.25] = -1
-            ids_BxH[0, :] = s.rows - 1  # a bag of one id repeated
-            ids_BxH[-1, :] = -1  # an empty bag
-            ids.append(ids_BxH)
-        out.append({"dense": rng.normal(size=(batch, DENSE_DIM)).astype(np.float32),
-                    "ids": tuple(ids),
-                    "label": rng.integers(0, 2, batch).astype(np.float32)})
-    return out
+    return random_batches(specs, n, batch, DENSE_DIM, seed)
 
 
 def make_opt(name: str) -> sparse.RowOptimizer:
@@ -96,7 +82,7 @@ def initial_state(stage: ShardedEmbeddingStage) -> step_lib.TrainState:
 def sharded_run(plan, opt_name: str, combiner: str = "sum", steps: int = STEPS):
     stage = ShardedEmbeddingStage(TABLES, plan, make_opt(opt_name), combiner)
     state = initial_state(stage)
-    train_step = stage.jit(step_lib.make_train_step(DENSE, stage, DENSE_TX), state)
+    train_step = step_lib.jit_train_step(DENSE, stage, DENSE_TX, state)
     losses = []
     for b in make_batches(steps):
         state, metrics = train_step(state, stage.prepare_batch(b))
@@ -110,7 +96,7 @@ def assert_matches_reference(stage, state, losses, opt_name, combiner="sum"):
     got = stage.tables_to_dict(state.params["embedding"])
     for s in TABLES:
         np.testing.assert_allclose(got[s.name], want_params["embedding"][s.name],
-                                   rtol=2e-5, atol=2e-6, err_msg=s.name)
+                                   rtol=2e-5, atol=1e-5, err_msg=s.name)
     got_state = stage.state_to_dict(state.opt_state["embedding"])
     for s in TABLES:
         for leaf, want in want_row_state[s.name].items():
@@ -145,12 +131,14 @@ def test_skewed_table_wise_plan_matches_single_device():
     assert_matches_reference(stage, state, losses, "rowwise_adagrad")
 
 
-def test_init_params_equals_local_init():
+def test_init_equals_local_init():
     plan = random_plan(TABLES, 4, seed=2, mix=MIXED)
     stage = ShardedEmbeddingStage(TABLES, plan, make_opt("rowwise_adagrad"))
-    params, opt_state = stage.init_params(jax.random.key(0), DENSE, DENSE_TX, make_batches(1)[0])
-    state = step_lib.TrainState(jax.device_put(jnp.zeros((), jnp.int32), stage.replicated),
-                                params, opt_state)
+    setup = step_lib.setup_training(stage, DENSE, DENSE_TX, make_batches(1)[0])
+    state = setup.init(jax.random.key(0))
+    assert jax.tree.structure(state) == jax.tree.structure(setup.abstract)
+    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(setup.abstract), strict=True):
+        assert (leaf.shape, leaf.dtype, leaf.sharding) == (want.shape, want.dtype, want.sharding)
     want = reference_init()
     got = stage.tables_to_dict(state.params["embedding"])
     for s in TABLES:
@@ -180,14 +168,22 @@ def test_elementwise_adagrad_and_mean_combiner():
 
 
 def test_compiles_once_per_plan():
+    """The setup's step is one compiled executable: it refuses any other input shape, so
+    running every batch through it proves a single compilation."""
     plan = random_plan(TABLES, 4, seed=2, mix=MIXED)
-    stage, state, _, train_step = sharded_run(plan, "sgd", steps=4)
-    assert train_step._cache_size() == 1
+    stage = ShardedEmbeddingStage(TABLES, plan, make_opt("sgd"))
+    batches = make_batches(4)
+    setup = step_lib.setup_training(stage, DENSE, DENSE_TX, batches[0])
+    state = setup.init(jax.random.key(0))
+    for b in batches:
+        state, _ = setup.train_step(state, setup.place(b))
     # A batch whose ids are narrower than the hotness is padded to the same static shapes.
     b = make_batches(1, seed=9)[0]
     b["ids"] = tuple(x[:, :1] for x in b["ids"])
-    train_step(state, stage.prepare_batch(b))
-    assert train_step._cache_size() == 1
+    state, metrics = setup.train_step(state, setup.place(b))
+    assert np.isfinite(float(metrics["loss"]))
+    with pytest.raises((TypeError, ValueError)):  # another batch size is another program
+        setup.train_step(state, setup.place(make_batches(1, batch=2 * BATCH)[0]))
 
 
 def test_dict_round_trip_is_exact():
@@ -231,7 +227,7 @@ def test_sharded_state_round_trips_and_resumes(tmp_path):
     plan = random_plan(TABLES, 4, seed=2, mix=(0.5, 0.25, 0.25))
     stage = ShardedEmbeddingStage(TABLES, plan, make_opt("rowwise_adagrad"))
     state = initial_state(stage)
-    train_step = stage.jit(step_lib.make_train_step(DENSE, stage, DENSE_TX), state)
+    train_step = step_lib.jit_train_step(DENSE, stage, DENSE_TX, state)
     b0, b1 = (stage.prepare_batch(b) for b in make_batches(2))
     state, _ = train_step(state, b0)
     with Checkpointer(tmp_path / "ckpt") as ckpt:

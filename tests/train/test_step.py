@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import random_batches
 
 from autoshard_jax.models.dlrm import DLRM, DLRMDense
 from autoshard_jax.optim import sparse
@@ -19,23 +20,7 @@ BATCH, DENSE_DIM, N_STEPS = 8, 3, 3
 
 
 def make_batches(n, seed=0):
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(n):
-        ids = []
-        for s in TABLES:
-            ids_BxH = rng.integers(0, s.rows, size=(BATCH, s.hotness)).astype(np.int32)
-            ids_BxH[rng.random(ids_BxH.shape) < 0.3] = -1
-            ids_BxH[0] = 1  # duplicates within a bag and across the batch
-            ids_BxH[1, 0] = 1
-            ids_BxH[-1] = -1
-            ids.append(jnp.asarray(ids_BxH))
-        batches.append({
-            "dense": jnp.asarray(rng.normal(size=(BATCH, DENSE_DIM)).astype(np.float32)),
-            "ids": tuple(ids),
-            "label": jnp.asarray(rng.integers(0, 2, size=BATCH).astype(np.float32)),
-        })
-    return batches
+    return [jax.tree.map(jnp.asarray, b) for b in random_batches(TABLES, n, BATCH, DENSE_DIM, seed)]
 
 
 def models(combiner, **kw):
