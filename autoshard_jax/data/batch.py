@@ -14,9 +14,37 @@ from typing import Any
 
 import numpy as np
 
+from autoshard_jax.errors import InputError
 from autoshard_jax.tables.spec import TableSpec
 
 Batch = dict[str, Any]
+
+
+def check_ids(ids: Sequence[np.ndarray], tables: Sequence[TableSpec]) -> None:
+    """Refuses ids outside [-1, rows): the one id check between the data and the tables.
+
+    Data sources run it once per batch (`DataSource`), so the step never sees a bad id; the
+    stages' gathers would otherwise clip or drop one silently.
+
+    Args:
+      ids: per table, an integer [B, H] array.
+      tables: the table specs, in feature order.
+
+    Raises:
+      InputError: naming the feature (0-based index), the table and the offending value.
+    """
+    if len(ids) != len(tables):
+        raise InputError(f"batch has ids for {len(ids)} features, the model has {len(tables)} "
+                         "tables")
+    for t, (spec, ids_BxH) in enumerate(zip(tables, ids, strict=True)):
+        if ids_BxH.size == 0:
+            continue
+        lo, hi = int(ids_BxH.min()), int(ids_BxH.max())
+        if lo < -1 or hi >= spec.rows:
+            bad = lo if lo < -1 else hi
+            raise InputError(f"feature {t} (table {spec.name!r}, {spec.rows} rows): id {bad} is "
+                             f"out of range [-1, {spec.rows}); ids are never clipped, fix the "
+                             "data or the table sizes")
 
 
 def check_batch(batch: Batch, tables: Sequence[TableSpec], num_dense: int | None = None) -> None:
@@ -42,5 +70,4 @@ def check_batch(batch: Batch, tables: Sequence[TableSpec], num_dense: int | None
         if ids_BxH.dtype != np.int32 or ids_BxH.shape != (b, spec.hotness):
             raise ValueError(f"ids of table {spec.name!r} must be int32 [{b}, {spec.hotness}], "
                              f"got {ids_BxH.dtype} {ids_BxH.shape}")
-        if np.any(ids_BxH < -1) or np.any(ids_BxH >= spec.rows):
-            raise ValueError(f"ids of table {spec.name!r} must be -1 or in [0, {spec.rows})")
+    check_ids(ids, tables)

@@ -176,8 +176,17 @@ def _split_after_lines(block: bytes, k: int) -> int:
     return int(nl[k - 1]) + 1
 
 
+# (path, size, mtime_ns) -> lines: a Kaggle file is counted once per process, not once per reader
+# (the train and eval readers of one run split the same file).
+_LINE_COUNTS: dict[tuple[str, int, int], int] = {}
+
+
 def _count_lines(path: str) -> int:
-    return sum(block.count(b"\n") for block in _line_blocks(path))
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _LINE_COUNTS:
+        _LINE_COUNTS[key] = sum(block.count(b"\n") for block in _line_blocks(path))
+    return _LINE_COUNTS[key]
 
 
 def _is_empty(path: str) -> bool:

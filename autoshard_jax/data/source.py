@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from autoshard_jax.data.batch import Batch
+from autoshard_jax.data.batch import Batch, check_ids
 from autoshard_jax.data.criteo_tsv import CriteoTSVReader
 from autoshard_jax.data.synthetic import SyntheticClickStream
 from autoshard_jax.errors import ConfigError
@@ -23,6 +23,9 @@ from autoshard_jax.tables.spec import TableSpec
 class DataSource:
     """Train batches from a position and a finite list of eval batches, from `config.data`.
 
+    Every batch's ids are checked against the tables here (`batch.check_ids`), once: an id out
+    of [-1, rows) raises naming the feature and table instead of being clipped downstream.
+
     Args:
       config: the training config (reads batch_size, seed and the `data` block).
       tables: the table specs, in feature order.
@@ -30,6 +33,7 @@ class DataSource:
 
     def __init__(self, config: Any, tables: list[TableSpec]):
         d = config.data
+        self.tables = tuple(tables)
         self.batch_size = config.batch_size
         self.kind = d.kind
         self.num_eval_batches = d.num_eval_batches
@@ -63,11 +67,17 @@ class DataSource:
         """The first train batch (shapes for compiling)."""
         return next(self.train(0))
 
+    def _checked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Every batch's ids checked against the tables, once, before anything consumes them."""
+        for batch in batches:
+            check_ids(batch["ids"], self.tables)
+            yield batch
+
     def train(self, start: int) -> Iterator[Batch]:
         """Train batches start, start + 1, ... (until the data ends)."""
         if self.kind == "synthetic":
-            return self.stream.batches(self.batch_size, start=start)
-        return self.train_reader.batches(self.batch_size, start_batch=start)
+            return self._checked(self.stream.batches(self.batch_size, start=start))
+        return self._checked(self.train_reader.batches(self.batch_size, start_batch=start))
 
     def eval(self) -> Iterator[Batch]:
         """Eval batches, padded to the batch size with a `mask` so shapes stay static."""
@@ -78,7 +88,7 @@ class DataSource:
             return iter(())
         else:
             batches = self.eval_reader.batches(self.batch_size)
-        return (pad_batch(b, self.batch_size) for b in batches)
+        return (pad_batch(b, self.batch_size) for b in self._checked(batches))
 
     def teacher_predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(labels, logits) of the synthetic teacher on the eval batches (None for real data):

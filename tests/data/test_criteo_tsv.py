@@ -194,6 +194,21 @@ def test_kaggle_seven_day_split(tmp_path, read_bytes):
     assert_matches(list(middle.batches(10)), lines[8:11])
 
 
+def test_kaggle_file_is_line_counted_once(tmp_path, monkeypatch):
+    path = write(tmp_path / "train.txt", make_lines(23))
+    counted = []
+    real = criteo_tsv._line_blocks
+    monkeypatch.setattr(criteo_tsv, "_line_blocks", lambda p: (counted.append(p), real(p))[1])
+    train = CriteoTSVReader(path, ROWS, num_dense=D, kaggle_days=7, days=range(6))
+    evaluation = CriteoTSVReader(path, ROWS, num_dense=D, kaggle_days=7, days=[6])
+    assert len(counted) == 1
+    assert train.segments[-1][2] == evaluation.segments[0][1] == 20
+    with open(path, "a") as f:  # a changed file is counted again
+        f.writelines(make_lines(5, seed=1))
+    grown = CriteoTSVReader(path, ROWS, num_dense=D, kaggle_days=7, days=[6])
+    assert len(counted) == 2 and grown.segments[0][2] == 28
+
+
 def test_drop_last(tmp_path):
     path = write(tmp_path / "f.tsv", make_lines(10))
     assert [len(b["label"]) for b in CriteoTSVReader(path, ROWS, num_dense=D).batches(4)] == [4, 4]
