@@ -11,18 +11,92 @@ orbax 0.12.8 writes typed keys as their uint32 key data and wraps them back on r
 Ordering rule for the train loop: call ``save`` *before* the next jitted step that donates the
 state's buffers. ``save`` returns once the device-to-host copy is scheduled; the runtime keeps the
 buffers alive until it is done, and the file writes continue in the background.
+
+Failures are one-line errors, never orbax's noise: a step that cannot be read (truncated or
+missing array file, broken meta JSON) is a ``CheckpointCorruptError`` naming the step and file,
+and ``restore_latest`` falls back past it to the newest intact step; a save that cannot be written
+(disk full, permissions) is a ``CheckpointWriteError`` naming the path and the OS error, with the
+partial step directory removed and the earlier steps untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import gc
+import glob
+import logging
 import os
-from collections.abc import Mapping
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_state"]
+from autoshard_jax.errors import USER_OS_ERRNOS, InputError, ResumeError
+
+__all__ = ["CheckpointCorruptError", "CheckpointWriteError", "Checkpointer", "abstract_state"]
+
+log = logging.getLogger(__name__)
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# How tensorstore reports an OS error inside an orbax write.
+_TS_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
+_TS_FAILED_PATH = re.compile(r'Failed (?:writing|to open|to create)[^"]*"([^"]+)"')
+
+
+class CheckpointCorruptError(ResumeError):
+    """A checkpoint step that cannot be read; names the step and its file or directory."""
+
+    def __init__(self, step: int, where: str, reason: str):
+        super().__init__(f"checkpoint step {step} ({where}) cannot be read: {reason}")
+        self.step, self.where, self.reason = step, where, reason
+
+
+class CheckpointWriteError(InputError):
+    """A checkpoint that could not be written (disk full, permissions); names path and error."""
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _collect_failed_reads() -> None:
+    """A failed orbax restore leaves coroutines behind whose collection prints "Event loop is
+    closed" tracebacks, possibly after the job's own error line; collect them quietly now."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _os_error(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path) of the user-fixable OS error somewhere in an exception's chain, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in USER_OS_ERRNOS:
+            return exc.errno, exc.filename
+        code = _TS_OS_ERROR.search(str(exc))
+        if code and int(code.group(1)) in USER_OS_ERRNOS:
+            path = _TS_FAILED_PATH.search(str(exc))
+            return int(code.group(1)), path.group(1) if path else None
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def abstract_state(state: Any) -> Any:
@@ -56,14 +130,57 @@ class Checkpointer:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         self.directory = _absolute(directory)
         self.save_interval_steps = save_interval_steps
+        self._pending: int | None = None  # the step of the save in flight, for errors
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 save_interval_steps=save_interval_steps,
                 enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # a killed save's leftovers
             ),
         )
+
+    def _writing(self, call: Callable[[], Any]) -> Any:
+        """Runs an orbax call that may surface a failed write; turns a disk-full or permission
+        failure into a CheckpointWriteError and removes the partial step directory."""
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - sorted below, others re-raised unchanged
+            found = _os_error(exc)
+            if found is None:
+                raise
+            step, self._pending = self._pending, None
+            code, path = found
+            self._remove_partial_saves()
+            kept = self.all_steps()
+            resume = (f"it resumes from step {kept[-1]}" if kept else "it starts from step 0")
+            raise CheckpointWriteError(
+                f"cannot write checkpoint step {step} to {path or self.directory}: "
+                f"{os.strerror(code)} (errno {errno.errorcode.get(code, code)}); free space or fix "
+                f"permissions, then re-run: {resume}") from exc
+
+    def _remove_partial_saves(self, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
+        """Deletes ``*.orbax-checkpoint-tmp*`` step directories (a failed save's leftovers).
+
+        After the first failed write, orbax reports the error while the other arrays' writes may
+        still be in flight and recreate files, so this repeats until nothing reappears for
+        `quiet_s` seconds.
+        """
+        try:
+            self._mngr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the failure being handled; leftovers go regardless
+            pass
+        pattern = os.path.join(glob.escape(self.directory), f"*{_TMP_SUFFIX}*")
+        start = quiet = time.monotonic()
+        while time.monotonic() - quiet < quiet_s and time.monotonic() - start < limit_s:
+            leftovers = glob.glob(pattern)
+            for tmp in leftovers:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if leftovers:
+                quiet = time.monotonic()
+            time.sleep(0.05)
+        self._mngr.reload()
 
     def should_save(self, step: int) -> bool:
         """On the interval, or at the step all hosts agreed to stop at after a preemption signal.
@@ -86,7 +203,7 @@ class Checkpointer:
         A step that is already on disk is not written again (so a final forced save on an
         interval step is harmless). Earlier async failures surface here.
         """
-        self._mngr.check_for_errors()
+        self._writing(self._mngr.check_for_errors)
         if not (self.should_save(step) or force):
             return False
         if step in self._mngr.all_steps():
@@ -94,9 +211,11 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))
         )
+        self._writing(self._mngr.wait_until_finished)  # the previous save's errors are its own
+        self._pending = step
         # The decision is ours; force=True stops orbax from re-deciding (e.g. skipping a save
         # while the previous one is still in flight, or its "first step always saves" rule).
-        return self._mngr.save(step, args=args, force=True)
+        return self._writing(lambda: self._mngr.save(step, args=args, force=True))
 
     def latest_step(self) -> int | None:
         """Newest step on disk (including an in-flight async save), or None if there is none."""
@@ -105,39 +224,111 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON record of ``step``, read without touching its arrays (so a run's identity
+        can be checked before restoring anything)."""
+        try:
+            restored = self._mngr.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = restored.meta
+        except Exception as exc:  # noqa: BLE001 - any unreadable record is a corrupt step
+            files = [f for f in glob.glob(os.path.join(glob.escape(self._step_dir(step)), "meta",
+                                                       "*")) if "commit_success" not in f]
+            where = files[0] if len(files) == 1 else os.path.join(self._step_dir(step), "meta")
+            raise CheckpointCorruptError(step, where, _first_line(_innermost(exc))) from exc
+        if not isinstance(meta, Mapping):
+            raise CheckpointCorruptError(step, os.path.join(self._step_dir(step), "meta"),
+                                         f"expected a JSON object, got {type(meta).__name__}")
+        return dict(meta)
+
+    def _restore_state(self, step: int, abstract_state: Any) -> Any:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        try:
+            restored = self._mngr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except Exception as exc:  # noqa: BLE001 - reported with the step and orbax's cause
+            reason = _first_line(_innermost(exc))
+            del exc
+            _collect_failed_reads()
+            raise CheckpointCorruptError(step, os.path.join(self._step_dir(step), "state"),
+                                         reason) from None
+        return restored.state
+
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Returns (state, meta) of ``step`` (None: the latest), laid out like ``abstract_state``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the target shardings
         (see ``abstract_state()``); a concrete state works too. Restored arrays take those
         shardings, numpy leaves come back as numpy and Python scalars as Python scalars.
+        A step that cannot be read raises ``CheckpointCorruptError`` (no fallback here; see
+        ``restore_latest``).
         """
         self.wait_until_finished()
         steps = self.all_steps()
         if step is None:
             if not steps:
-                raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+                raise ResumeError(f"no checkpoint to restore in {self.directory}")
             step = steps[-1]
         elif step not in steps:
-            raise FileNotFoundError(
+            raise ResumeError(
                 f"no checkpoint for step {step} in {self.directory} (available: {steps})"
             )
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self._mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return restored.state, dict(restored.meta)
+        meta = self.read_meta(step)
+        return self._restore_state(step, abstract_state), meta
+
+    def restore_latest(
+        self, abstract_state: Any, check: Callable[[dict[str, Any]], None] | None = None
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest step that reads back whole, or None if none exist.
+
+        ``check(meta)`` runs on a step's record *before* its arrays are restored (the run
+        identity check: its errors propagate). A newer step that cannot be read is logged as a
+        warning naming it, and moved aside to ``corrupt.<step>`` so this run can write that step
+        again; if no step can be read, a ``ResumeError`` names every one and why.
+        """
+        self.wait_until_finished()
+        bad: list[CheckpointCorruptError] = []
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.read_meta(step)
+                if check is not None:
+                    check(meta)
+                state = self._restore_state(step, abstract_state)
+            except CheckpointCorruptError as exc:
+                bad.append(exc)
+                continue
+            for exc in bad:
+                aside = self._move_aside(exc.step)
+                log.warning("%s; resuming from step %d instead (the bad step is kept in %s)",
+                            exc, step, aside)
+            if bad:
+                self._mngr.reload()
+            return step, state, meta
+        if bad:
+            raise ResumeError(f"no intact checkpoint in {self.directory}: "
+                              + "; ".join(str(e) for e in bad)
+                              + " (move the checkpoints directory away to start over)")
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        aside, n = os.path.join(self.directory, f"corrupt.{step}"), 1
+        while os.path.exists(aside):
+            aside, n = os.path.join(self.directory, f"corrupt.{step}.{n}"), n + 1
+        os.rename(self._step_dir(step), aside)
+        return aside
 
     def wait_until_finished(self) -> None:
         """Blocks until in-flight async saves are on disk; raises if one failed."""
-        self._mngr.wait_until_finished()
+        self._writing(self._mngr.wait_until_finished)
+        self._pending = None
 
     def close(self) -> None:
         """Finishes pending saves and releases resources; errors propagate (never swallowed)."""
-        self._mngr.close()
+        self._writing(self._mngr.close)
+        self._pending = None
 
     def __enter__(self) -> Checkpointer:
         return self

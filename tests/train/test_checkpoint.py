@@ -1,4 +1,10 @@
-"""Checkpoint round trips: bit-identical values, shardings, keep-N, async save vs. donation."""
+"""Checkpoint round trips: bit-identical values, shardings, keep-N, async save vs. donation;
+corrupt steps fall back, failed writes leave the earlier steps intact."""
+
+import errno
+import os
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
-from autoshard_jax.train.checkpoint import Checkpointer, abstract_state
+from autoshard_jax.errors import ResumeError
+from autoshard_jax.train.checkpoint import Checkpointer, CheckpointWriteError, abstract_state
 
 
 def make_state(seed: int = 0) -> dict:
@@ -137,10 +145,10 @@ def test_numpy_leaf_mutated_after_save_keeps_saved_values(tmp_path):
 def test_restore_errors_are_clear(tmp_path):
     missing = tmp_path / "does" / "not" / "exist"
     with Checkpointer(missing) as ckpt:
-        with pytest.raises(FileNotFoundError, match="no checkpoint to restore in .*exist"):
+        with pytest.raises(ResumeError, match="no checkpoint to restore in .*exist"):
             ckpt.restore(None, abstract_state(make_state()))
         ckpt.save(2, make_state())
-        with pytest.raises(FileNotFoundError, match=r"step 3 .*available: \[2\]"):
+        with pytest.raises(ResumeError, match=r"step 3 .*available: \[2\]"):
             ckpt.restore(3, abstract_state(make_state()))
 
 
@@ -170,3 +178,167 @@ def test_close_errors_propagate(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         with ckpt:
             ckpt.save(1, make_state())
+
+
+def big_state(seed: int) -> dict:
+    """make_state plus an array large enough that its data file is the step's largest file."""
+    rng = np.random.default_rng(seed)
+    return {**make_state(seed), "big_NxM": jnp.asarray(rng.normal(size=(256, 64)), jnp.float32)}
+
+
+def _saved(tmp_path, steps=(1, 2, 3)):
+    states = {s: big_state(s) for s in steps}
+    with Checkpointer(tmp_path) as ckpt:
+        for s in steps:
+            ckpt.save(s, states[s], {"data_position": s}, force=True)
+    return states
+
+
+def _largest_array_file(step_dir):
+    return max(step_dir.joinpath("state", "ocdbt.process_0", "d").iterdir(),
+               key=lambda f: f.stat().st_size)
+
+
+def _truncate_largest_array_file(step_dir):
+    victim = _largest_array_file(step_dir)
+    with open(victim, "r+b") as f:
+        f.truncate(10)
+    return victim
+
+
+def _remove_largest_array_file(step_dir):
+    victim = _largest_array_file(step_dir)
+    victim.unlink()
+    return victim
+
+
+def _break_meta(step_dir):
+    step_dir.joinpath("meta", "metadata").write_text('{"data_position": 3')
+    return step_dir / "meta" / "metadata"
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest_array_file, _remove_largest_array_file,
+                                    _break_meta])
+def test_corrupt_latest_step_falls_back_to_the_newest_intact_one(tmp_path, damage, caplog):
+    states = _saved(tmp_path)
+    damage(tmp_path / "3")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ResumeError, match=r"checkpoint step 3 \(.*/3/(state|meta)"):
+            ckpt.restore(3, abstract_state(big_state(0)))
+        with caplog.at_level("WARNING"):
+            step, state, meta = ckpt.restore_latest(abstract_state(big_state(0)))
+        assert step == 2 and meta == {"data_position": 2}
+        assert_bit_identical(state, states[2])
+        assert "checkpoint step 3" in caplog.text and "resuming from step 2" in caplog.text
+        assert ckpt.all_steps() == [1, 2] and (tmp_path / "corrupt.3").is_dir()
+        ckpt.save(3, states[3], {"data_position": 3}, force=True)  # the run can write it again
+        ckpt.wait_until_finished()
+        assert_bit_identical(ckpt.restore(3, abstract_state(big_state(0)))[0], states[3])
+
+
+def test_broken_meta_json_names_the_file(tmp_path):
+    _saved(tmp_path, steps=(1,))
+    path = _break_meta(tmp_path / "1")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ResumeError, match=f"step 1 \\({path}\\) cannot be read: Expecting"):
+            ckpt.read_meta(1)
+
+
+def test_no_intact_step_names_each_one(tmp_path):
+    _saved(tmp_path, steps=(1, 2))
+    _truncate_largest_array_file(tmp_path / "2")
+    _break_meta(tmp_path / "1")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ResumeError, match=r"no intact checkpoint .*step 2 .*step 1 .*metadata"):
+            ckpt.restore_latest(abstract_state(big_state(0)))
+        assert ckpt.all_steps() == [1, 2]  # nothing moved when there is nothing to fall back to
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        assert ckpt.restore_latest(abstract_state(big_state(0))) is None
+
+
+def test_check_runs_on_the_record_before_any_array_is_read(tmp_path, monkeypatch):
+    _saved(tmp_path, steps=(1,))
+    seen = []
+
+    def check(meta):
+        seen.append(meta)
+        raise ResumeError("config differs")
+
+    with Checkpointer(tmp_path) as ckpt:
+        monkeypatch.setattr(ckpt, "_restore_state", lambda *a: pytest.fail("restored first"))
+        with pytest.raises(ResumeError, match="config differs"):
+            ckpt.restore_latest(abstract_state(big_state(0)), check=check)
+    assert seen == [{"data_position": 1}]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (root only); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (the injected-fault test covers the writer)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _fill(directory, leave_bytes):
+    free = shutil.disk_usage(directory).free
+    filler = directory / "filler"
+    filler.write_bytes(b"\0" * max(free - leave_bytes, 0))
+    return filler
+
+
+def _assert_failed_write_left_nothing_behind(directory, err, states):
+    assert "cannot write checkpoint step 2 to " in str(err.value)
+    assert "No space left on device" in str(err.value) and "resumes from step 1" in str(err.value)
+    assert not list(directory.glob("*orbax-checkpoint-tmp*"))
+    with Checkpointer(directory) as ckpt:
+        assert ckpt.all_steps() == [1]
+        assert_bit_identical(ckpt.restore(1, abstract_state(big_state(0)))[0], states[1])
+
+
+def test_disk_full_on_a_real_filesystem(small_disk):
+    states = {s: big_state(s) for s in (1, 2)}
+    directory = small_disk / "ckpt"
+    ckpt = Checkpointer(directory)
+    ckpt.save(1, states[1], force=True)
+    ckpt.wait_until_finished()
+    filler = _fill(small_disk, leave_bytes=8 << 10)
+    ckpt.save(2, states[2], force=True)
+    with pytest.raises(CheckpointWriteError) as err:
+        ckpt.wait_until_finished()
+    ckpt.close()
+    assert str(small_disk) in str(err.value)
+    _assert_failed_write_left_nothing_behind(directory, err, states)
+    filler.unlink()
+    with Checkpointer(directory) as ckpt:  # once there is space, the same step saves
+        ckpt.save(2, states[2], force=True)
+    with Checkpointer(directory) as ckpt:
+        assert_bit_identical(ckpt.restore(2, abstract_state(big_state(0)))[0], states[2])
+
+
+@pytest.mark.parametrize("surfaces_at", ["next_save", "close"])
+def test_write_failure_injected_in_the_writer(tmp_path, monkeypatch, surfaces_at):
+    states = {s: big_state(s) for s in (1, 2, 3)}
+    real = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def full_disk(self, x, directory):
+        path = os.path.join(str(directory), "metadata")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, states[1], force=True)
+    ckpt.wait_until_finished()
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk)
+    ckpt.save(2, states[2], force=True)
+    with pytest.raises(CheckpointWriteError) as err:
+        if surfaces_at == "next_save":
+            ckpt.save(3, states[3], force=True)
+        else:
+            ckpt.close()
+    assert "2.orbax-checkpoint-tmp" in str(err.value) and "metadata" in str(err.value)
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", real)
+    ckpt.close()
+    _assert_failed_write_left_nothing_behind(tmp_path, err, states)
