@@ -36,6 +36,9 @@ def is_user_error(exc: BaseException) -> bool:
     """True for failures the user fixes (InputError, missing files, full disk, permissions)."""
     if isinstance(exc, InputError):
         return True
+    # `FileNotFoundError("message")` has no errno; its class says what it is all the same.
+    if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)):
+        return True
     return isinstance(exc, OSError) and exc.errno in USER_OS_ERRNOS
 
 

@@ -62,6 +62,8 @@ def test_is_user_error_sorts_exceptions():
     assert is_user_error(OSError(errno.ENOSPC, "full"))
     assert not is_user_error(RuntimeError("x"))
     assert not is_user_error(ValueError("x"))
+    assert is_user_error(FileNotFoundError("config.data.path 'x' does not exist"))  # no errno
+    assert not is_user_error(OSError("x"))
 
 
 @pytest.mark.parametrize("value,kw", [(0, dict(low=1, integer=True)), (1.5, dict(integer=True)),
