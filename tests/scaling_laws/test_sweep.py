@@ -90,3 +90,21 @@ def test_unfinished_run_of_another_config_is_refused(tmp_path):
     (run_dir / "run_spec.json").write_text(json.dumps({"other": 1}))
     with pytest.raises(ResumeError, match="unfinished run of a different config"):
         run_sweep(c, str(tmp_path))
+
+
+def test_run_killed_before_its_results_resumes_from_its_checkpoint(tmp_path):
+    c = tiny_config()
+    c.scaling.data_samples = (128,)
+    c.scaling.keep_run_checkpoints = True
+    c.scaling.checkpoint_every = 2
+    first = json.loads((_one_run(c, tmp_path)).read_text())
+    (tmp_path / "data" / "data_00_128.json").unlink()  # killed after training, before results
+    second = json.loads((_one_run(c, tmp_path)).read_text())
+    assert second["eval"] == first["eval"]  # restored the trained state, did not retrain
+    metrics = (tmp_path / "data" / "runs" / "data_00_128" / "metrics.jsonl").read_text()
+    assert metrics.count('"final": true') == 2 and metrics.count('"step": 1,') <= 1
+
+
+def _one_run(c, tmp_path):
+    assert run_sweep(c, str(tmp_path))["done"] == 1
+    return tmp_path / "data" / "data_00_128.json"
