@@ -62,8 +62,9 @@ def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str =
         if batch_size % plan.num_devices:
             raise InputError(f"{path}: --batch_size={batch_size} is not divisible by its "
                              f"{plan.num_devices} devices")
-    _ensure_devices(max(p.num_devices for p in loaded))
-    from autoshard_jax.placement.evaluate import evaluate_measured
+    from autoshard_jax.placement.evaluate import ensure_devices, evaluate_measured
+
+    ensure_devices(max(p.num_devices for p in loaded))
 
     records = []
     for path, plan in zip(paths, loaded, strict=True):
@@ -72,19 +73,6 @@ def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str =
         print(json.dumps(rec), file=out, flush=True)
         records.append(rec)
     return records
-
-
-def _ensure_devices(n: int) -> None:
-    """On CPU, simulate enough devices (only possible before JAX's backend starts)."""
-    import jax
-
-    try:
-        if jax.config.jax_num_cpu_devices < n:
-            jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
-        pass  # backend already up: the device count is what it is
-    if jax.device_count() < n:
-        raise InputError(f"a plan needs {n} devices, this backend has {jax.device_count()}")
 
 
 def main(argv):

@@ -45,8 +45,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_tasks", 50, "Test tasks per setting.")
     flags.DEFINE_integer("base_tables", 50, "T of the base setting.")
     flags.DEFINE_integer("base_devices", 4, "D of the base setting.")
-    flags.DEFINE_string("settings", "all", "Comma-separated setting names (base, T=10, T=100, "
-                        "T=200, D=2, D=8, D=16, unseen=0%, unseen=50%) or 'all'.")
+    flags.DEFINE_string("settings", "all", "Comma-separated settings: base, T=<tables>, "
+                        "D=<devices>, unseen=<percent>%; 'all' = base, T=10,100,200, "
+                        "D=2,8,16, unseen=0%,50%.")
     flags.DEFINE_string("objectives", "spmd,max_device", "Objectives to evaluate.")
     flags.DEFINE_float("mem_factor", 1.5, "Memory cap: x max(balanced share, largest table).")
     flags.DEFINE_integer("reference_budget", 30, "Scored proposals of the reference search.")
@@ -92,13 +93,18 @@ def reproduce(f, log=print) -> str:
     pool = load_tables(f.tables) if f.tables else synthetic_pool(856, seed=f.pool_seed,
                                                                  max_rows=f.max_rows)
     train_pool, test_pool = split_pool(pool, f.pool_seed)
-    all_settings = harness.settings(f.base_tables, f.base_devices)
-    wanted = None if f.settings == "all" else f.settings.split(",")
-    chosen = [s for s in all_settings if wanted is None or s.name in wanted]
-    if wanted is not None and len(chosen) != len(wanted):
-        known = [s.name for s in all_settings]
-        raise InputError(f"--settings: unknown {sorted(set(wanted) - set(known))}; "
-                         f"choose from {known}")
+    if f.settings == "all":
+        chosen = harness.settings(f.base_tables, f.base_devices)
+    else:
+        try:
+            chosen = [harness.parse_setting(n, f.base_tables, f.base_devices)
+                      for n in f.settings.split(",")]
+        except InputError as e:
+            raise InputError(f"--settings: {e}") from e
+    for s in chosen:
+        if s.num_tables > len(test_pool) or not 0 <= s.unseen <= 1 or s.num_devices < 1:
+            raise InputError(f"--settings: {s.name} needs 1 <= D, unseen in 0..100% and at "
+                             f"most {len(test_pool)} tables (half the pool)")
     os.makedirs(f.workdir, exist_ok=True)
     results = os.path.join(f.workdir, "results.jsonl")
 

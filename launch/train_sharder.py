@@ -15,6 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from autoshard_jax.errors import InputError
+from autoshard_jax.placement.evaluate import ensure_devices
 from autoshard_jax.placement.trainer import train
 from launch.common import run
 
@@ -34,6 +35,8 @@ def main(argv):
     if FLAGS.config is None or not FLAGS.workdir:
         raise InputError("--config and --workdir are required")
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+    if FLAGS.config.refine_every and FLAGS.config.objective == "spmd":
+        ensure_devices(max(d for _, d in FLAGS.config.train_shapes))  # oracle plan timing
     result = train(FLAGS.config, FLAGS.workdir)
     print(json.dumps({"final_eval": result}, indent=1))
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from autoshard_jax.errors import InputError
 from autoshard_jax.optim.sparse import state_kinds
 from autoshard_jax.placement.costs import Cost, plan_costs
 from autoshard_jax.sharding.plan import ShardingPlan
@@ -85,6 +86,19 @@ def evaluate_measured(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size
     if measure == "step":
         out["step_ms"] = step_ms(specs, plan, batch_size, row_optimizer, seed)
     return out
+
+
+def ensure_devices(n: int) -> None:
+    """On CPU, simulate at least n devices (possible only before JAX's backend starts)."""
+    import jax
+
+    try:
+        if jax.config.jax_num_cpu_devices < n:
+            jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass  # backend already up: the device count is what it is
+    if jax.device_count() < n:
+        raise InputError(f"a plan needs {n} devices, this backend has {jax.device_count()}")
 
 
 def _bench_module():

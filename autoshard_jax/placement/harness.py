@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ from autoshard_jax.errors import InputError
 from autoshard_jax.placement import api, search
 from autoshard_jax.placement.costs import Cost, plan_costs
 from autoshard_jax.placement.inference import LoadedPolicy
+from autoshard_jax.placement.jsonl import read_jsonl
 from autoshard_jax.placement.memory import memory_model
 from autoshard_jax.placement.tasks import Task, sample_task
 
@@ -49,6 +49,24 @@ def settings(base_t: int, base_d: int, tables=(10, 100, 200), devices=(2, 8, 16)
     out += [Setting(f"D={d}", base_t, d, 1.0) for d in devices if d != base_d]
     out += [Setting(f"unseen={int(100 * u)}%", base_t, base_d, u) for u in unseen if u != 1.0]
     return out
+
+
+def parse_setting(name: str, base_t: int, base_d: int) -> Setting:
+    """'base', 'T=<tables>', 'D=<devices>' or 'unseen=<percent>%' (one axis off the base)."""
+    try:
+        if name == "base":
+            return Setting(name, base_t, base_d, 1.0)
+        key, value = name.split("=")
+        if key == "T":
+            return Setting(name, int(value), base_d, 1.0)
+        if key == "D":
+            return Setting(name, base_t, int(value), 1.0)
+        if key == "unseen" and value.endswith("%"):
+            return Setting(name, base_t, base_d, float(value[:-1]) / 100.0)
+    except ValueError:
+        pass
+    raise InputError(f"unknown setting {name!r}: use base, T=<tables>, D=<devices> or "
+                     "unseen=<percent>%")
 
 
 def objective_of(rec: dict, objective: str) -> float:
@@ -164,16 +182,7 @@ def run_setting(setting: Setting, objective: str, train_pool, test_pool, num_tas
 
 
 def read_results(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a kill: that task reruns
-    return out
+    return read_jsonl(path)
 
 
 def table(records: Sequence[dict], objective: str, tie_rel: float) -> str:

@@ -36,8 +36,10 @@ from autoshard_jax.placement.costs import (
     width_classes,
 )
 from autoshard_jax.placement.inference import CHECKPOINTS, POLICY_JSON
+from autoshard_jax.placement.jsonl import read_jsonl
 from autoshard_jax.placement.memory import memory_model
 from autoshard_jax.placement.policy import PolicyNet, init_params, make_optimizer, rollout
+from autoshard_jax.placement.refine import make_refine_fn
 from autoshard_jax.placement.tasks import Task, sample_task, split_pool
 from autoshard_jax.tables.features import NUM_FEATURES
 from autoshard_jax.tables.pools import synthetic_pool
@@ -175,25 +177,21 @@ def _greedy_batch(net: PolicyNet, cost_fn: Callable) -> Callable:
 
 def _read_metrics(path: str, upto: int) -> list[dict]:
     """Records of iterations < upto (a torn last line or records past a checkpoint dropped)."""
-    if not os.path.exists(path):
-        return []
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("iteration", upto) < upto:
-                kept.append(rec)
-    return kept
+    return [r for r in read_jsonl(path) if r.get("iteration", upto) < upto]
 
 
-def train(c, workdir: str, refine_fn: Callable | None = None, log=print) -> dict:
-    """Trains (or resumes) a policy in `workdir`; returns the last eval record."""
+def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
+          cost: Cost | None = None) -> dict:
+    """Trains (or resumes) a policy in `workdir`; returns the last eval record.
+
+    `cost` overrides the config's cost model; `refine_fn` the oracle refinement (by default
+    `refine.make_refine_fn`, used when `refine_every` > 0 and the cost model is learned).
+    """
     check_config(c)
     os.makedirs(workdir, exist_ok=True)
-    cost = get_cost(c.batch_size, c.cost_model or None)
+    cost = cost or get_cost(c.batch_size, c.cost_model or None)
+    if refine_fn is None and c.refine_every:
+        refine_fn = make_refine_fn(workdir, log)
     pool = load_pool(c)
     train_pool, test_pool = split_pool(pool, c.pool.seed)
     builder = TaskBuilder(pool, cost)

@@ -50,7 +50,8 @@ def test_reports_every_method_and_resumes(tmp_path):
 @pytest.mark.parametrize("kw,err,culprit", [
     ({"num_tasks": 0}, ConfigError, "num_tasks"),
     ({"objectives": "speed"}, InputError, "speed"),
-    ({"settings": "base,T=7"}, InputError, "T=7"),
+    ({"settings": "base,X=7"}, InputError, "X=7"),
+    ({"settings": "T=900"}, InputError, "T=900"),
     ({"tables": "/nonexistent.json"}, InputError, "nonexistent.json")])
 def test_bad_flags(tmp_path, kw, err, culprit):
     with pytest.raises(err, match=culprit):
