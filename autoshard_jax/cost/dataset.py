@@ -1,0 +1,108 @@
+"""Cost datasets: measured table sets and plans as JSONL, appended one line per measurement.
+
+Each line is one measurement: {"kind": "set" | "plan", "index": i, ...} plus the backend, batch
+size and software versions. A collection is resumable: an entry is identified by (kind, index,
+repeat) and is never measured twice; a torn last line (a kill mid-write) is dropped on reopen.
+Table specs live beside the data in the collection's `tables.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from autoshard_jax.errors import DataError
+
+DATA_FILE = "costs.jsonl"
+TABLES_FILE = "tables.json"
+
+
+def environment() -> dict:
+    """Backend and versions stamped on every record (costs are only comparable within one)."""
+    device = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device_kind": device.device_kind,
+            "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__)}
+
+
+def entry_key(record: dict) -> tuple[str, int, bool]:
+    return record["kind"], int(record["index"]), record.get("repeat_of") is not None
+
+
+def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """All records of a JSONL cost file; with `repair`, a torn last line is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    records, good_bytes = [], 0
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            good_bytes += len(line) + (1 if number < len(lines) else 0)
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "kind" not in record or "index" not in record:
+                raise ValueError("not a cost record")
+        except ValueError as e:
+            if number == len(lines) or (number == len(lines) - 1 and not lines[-1]):
+                if repair:  # torn write at the end: drop it, the entry is measured again
+                    with open(path, "r+b") as f:
+                        f.truncate(good_bytes)
+                break
+            raise DataError(f"{os.fspath(path)}:{number}: not a cost record ({e}); remove or "
+                            "fix the line") from e
+        records.append(record)
+        good_bytes += len(line) + 1
+    return records
+
+
+class RecordWriter:
+    """Appends records to a JSONL file, flushed and fsynced line by line (a kill loses none)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_files(paths: str | list[str]) -> Iterator[dict]:
+    """Records of one or more cost files or collection directories."""
+    for p in [paths] if isinstance(paths, str) else paths:
+        path = os.path.join(p, DATA_FILE) if os.path.isdir(p) else p
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"cost data {path!r} does not exist: run "
+                                    "`python -m launch.collect_costs --workdir=DIR` first")
+        yield from read_records(path)
+
+
+def noise_pairs(records: list[dict], kind: str, field: str = "total_ms") -> np.ndarray:
+    """[P, 2] (first, repeated) measurements of the entries measured twice."""
+    first = {r["index"]: r[field] for r in records
+             if r["kind"] == kind and r.get("repeat_of") is None}
+    pairs = [(first[r["repeat_of"]], r[field]) for r in records
+             if r["kind"] == kind and r.get("repeat_of") is not None and r["repeat_of"] in first]
+    return np.asarray(pairs, np.float64).reshape(-1, 2)
+
+
+def split_of(index: int, seed: int = 0) -> str:
+    """Deterministic 80/10/10 train / val / test split by entry index (hash, not order)."""
+    h = (index * 2654435761 + seed * 97) % 2**32 / 2**32
+    return "train" if h < 0.8 else ("val" if h < 0.9 else "test")

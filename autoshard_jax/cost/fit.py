@@ -1,0 +1,368 @@
+"""Training the cost network on oracle measurements, its baselines, and the held-out report.
+
+Records (see `dataset.py`) are split 80/10/10 by entry index; the network is trained on "train",
+its best step chosen on "val", and every model is scored on "test" only. Baselines, on the same
+split: the sum of single-table costs (the additive assumption fused costs break), a linear model
+on summed table features, and the analytical TorchRec-style estimator with its one bandwidth
+constant fitted on "train".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from autoshard_jax.cost import dataset
+from autoshard_jax.cost.analytical import analytical_cost_fn
+from autoshard_jax.cost.network import (
+    CostModel,
+    CostNet,
+    class_onehot,
+    encode_features,
+    init_params,
+)
+from autoshard_jax.errors import DataError
+from autoshard_jax.tables.features import table_features
+from autoshard_jax.tables.spec import TableSpec
+
+# A harmless table that fills padded rows (its assignment row is zero, so it adds nothing).
+_PAD_FEATS = table_features([TableSpec("pad", 1, 1)])[0]
+MAX_CLASSES = 8
+
+
+@dataclasses.dataclass
+class SetData:
+    """Measured sets as one fused device each, padded to T tables: feats [N, T, F], assign
+    [N, T, 1] (0 on padding), targets [N]."""
+
+    index: np.ndarray
+    feats: np.ndarray
+    assign: np.ndarray
+    forward: np.ndarray
+    backward: np.ndarray
+    total: np.ndarray
+    names: list
+
+
+@dataclasses.dataclass
+class PlanData:
+    """Measured plans with D devices, padded to T tables: feats [M, T, F], assign [M, T, D],
+    classes [M, T, K], targets [M]."""
+
+    index: np.ndarray
+    feats: np.ndarray
+    assign: np.ndarray
+    classes: np.ndarray
+    compute: np.ndarray
+    exchange: np.ndarray
+    total: np.ndarray
+    names: list
+
+
+def _pad(rows: np.ndarray, t: int) -> np.ndarray:
+    out = np.tile(_PAD_FEATS, (t, 1))
+    out[:len(rows)] = rows
+    return out
+
+
+def set_data(records: list[dict], pool: dict[str, TableSpec]) -> SetData:
+    sets = [r for r in records if r["kind"] == "set" and r.get("repeat_of") is None]
+    if not sets:
+        raise DataError("no measured table sets in the cost data")
+    t = max(len(r["tables"]) for r in sets)
+    feats, assign = [], []
+    for r in sets:
+        specs = [_spec(pool, n) for n in r["tables"]]
+        feats.append(_pad(table_features(specs), t))
+        a = np.zeros((t, 1), np.float32)
+        a[:len(specs)] = 1.0
+        assign.append(a)
+    col = lambda k: np.asarray([r[k] for r in sets], np.float64)  # noqa: E731
+    return SetData(col("index").astype(int), np.stack(feats), np.stack(assign), col("forward_ms"),
+                   col("backward_ms"), col("total_ms"), [r["tables"] for r in sets])
+
+
+def plan_data(records: list[dict], pool: dict[str, TableSpec]) -> dict[int, PlanData]:
+    """Plans grouped by device count (a group shares one padded shape)."""
+    plans = [r for r in records if r["kind"] == "plan" and r.get("repeat_of") is None]
+    out = {}
+    for d in sorted({r["num_devices"] for r in plans}):
+        group = [r for r in plans if r["num_devices"] == d]
+        t = max(len(r["tables"]) for r in group)
+        feats, assign, classes = [], [], []
+        for r in group:
+            specs = [_spec(pool, n) for n in r["tables"]]
+            feats.append(_pad(table_features(specs), t))
+            a = np.zeros((t, d), np.float32)
+            for i, s in enumerate(specs):
+                p = r["placements"][s.name]
+                if p["type"] == "table_wise":
+                    a[i, p["device"]] = 1.0
+                else:  # row_wise / replicated: every device does part / all of the work
+                    a[i, :] = 1.0
+            assign.append(a)
+            c = np.zeros((t, MAX_CLASSES), np.float32)
+            c[:len(specs)] = class_onehot(specs, MAX_CLASSES)
+            classes.append(c)
+        col = lambda k, g=group: np.asarray([r[k] for r in g], np.float64)  # noqa: E731
+        out[d] = PlanData(col("index").astype(int), np.stack(feats), np.stack(assign),
+                          np.stack(classes), col("compute_ms"), col("exchange_ms"),
+                          col("total_ms"), [r["tables"] for r in group])
+    return out
+
+
+def _spec(pool: dict[str, TableSpec], name: str) -> TableSpec:
+    if name not in pool:
+        raise DataError(f"cost data names table {name!r}, which the pool (tables.json) lacks")
+    return pool[name]
+
+
+def split_mask(index: np.ndarray, part: str, seed: int = 0) -> np.ndarray:
+    return np.asarray([dataset.split_of(int(i), seed) == part for i in index])
+
+
+# --- metrics -------------------------------------------------------------------------------
+def mape(pred, true) -> float:
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    return float(np.mean(np.abs(pred - true) / np.abs(true)))
+
+
+def r2(pred, true) -> float:
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    return float(1.0 - np.sum((pred - true) ** 2) / np.sum((true - true.mean()) ** 2))
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-b (ties counted in neither direction), O(n^2): n is a few thousand."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    iu = np.triu_indices(len(a), 1)
+    da, db = da[iu], db[iu]
+    denom = math.sqrt(float(np.sum(da != 0)) * float(np.sum(db != 0)))
+    return float(np.sum(da * db) / denom) if denom else 0.0
+
+
+def spearman(a, b) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def scores(pred, true) -> dict:
+    return {"mape": mape(pred, true), "r2": r2(pred, true), "kendall_tau": kendall_tau(pred, true),
+            "n": int(len(true))}
+
+
+# --- training -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    steps: int = 3000
+    batch_sets: int = 256
+    batch_plans: int = 32
+    learning_rate: float = 1e-2
+    eval_every: int = 100
+    seed: int = 0
+
+
+def _normaliser(sets: SetData | None, plans: dict[int, PlanData], train: dict):
+    rows = []
+    if sets is not None:
+        m = train["sets"]
+        rows.append(sets.feats[m][sets.assign[m][..., 0] > 0])
+    for d, p in plans.items():
+        m = train[d]
+        rows.append(p.feats[m][p.assign[m].sum(-1) > 0])
+    x = np.asarray(encode_features(jnp.asarray(np.concatenate(rows))))
+    return x.mean(0), np.maximum(x.std(0), 1e-3)
+
+
+def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: FitConfig,
+                   meta: dict, log=print) -> tuple[CostModel, list[dict]]:
+    """Trains the network on the train split (both settings at once); keeps the best val step."""
+    train = {"sets": split_mask(sets.index, "train")} if sets is not None else {}
+    val = {"sets": split_mask(sets.index, "val")} if sets is not None else {}
+    for d, p in plans.items():
+        train[d], val[d] = split_mask(p.index, "train"), split_mask(p.index, "val")
+    mean_I, std_I = _normaliser(sets, plans, train)
+    model = CostModel(None, mean_I, std_I, meta, CostNet())
+    params = init_params(model.net, jax.random.key(config.seed))
+    tx = optax.adamw(optax.cosine_decay_schedule(config.learning_rate, config.steps), 1e-4)
+    opt_state = tx.init(params)
+
+    def set_loss(params, feats, assign, fwd, bwd):
+        f, b, _, _ = jax.vmap(lambda x, a: model.apply(params, x, a, a))(feats, assign)
+        return jnp.mean((jnp.log(f[:, 0]) - jnp.log(fwd)) ** 2 +
+                        (jnp.log(b[:, 0]) - jnp.log(bwd)) ** 2)
+
+    def plan_loss(params, feats, assign, classes, compute, exchange):
+        _, _, c, e = jax.vmap(lambda x, a, k: model.apply(params, x, a, k))(feats, assign,
+                                                                            classes)
+        ex_term = jnp.where(exchange > 0, (jnp.log(e) - jnp.log(jnp.maximum(exchange, 1e-6)))
+                            ** 2, 0.0)
+        return jnp.mean((jnp.log(c) - jnp.log(compute)) ** 2 + ex_term)
+
+    @jax.jit
+    def step(params, opt_state, set_batch, plan_batches):
+        def loss_fn(p):
+            loss = set_loss(p, *set_batch) if set_batch is not None else 0.0
+            for b in plan_batches:
+                loss = loss + plan_loss(p, *b)
+            return loss
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(config.seed)
+    pick = lambda mask, n: rng.choice(np.flatnonzero(mask), n)  # noqa: E731
+    best, best_val, history = params, math.inf, []
+    for i in range(config.steps):
+        set_batch = None
+        if sets is not None and train["sets"].any():
+            j = pick(train["sets"], config.batch_sets)
+            set_batch = (sets.feats[j], sets.assign[j], sets.forward[j], sets.backward[j])
+        plan_batches = []
+        for d, p in plans.items():
+            if train[d].any():
+                j = pick(train[d], config.batch_plans)
+                plan_batches.append((p.feats[j], p.assign[j], p.classes[j], p.compute[j],
+                                     p.exchange[j]))
+        params, opt_state, loss = step(params, opt_state, set_batch, tuple(plan_batches))
+        if (i + 1) % config.eval_every == 0 or i + 1 == config.steps:
+            model.params = params
+            v = validation_error(model, sets, plans, val)
+            history.append({"step": i + 1, "train_loss": float(loss), "val_mape": v})
+            if v < best_val:
+                best, best_val = jax.tree.map(lambda x: x, params), v
+            if (i + 1) % (10 * config.eval_every) == 0:
+                log(f"step {i + 1}: train loss {float(loss):.4f}, val MAPE {v:.4f}")
+    model.params = best
+    return model, history
+
+
+def predict_sets(model: CostModel, sets: SetData, mask: np.ndarray) -> np.ndarray:
+    fn = jax.jit(jax.vmap(lambda x, a: model.cost_fn(x, a, a)[0][0]))
+    return np.asarray(fn(sets.feats[mask], sets.assign[mask]), np.float64)
+
+
+def predict_plans(model_fn, plans: PlanData, mask: np.ndarray) -> np.ndarray:
+    fn = jax.jit(jax.vmap(lambda x, a, k: model_fn(x, a, k)[1]))
+    return np.asarray(fn(plans.feats[mask], plans.assign[mask], plans.classes[mask]), np.float64)
+
+
+def validation_error(model: CostModel, sets, plans, val) -> float:
+    errs = []
+    if sets is not None and val["sets"].any():
+        errs.append(mape(predict_sets(model, sets, val["sets"]), sets.total[val["sets"]]))
+    for d, p in plans.items():
+        if val[d].any():
+            errs.append(mape(predict_plans(model.cost_fn, p, val[d]), p.total[val[d]]))
+    return float(np.mean(errs)) if errs else math.inf
+
+
+# --- baselines ------------------------------------------------------------------------------
+def _set_feature_sums(sets: SetData) -> np.ndarray:
+    x = np.asarray(jax.vmap(encode_features)(jnp.asarray(sets.feats)))
+    return np.einsum("ntf,nt->nf", x, sets.assign[..., 0])
+
+
+def _plan_feature_sums(p: PlanData) -> np.ndarray:
+    """Per class, max over devices of summed features (the padded program), summed over
+    classes; plus the device count: what a linear model of the SPMD cost can see."""
+    x = np.asarray(jax.vmap(encode_features)(jnp.asarray(p.feats)))
+    z = np.einsum("ntf,ntd,ntk->ndkf", x, p.assign, p.classes)
+    d = p.assign.shape[-1]
+    return np.concatenate([z.max(1).sum(1), np.full((len(p.index), 1), np.log(d))], axis=1)
+
+
+def _lstsq(x_train, y_train, x_test):
+    w, *_ = np.linalg.lstsq(x_train, y_train, rcond=None)
+    return x_test @ w
+
+
+def _scale(pred_train, y_train) -> float:
+    return float(pred_train @ y_train / max(pred_train @ pred_train, 1e-30))
+
+
+def evaluate(model: CostModel, sets: SetData | None, plans: dict[int, PlanData],
+             batch_size: int, singles: dict[str, float]) -> dict:
+    """Held-out scores of the network and the three baselines, per setting."""
+    analytic = analytical_cost_fn(batch_size)
+    report = {}
+    if sets is not None:
+        tr, te = split_mask(sets.index, "train"), split_mask(sets.index, "test")
+        y = sets.total
+        entry = {"network": scores(predict_sets(model, sets, te), y[te])}
+        known = np.asarray([all(n in singles for n in names) for names in sets.names])
+        if (te & known).any():
+            sums = np.asarray([sum(singles.get(n, 0.0) for n in names) for names in sets.names])
+            entry["sum_of_singles"] = scores(sums[te & known], y[te & known])
+        feats = _set_feature_sums(sets)
+        entry["linear"] = scores(_lstsq(feats[tr], y[tr], feats[te]), y[te])
+        a_fn = jax.jit(jax.vmap(lambda x, a: analytic(x, a, a)[0][0]))
+        a = np.asarray(a_fn(sets.feats, sets.assign), np.float64)
+        entry["analytical"] = scores(a[te] * _scale(a[tr], y[tr]), y[te])
+        report["max_device"] = entry
+    if plans:
+        preds = {k: [] for k in ("network", "linear", "analytical", "sum_of_singles")}
+        true = []
+        for _, p in plans.items():
+            tr, te = split_mask(p.index, "train"), split_mask(p.index, "test")
+            if not te.any():
+                continue
+            true.append(p.total[te])
+            preds["network"].append(predict_plans(model.cost_fn, p, te))
+            feats = _plan_feature_sums(p)
+            preds["linear"].append(_lstsq(feats[tr], p.total[tr], feats[te]) if tr.any()
+                                   else np.full(te.sum(), np.nan))
+            a = predict_plans(analytic, p, np.ones(len(p.index), bool))
+            preds["analytical"].append(a[te] * _scale(a[tr], p.total[tr]))
+            preds["sum_of_singles"].append(_plan_singles(p, te, singles))
+        if true:
+            y = np.concatenate(true)
+            report["spmd"] = {}
+            for name, v in preds.items():
+                v = np.concatenate(v)
+                ok = ~np.isnan(v)
+                if ok.any():
+                    report["spmd"][name] = scores(v[ok], y[ok])
+    return report
+
+
+def _plan_singles(p: PlanData, mask: np.ndarray, singles: dict[str, float]) -> np.ndarray:
+    """SPMD sum of singles: per width class, the busiest device's summed single-table ms."""
+    out = []
+    for i in np.flatnonzero(mask):
+        names = p.names[i]
+        if not all(n in singles for n in names):
+            out.append(np.nan)
+            continue
+        s_T = np.zeros(p.feats.shape[1])
+        s_T[:len(names)] = [singles[n] for n in names]
+        z_DxK = np.einsum("t,td,tk->dk", s_T, p.assign[i], p.classes[i])
+        out.append(z_DxK.max(0).sum())
+    return np.asarray(out)
+
+
+def noise(records: list[dict]) -> dict:
+    """Noise floor (mean relative difference of two measurements of one entry) and ceiling
+    (Kendall tau between the two), per kind."""
+    out = {}
+    for kind in ("set", "plan"):
+        pairs = dataset.noise_pairs(records, kind)
+        if len(pairs) >= 3:
+            rel = np.abs(pairs[:, 0] - pairs[:, 1]) / pairs[:, 0]
+            out[kind] = {"floor_mape": float(rel.mean()), "ceiling_tau":
+                         kendall_tau(pairs[:, 0], pairs[:, 1]), "pairs": int(len(pairs))}
+    return out
+
+
+def singles_of(records: list[dict]) -> dict[str, float]:
+    return {r["tables"][0]: r["total_ms"] for r in records
+            if r["kind"] == "set" and len(r["tables"]) == 1 and r.get("repeat_of") is None}
+

@@ -1,0 +1,194 @@
+"""The neural cost model: DeepSets over a device's tables, for both cost settings.
+
+Per table, an encoder maps normalised features to an embedding; a device is the *sum* of its
+tables' embeddings (fused multi-table costs are not additive in ms, but they are a function of
+the set, which a sum of learned embeddings can represent).
+
+* max_device (the papers'): heads on a device's sum predict its forward and backward ms; a plan
+  costs its slowest device.
+* spmd (this project's execution): every width class is padded to its most loaded device, so the
+  plan's program is described by the element-wise *max over devices* of each class's per-device
+  sum; a class head turns that into ms, summed over classes, plus an exchange head for the
+  all_to_all traffic (zero on one device).
+
+Heads output log-ms, so the sums stay positive and relative errors are what training minimises.
+`CostModel.cost_fn(feats_TxF, assign_TxD, class_TxK) -> (device_ms_D, spmd_ms)` is pure, jittable
+and vmappable: the placement policy and search score thousands of plans with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from autoshard_jax.errors import InputError
+from autoshard_jax.sharding.layout import padded_width
+from autoshard_jax.tables.features import FEATURE_NAMES, NUM_FEATURES
+from autoshard_jax.tables.spec import TableSpec
+
+MODEL_VERSION = 1
+_DIM = FEATURE_NAMES.index("dim")
+
+
+def encode_features(feats_TxF: jax.Array) -> jax.Array:
+    """Raw table features -> the network's inputs [T, 26]: log scales plus the work terms that
+    grow linearly with a table's ids (so sums over tables can stay linear where costs are)."""
+    rows, dim, pf, size = (feats_TxF[:, i] for i in range(4))
+    hotness = jnp.maximum(1.0, jnp.ceil(pf))
+    extra = jnp.stack([jnp.log(rows), jnp.log2(dim), jnp.log1p(pf), jnp.log1p(pf * dim),
+                       jnp.log1p(size * 1e3), pf * dim / 256.0, hotness * dim / 256.0,
+                       rows * dim / 1e7, jnp.ones_like(pf)], axis=1)
+    return jnp.concatenate([extra, feats_TxF[:, 4:]], axis=1)
+
+
+NUM_INPUTS = 9 + NUM_FEATURES - 4
+
+
+def work_terms(feats_TxF: jax.Array) -> jax.Array:
+    """[T, 4] non-negative terms a device's cost grows with, summed exactly per device: ids x
+    width, padded slots x width, table bytes, and 1 (the table count)."""
+    rows, dim, pf = feats_TxF[:, 0], feats_TxF[:, 1], feats_TxF[:, 2]
+    hotness = jnp.maximum(1.0, jnp.ceil(pf))
+    return jnp.stack([pf * dim / 256.0, hotness * dim / 256.0, rows * dim / 1e7,
+                      jnp.ones_like(pf)], axis=1)
+
+
+def width_classes(specs: Sequence[TableSpec]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(class index of each table [T], packed width of each class): the SPMD width classes of
+    these tables packed into one slab (width = the widest table, as `sharding.layout` packs)."""
+    width = max(s.dim for s in specs)
+    packed = [padded_width(s.dim, width) for s in specs]
+    widths = tuple(sorted(set(packed)))
+    return np.asarray([widths.index(w) for w in packed], np.int32), widths
+
+
+def class_onehot(specs: Sequence[TableSpec], num_classes: int | None = None) -> np.ndarray:
+    """One-hot width class [T, K] (K = `num_classes`, padded, or the number of classes)."""
+    cls_T, widths = width_classes(specs)
+    k = num_classes or len(widths)
+    if len(widths) > k:
+        raise InputError(f"{len(widths)} width classes, the cost model takes at most {k}")
+    return np.eye(k, dtype=np.float32)[cls_T]
+
+
+class _MLP(nn.Module):
+    sizes: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        for i, n in enumerate(self.sizes):
+            x = nn.Dense(n)(x)
+            if i < len(self.sizes) - 1:
+                x = nn.relu(x)
+        return x
+
+
+class CostNet(nn.Module):
+    """Inputs are normalised (`CostModel` does it): x_TxI, assign_TxD (0/1), class_TxK (0/1)."""
+
+    hidden: int = 128
+    embed: int = 32
+
+    @nn.compact
+    def __call__(self, x_TxI, work_TxW, assign_TxD, class_TxK, logdim_T):
+        e_TxE = nn.relu(_MLP((self.hidden, self.embed), name="encoder")(x_TxI))
+        used_D = assign_TxD.sum(0) > 0
+        # Costs span decades: the heads also see the log of each device's exact work totals.
+        s_DxE = jnp.concatenate([assign_TxD.T @ e_TxE, jnp.log1p(assign_TxD.T @ work_TxW)], 1)
+        fwd_D = jnp.exp(_MLP((64, 1), name="forward")(s_DxE)[:, 0])
+        bwd_D = jnp.exp(_MLP((64, 1), name="backward")(s_DxE)[:, 0])
+        fwd_D, bwd_D = jnp.where(used_D, fwd_D, 0.0), jnp.where(used_D, bwd_D, 0.0)
+        # spmd: per (device, class) sums, padded program = element-wise max over devices.
+        z_DxKxE = jnp.einsum("td,tk,te->dke", assign_TxD, class_TxK, e_TxE)
+        w_DxKxW = jnp.einsum("td,tk,tw->dkw", assign_TxD, class_TxK, work_TxW)
+        m_KxE = jnp.concatenate([z_DxKxE.max(axis=0), jnp.log1p(w_DxKxW.max(axis=0))], axis=1)
+        n_K = class_TxK.sum(0)
+        width_K = (class_TxK * logdim_T[:, None]).sum(0) / jnp.maximum(n_K, 1.0)
+        head_in = jnp.concatenate([m_KxE, width_K[:, None]], axis=1)
+        class_ms_K = jnp.exp(_MLP((64, 1), name="class_head")(head_in)[:, 0])
+        compute = jnp.sum(jnp.where(n_K > 0, class_ms_K, 0.0))
+        num_devices = assign_TxD.shape[1]
+        ex_in = jnp.concatenate([m_KxE.sum(0), jnp.log(jnp.asarray([num_devices], jnp.float32)),
+                                 jnp.asarray([1.0 - 1.0 / num_devices], jnp.float32)])
+        exchange = jnp.exp(_MLP((64, 1), name="exchange_head")(ex_in)[0])
+        exchange = jnp.where(num_devices > 1, exchange, 0.0)
+        return fwd_D, bwd_D, compute, exchange
+
+
+@dataclasses.dataclass
+class CostModel:
+    """A trained cost network with its normalisation statistics and provenance."""
+
+    params: dict
+    mean_I: np.ndarray
+    std_I: np.ndarray
+    meta: dict
+    net: CostNet = dataclasses.field(default_factory=CostNet)
+
+    def apply(self, params, feats_TxF, assign_TxD, class_TxK):
+        """All heads: (fwd_D, bwd_D, compute_ms, exchange_ms) for one plan or set."""
+        x_TxI = (encode_features(feats_TxF) - self.mean_I[None]) / self.std_I[None]
+        logdim_T = jnp.log2(feats_TxF[:, _DIM])
+        return self.net.apply({"params": params}, x_TxI, work_terms(feats_TxF), assign_TxD,
+                              class_TxK, logdim_T)
+
+    def cost_fn(self, feats_TxF, assign_TxD, class_TxK):
+        """(device_ms_D: each device's own tables, papers' cost; spmd_ms: the plan's step)."""
+        fwd_D, bwd_D, compute, exchange = self.apply(self.params, feats_TxF, assign_TxD,
+                                                     class_TxK)
+        return fwd_D + bwd_D, compute + exchange
+
+    def predict_sets(self, sets_feats: Sequence[np.ndarray]) -> np.ndarray:
+        """Predicted total ms of table sets, each fused on one device."""
+        out = []
+        for feats in sets_feats:
+            t = feats.shape[0]
+            dev, _ = self.cost_fn(jnp.asarray(feats), jnp.ones((t, 1)), jnp.ones((t, 1)))
+            out.append(float(dev[0]))
+        return np.asarray(out)
+
+
+def init_params(net: CostNet, rng: jax.Array) -> dict:
+    t, d, k = 3, 2, 2
+    return net.init(rng, jnp.zeros((t, NUM_INPUTS)), jnp.ones((t, 4)), jnp.ones((t, d)),
+                    jnp.ones((t, k)), jnp.zeros((t,)))["params"]
+
+
+def save_cost_model(workdir: str, model: CostModel) -> None:
+    """Weights and normalisation in an orbax checkpoint, provenance in cost_model.json."""
+    path = os.path.abspath(os.path.join(workdir, "cost_model"))
+    tree = {"params": model.params, "mean_I": np.asarray(model.mean_I),
+            "std_I": np.asarray(model.std_I)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, jax.tree.map(np.asarray, tree), force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(workdir, "cost_model.json"), "w") as f:
+        json.dump({"version": MODEL_VERSION, **model.meta}, f, indent=1)
+
+
+def load_cost_model(workdir: str) -> CostModel:
+    """The model `launch.train_cost_model --workdir=DIR` wrote."""
+    meta_path = os.path.join(workdir, "cost_model.json")
+    path = os.path.abspath(os.path.join(workdir, "cost_model"))
+    if not os.path.exists(meta_path) or not os.path.isdir(path):
+        raise InputError(f"{workdir} holds no cost model (cost_model.json and cost_model/): "
+                         "train one with python -m launch.train_cost_model --workdir=DIR")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{meta_path}: not valid JSON ({e})") from e
+    if meta.get("version") != MODEL_VERSION:
+        raise InputError(f"{meta_path}: cost model version {meta.get('version')!r}, this code "
+                         f"reads version {MODEL_VERSION}")
+    tree = ocp.StandardCheckpointer().restore(path)
+    params = jax.tree.map(jnp.asarray, tree["params"])
+    return CostModel(params, np.asarray(tree["mean_I"]), np.asarray(tree["std_I"]), meta)

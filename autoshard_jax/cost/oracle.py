@@ -1,0 +1,260 @@
+"""The cost oracle: measured embedding costs of table sets and sharding plans.
+
+It times the per-device code that sharded training runs (`sharding.device_step`), on the real
+backend (CPU, GPU or TPU), with ids drawn from each table's statistics (`tables.ids`).
+
+* `measure_set` is the papers' protocol: one device runs a fused set of tables; forward (gather +
+  pool) and backward (gradient spread + sparse optimizer update) are timed, total is their sum.
+* `measure_plan` is this project's SPMD setting: every device runs one program whose width classes
+  are padded to the most loaded device (`sharding.lookup_meta`), plus the all_to_all exchange of
+  ids, pooled vectors and gradients. Compute is the padded program of the busiest device timed on
+  one device; exchange is the plan's collectives timed alone on its mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autoshard_jax.cost.timing import Protocol, time_programs, trimmed
+from autoshard_jax.errors import InputError
+from autoshard_jax.optim.sparse import (
+    BYTES_PER_VALUE,
+    ELEMENT,
+    ROW,
+    make_row_optimizer,
+    state_fills,
+    state_kinds,
+)
+from autoshard_jax.sharding import mesh as mesh_lib
+from autoshard_jax.sharding.device_step import (
+    device_embedding_step,
+    device_lookup,
+    device_meta,
+    device_update,
+)
+from autoshard_jax.sharding.layout import Layout, build_layout
+from autoshard_jax.sharding.plan import ShardingPlan
+from autoshard_jax.tables.ids import generate_ids
+from autoshard_jax.tables.spec import TableSpec, check_unique_names
+
+# Learning rate of the timed optimizer step; its value does not change the cost.
+_LR = 0.01
+DEFAULT_PROTOCOL = Protocol()
+
+
+class InfeasibleError(InputError):
+    """A table set or plan that does not fit the device; names the device and the bytes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SetCost:
+    """Cost of one device's fused tables, ms (trimmed means) and the total's relative spread."""
+
+    forward_ms: float
+    backward_ms: float
+    total_ms: float
+    spread: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCost:
+    """SPMD cost of a plan: padded per-device program + collectives, ms."""
+
+    total_ms: float
+    compute_ms: float
+    exchange_ms: float
+    spread: float
+    busiest_device: int
+    exchange_bytes_per_device: int
+
+
+def device_memory_limit(device: jax.Device) -> int:
+    """Bytes one device may use: the runtime's limit, or a quarter of host RAM on CPU."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def draw_batch(specs: Sequence[TableSpec], batch_size: int, seed: int) -> tuple[list, list]:
+    """(ids per table [B, H], pooled gradients per table [B, dim]) drawn from the specs."""
+    rng = np.random.default_rng(seed)
+    ids = [generate_ids(s, batch_size, rng) for s in specs]
+    grads = [rng.normal(0.0, 1e-3, (batch_size, s.dim)).astype(np.float32) for s in specs]
+    return ids, grads
+
+
+def _device_buffers(layout: Layout, kinds: dict, fills: dict, device: jax.Device):
+    """Zeroed slab and constant-filled optimizer state of one device, allocated on it."""
+    # Host arrays moved to the device: no per-shape fill program to compile for every set.
+    slab = np.zeros((layout.phys_rows, layout.width), np.float32)
+    shapes = {ROW: (layout.keys,), ELEMENT: (layout.phys_rows, layout.width)}
+    state = {n: np.full(shapes[k], fills[n], np.float32) for n, k in kinds.items()}
+    return jax.device_put((slab, state), device)
+
+
+def _buffer_bytes(layout: Layout, kinds: dict) -> int:
+    per_kind = {ROW: layout.keys, ELEMENT: layout.phys_rows * layout.width}
+    return BYTES_PER_VALUE * (layout.phys_rows * layout.width +
+                              sum(per_kind[k] for k in kinds.values()))
+
+
+def _step_programs(layout: Layout, device_index: int, ids, grads, row_optimizer: str,
+                   device: jax.Device, split: bool):
+    """Jitted programs of one device and their initial carries: the whole step (the cost hook,
+    `device_embedding_step`), or with `split` its forward and backward + update halves."""
+    opt = make_row_optimizer(row_optimizer, _LR)
+    kinds = state_kinds(opt)
+    fills = state_fills(opt)
+    ids_BxL, g_BxO = layout.device_inputs(ids, grads, device_index)
+    meta = jax.device_put(device_meta(layout.all, device_index), device)
+    ids_BxL, g_BxO = jax.device_put((ids_BxL, g_BxO), device)
+    step = jax.device_put(np.int32(1), device)
+    static = dict(row_optimizer=opt, kinds=tuple(kinds.items()))
+    # Inputs are arguments, never closed-over constants: XLA would fold work on constants into
+    # the compiled program, so the timing would miss it (and compiling would take seconds).
+    inputs = (ids_BxL, g_BxO, step, meta)
+    if not split:
+        whole = jax.jit(lambda slab, state, ids, g, step, meta: device_embedding_step(
+            slab, state, ids, g, step, meta, **static)[1:], donate_argnums=(0, 1))
+        return ({"total": lambda c: whole(*c, *inputs)},
+                {"total": _device_buffers(layout, kinds, fills, device)})
+    forward = jax.jit(device_lookup)
+    update = jax.jit(lambda slab, state, ids, g, step, meta: device_update(
+        slab, state, ids, g, step, meta, **static), donate_argnums=(0, 1))
+    programs = {"forward": lambda c: (c[0], forward(c[0], ids_BxL, meta)),
+                "backward": lambda c: update(*c, *inputs)}
+    carries = {"forward": (_device_buffers(layout, {}, {}, device)[0], None),
+               "backward": _device_buffers(layout, kinds, fills, device)}
+    return programs, carries
+
+
+def measure_set(specs: Sequence[TableSpec], batch_size: int, *, row_optimizer: str = "sgd",
+                protocol: Protocol = DEFAULT_PROTOCOL, seed: int = 0,
+                device: jax.Device | None = None, memory_bytes: int | None = None) -> SetCost:
+    """Forward, backward + update and total ms of `specs` fused on one device (papers' cost).
+
+    Args:
+      specs: the tables on the device (at least one, unique names).
+      batch_size: samples per step; each table sees batch_size x pooling_factor ids.
+      row_optimizer: "sgd" (the papers' fused SGD), "rowwise_adagrad" or "adagrad".
+      protocol: warm-up / repeats / trim of the timing.
+      seed: seeds the id draw.
+      device: where to run (default: the first device of the default backend).
+      memory_bytes: the device's budget (default: `device_memory_limit`).
+    Returns:
+      A SetCost; raises InfeasibleError if the tables and state exceed the budget.
+    """
+    specs = _checked(specs, batch_size)
+    device = device or jax.devices()[0]
+    layout = build_layout(specs, {s.name: {"type": "table_wise", "device": 0} for s in specs}, 1)
+    need = _buffer_bytes(layout, state_kinds(row_optimizer)) * 2  # forward and backward copies
+    limit = memory_bytes if memory_bytes is not None else device_memory_limit(device)
+    if need > limit:
+        raise InfeasibleError(f"tables {[s.name for s in specs]} need {need} bytes on "
+                              f"{device} (tables + {row_optimizer} state, timed twice), "
+                              f"over its budget of {limit} bytes by {need - limit}")
+    ids, grads = draw_batch(specs, batch_size, seed)
+    programs, carries = _step_programs(layout, 0, ids, grads, row_optimizer, device, split=True)
+    timed = time_programs(programs, carries, protocol)
+    # Training runs the two halves as separate programs too (lookup, then update), so the step
+    # is their sum; repeats are interleaved, so repeat r of each half ran back to back.
+    total = trimmed([f + b for f, b in zip(timed["forward"].raw_ms, timed["backward"].raw_ms,
+                                           strict=True)], protocol.trim)
+    return SetCost(timed["forward"].ms, timed["backward"].ms, total.ms, total.spread)
+
+
+def busiest_device(layout: Layout) -> int:
+    """The device with the most real id values to gather (ids x packed width)."""
+    load = [sum(layout.specs[p.table].pooling_factor * p.wpad for p in m) for m in layout.placed]
+    return int(np.argmax(load))
+
+
+def exchange_bytes(layout: Layout, batch_size: int) -> int:
+    """Bytes one device sends through the step's collectives (ids twice, pooled and grads)."""
+    d = layout.num_devices
+    ids = 2 * batch_size * layout.sh.num_positions * 4 * (d - 1) // d
+    vectors = 2 * batch_size * layout.sh.num_cols * 4 * (d - 1) // d
+    replicated = 0
+    if "replicated" in layout.kinds:  # all_gathers of their ids and gradients
+        per_sample = layout.rep.num_positions + layout.rep.num_cols
+        replicated = batch_size * per_sample * 4 * (d - 1) // d
+    return ids + vectors + replicated
+
+
+def _exchange_program(layout: Layout, batch_size: int, mesh: jax.sharding.Mesh, ids):
+    """The plan's collectives alone, with the sharded stage's shapes: ids and pooled vectors
+    forward, gradients and ids backward, all_gathers of replicated tables."""
+    axis = mesh_lib.AXIS
+    send_BxDxL, rep_BxL = layout.route_ids(ids)
+    sharded = mesh_lib.batch_sharding(mesh)
+    o_sh, o_rep = layout.sh.num_cols, layout.rep.num_cols
+
+    def body(ids_bxDxL, ids_bxLr):
+        b = ids_bxDxL.shape[0]
+        routed_BxL = jax.lax.all_to_all(ids_bxDxL, axis, 1, 0, tiled=True)[:, 0]
+        out_BxO = jnp.zeros((routed_BxL.shape[0], 1, o_sh), jnp.float32) + \
+            routed_BxL[:, :1, None].astype(jnp.float32)
+        back_bxDxO = jax.lax.all_to_all(out_BxO, axis, 0, 1, tiled=True)
+        g_BxO = jax.lax.all_to_all(back_bxDxO, axis, 1, 0, tiled=True)[:, 0]
+        routed2_BxL = jax.lax.all_to_all(ids_bxDxL + 1, axis, 1, 0, tiled=True)[:, 0]
+        rep_ids = jax.lax.all_gather(ids_bxLr, axis, axis=0, tiled=True)
+        g_rep = jax.lax.all_gather(jnp.zeros((b, o_rep), jnp.float32), axis, axis=0, tiled=True)
+        return (g_BxO.sum() + routed2_BxL.sum() + rep_ids.sum() + g_rep.sum())[None]
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(jax.P(axis), jax.P(axis)),
+                               out_specs=jax.P(axis)))
+    args = (jax.device_put(send_BxDxL, sharded), jax.device_put(rep_BxL, sharded))
+    return (lambda carry: (fn(*args), carry[1])), (None, None)
+
+
+def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int, *,
+                 row_optimizer: str = "sgd", protocol: Protocol = DEFAULT_PROTOCOL, seed: int = 0,
+                 devices: Sequence[jax.Device] | None = None) -> PlanCost:
+    """SPMD step cost of a plan's embedding stage: padded compute + collectives.
+
+    Args:
+      specs: every table of the plan.
+      plan: the plan (validated here, memory included: an over-budget plan raises PlanError).
+      batch_size: global batch (divisible by the plan's device count).
+      row_optimizer, protocol, seed: as in `measure_set`.
+      devices: the mesh's devices (default: the backend's first `plan.num_devices`).
+    Returns:
+      A PlanCost: total = compute (busiest device's padded program, timed on that device)
+      + exchange (the collectives on the mesh).
+    """
+    specs = _checked(specs, batch_size)
+    if batch_size % plan.num_devices:
+        raise InputError(f"batch_size {batch_size} is not divisible by the plan's "
+                         f"{plan.num_devices} devices")
+    layout = plan.validate(specs, row_optimizer)
+    mesh = mesh_lib.make_mesh(plan.num_devices, devices)
+    dev_list = list(mesh.devices.flat)
+    busiest = busiest_device(layout)
+    ids, grads = draw_batch(specs, batch_size, seed)
+    programs, carries = _step_programs(layout, busiest, ids, grads, row_optimizer,
+                                       dev_list[busiest], split=False)
+    if plan.num_devices > 1:
+        programs["exchange"], carries["exchange"] = _exchange_program(layout, batch_size, mesh,
+                                                                      ids)
+    timed = time_programs(programs, carries, protocol)
+    compute = timed["total"].ms
+    exchange = timed["exchange"].ms if "exchange" in timed else 0.0
+    return PlanCost(compute + exchange, compute, exchange, timed["total"].spread, busiest,
+                    exchange_bytes(layout, batch_size) if plan.num_devices > 1 else 0)
+
+
+def _checked(specs: Sequence[TableSpec], batch_size: int) -> tuple[TableSpec, ...]:
+    specs = tuple(specs)
+    if not specs:
+        raise InputError("a table set needs at least one table")
+    check_unique_names(specs)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return specs

@@ -1,0 +1,106 @@
+"""Collects cost data for the cost models: `python -m launch.collect_costs --workdir=DIR`.
+
+Measures random table sets (1-15 tables, every pool table alone first) and random plans drawn
+from a pool, with the cost oracle, into DIR/costs.jsonl; DIR/tables.json holds the pool. Re-run
+the same command to resume: entries on disk are never measured again, a kill loses nothing.
+
+  python -m launch.collect_costs --workdir=/tmp/costs                     # CPU pool, 2000 + 500
+  python -m launch.collect_costs --workdir=/tmp/costs --num_sets=100 --num_plans=20   # quick
+  python -m launch.collect_costs --workdir=/tmp/gpu --tables=tables.json --batch_size=65536
+
+Without --tables the pool is `synthetic_pool(--pool_size, --pool_seed, max_rows=--max_rows)`
+(dlrm_datasets-calibrated; rows capped so that CPU measurements fit in host memory).
+On CPU, plans run on simulated devices (as many as the largest --plan_devices).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import flags, logging
+
+from launch.common import run
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Collection directory (costs.jsonl, tables.json).")
+flags.DEFINE_string("tables", None, "Pool as tables.json (default: a synthetic pool).")
+flags.DEFINE_integer("pool_size", 120, "Tables in the synthetic pool.")
+flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool.")
+flags.DEFINE_integer("max_rows", 100_000, "Row cap of the synthetic pool.")
+flags.DEFINE_integer("num_sets", 2000, "Table sets to measure (the first pool_size are singles).")
+flags.DEFINE_integer("num_plans", 500, "Plans to measure.")
+flags.DEFINE_integer("batch_size", 512, "Samples per step.")
+flags.DEFINE_integer("max_tables", 15, "Most tables in one set.")
+flags.DEFINE_list("plan_devices", ["2", "4", "8"], "Device counts of the random plans.")
+flags.DEFINE_list("plan_tables", ["8", "40"], "Min and max tables of a random plan.")
+flags.DEFINE_string("row_optimizer", "sgd", "sgd | rowwise_adagrad | adagrad.")
+flags.DEFINE_integer("repeat_every", 10, "Measure every N-th entry twice (noise floor; 0 = off).")
+flags.DEFINE_integer("repeats", 10, "Timed repeats per measurement.")
+flags.DEFINE_integer("warmup", 5, "Warm-up runs per measurement.")
+flags.DEFINE_integer("trim", 2, "Fastest and slowest repeats dropped.")
+flags.DEFINE_integer("seed", 0, "Seed of the sets and plans.")
+flags.DEFINE_enum("clock", "auto", ["auto", "wall", "cpu"],
+                  "Timing clock; auto = cpu (process CPU time, pinned to one core) on the CPU "
+                  "backend, wall on accelerators.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _ints(name: str, values: list[str]) -> tuple[int, ...]:
+    from autoshard_jax.errors import ConfigError
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError as e:
+        raise ConfigError(f"--{name} must be integers, got {values}") from e
+
+
+def main(argv):
+    del argv
+    from autoshard_jax.cost.collect import CollectConfig, collect
+    from autoshard_jax.errors import ConfigError, check_range
+    from autoshard_jax.tables.pools import synthetic_pool
+    from autoshard_jax.tables.spec import load_tables
+
+    devices = _ints("plan_devices", FLAGS.plan_devices)
+    plan_tables = _ints("plan_tables", FLAGS.plan_tables)
+    if len(plan_tables) != 2:
+        raise ConfigError(f"--plan_tables takes MIN,MAX, got {FLAGS.plan_tables}")
+    check_range("pool_size", FLAGS.pool_size, low=1, integer=True)
+    check_range("max_rows", FLAGS.max_rows, low=100, integer=True)
+    config = CollectConfig(
+        num_sets=FLAGS.num_sets, num_plans=FLAGS.num_plans, batch_size=FLAGS.batch_size,
+        max_tables=FLAGS.max_tables, plan_tables=plan_tables, plan_devices=devices,
+        row_optimizer=FLAGS.row_optimizer, repeat_every=FLAGS.repeat_every, seed=FLAGS.seed,
+        warmup=FLAGS.warmup, repeats=FLAGS.repeats, trim=FLAGS.trim, clock=clock())
+    if FLAGS.row_optimizer not in ("sgd", "rowwise_adagrad", "adagrad"):
+        raise ConfigError(f"--row_optimizer must be sgd, rowwise_adagrad or adagrad, got "
+                          f"{FLAGS.row_optimizer!r}")
+    pool = load_tables(FLAGS.tables) if FLAGS.tables else synthetic_pool(
+        FLAGS.pool_size, seed=FLAGS.pool_seed, max_rows=FLAGS.max_rows)
+    counts = collect(FLAGS.workdir, config, pool, log=logging.info)
+    print(f"{FLAGS.workdir}: {counts['sets']} set records, {counts['plans']} plan records "
+          f"({counts['measured']} measured now)")
+
+
+def clock() -> str:
+    """The timing clock: on CPU, this process's CPU time on one pinned core (see cost/timing)."""
+    if FLAGS.clock != "auto":
+        return FLAGS.clock
+    return "cpu" if jax.default_backend() == "cpu" else "wall"
+
+
+def _configure_devices(argv):
+    """Before JAX starts: simulated CPU devices (as many as the largest plan), the CPU runtime
+    flags, and for the cpu clock one pinned core."""
+    from autoshard_jax.train.runtime import configure_cpu_runtime
+
+    configure_cpu_runtime()
+    wanted = max(_ints("plan_devices", FLAGS.plan_devices) or (1,))
+    jax.config.update("jax_num_cpu_devices", max(wanted, 1))
+    if clock() == "cpu" and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    return main(argv)
+
+
+if __name__ == "__main__":
+    run(_configure_devices)

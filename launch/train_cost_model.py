@@ -1,0 +1,107 @@
+"""Trains the neural cost model: `python -m launch.train_cost_model --workdir=DIR`.
+
+Reads the oracle's measurements (`--data`, collection directories from launch.collect_costs;
+default DIR itself), trains the DeepSets network for both cost settings on the train split,
+picks its step on the val split and writes, into DIR:
+  cost_model/ + cost_model.json   what `launch.measure_costs --cost_model=DIR` loads
+  report.json, report.md          held-out MAPE / R^2 / Kendall tau of the network and baselines
+                                  (sum of singles, linear on summed features, analytical), noise
+  scatter.png                     predicted vs measured, per setting
+
+  python -m launch.collect_costs --workdir=/tmp/costs --num_sets=300 --num_plans=60
+  python -m launch.train_cost_model --workdir=/tmp/cost_model --data=/tmp/costs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags, logging
+
+from launch.common import run
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Output directory of the model and its report.")
+flags.DEFINE_list("data", None, "Cost collection directories or costs.jsonl files "
+                  "(default: --workdir).")
+flags.DEFINE_integer("steps", 3000, "Training steps.")
+flags.DEFINE_float("learning_rate", 1e-2, "Peak Adam learning rate (cosine decay).")
+flags.DEFINE_integer("seed", 0, "Initialisation and batch-order seed.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
+                     learning_rate: float = 1e-2, seed: int = 0, log=logging.info) -> dict:
+    """Trains, evaluates and saves; returns the report dict."""
+    import numpy as np
+
+    from autoshard_jax.cost import dataset, fit, report
+    from autoshard_jax.cost.network import save_cost_model
+    from autoshard_jax.errors import DataError, check_range
+    from autoshard_jax.tables.spec import load_tables
+
+    check_range("steps", steps, low=1, integer=True)
+    check_range("learning_rate", learning_rate, low=1e-7, high=1.0)
+    records, pool = [], {}
+    for d in data:
+        records += list(dataset.iter_files(d))
+        base = d if os.path.isdir(d) else os.path.dirname(d)
+        pool.update({s.name: s for s in load_tables(os.path.join(base, dataset.TABLES_FILE))})
+    if not records:
+        raise DataError(f"no cost records in {data}")
+    envs = {(r["backend"], r["batch_size"], r["row_optimizer"]) for r in records}
+    if len(envs) > 1:
+        raise DataError(f"cost data mixes backends / batch sizes / optimizers {sorted(envs)}: "
+                        "train one model per setting")
+    backend, batch_size, row_optimizer = envs.pop()
+    has_sets = any(r["kind"] == "set" for r in records)
+    sets = fit.set_data(records, pool) if has_sets else None
+    plans = fit.plan_data(records, pool)
+    meta = {"backend": backend, "batch_size": batch_size, "row_optimizer": row_optimizer,
+            "num_sets": 0 if sets is None else len(sets.index),
+            "num_plans": sum(len(p.index) for p in plans.values()), "data": list(data)}
+    log(f"training on {meta['num_sets']} sets and {meta['num_plans']} plans ({backend}, "
+        f"batch {batch_size})")
+    model, history = fit.fit_cost_model(
+        sets, plans, fit.FitConfig(steps=steps, learning_rate=learning_rate, seed=seed), meta,
+        log=log)
+    os.makedirs(workdir, exist_ok=True)
+    save_cost_model(workdir, model)
+    singles = fit.singles_of(records)
+    scores = fit.evaluate(model, sets, plans, batch_size, singles)
+    noise = fit.noise(records)
+    out = {"meta": meta, "test": scores, "noise": noise, "history": history}
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(report.markdown(scores, noise, meta))
+    panels = {}
+    if sets is not None:
+        te = fit.split_mask(sets.index, "test")
+        if te.any():
+            panels["max_device (sets)"] = (sets.total[te], fit.predict_sets(model, sets, te))
+    measured, predicted = [], []
+    for p in plans.values():
+        te = fit.split_mask(p.index, "test")
+        if te.any():
+            measured.append(p.total[te])
+            predicted.append(fit.predict_plans(model.cost_fn, p, te))
+    if measured:
+        panels["spmd (plans)"] = (np.concatenate(measured), np.concatenate(predicted))
+    if panels:
+        report.scatter_png(os.path.join(workdir, "scatter.png"), panels)
+    return out
+
+
+def main(argv):
+    del argv
+    result = train_cost_model(FLAGS.workdir, FLAGS.data or [FLAGS.workdir], FLAGS.steps,
+                              FLAGS.learning_rate, FLAGS.seed)
+    from autoshard_jax.cost.report import markdown
+
+    print(markdown(result["test"], result["noise"], result["meta"]))
+
+
+if __name__ == "__main__":
+    run(main)

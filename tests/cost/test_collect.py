@@ -1,0 +1,76 @@
+"""The collector: deterministic entries, resume after a kill with nothing lost or repeated."""
+
+import json
+
+import pytest
+
+from autoshard_jax.cost import dataset
+from autoshard_jax.cost.collect import CollectConfig, collect, plan_task, schedule, set_task
+from autoshard_jax.errors import ConfigError, DataError, ResumeError
+from autoshard_jax.tables.pools import synthetic_pool
+
+POOL = synthetic_pool(6, seed=3, max_rows=2000)
+CONFIG = CollectConfig(num_sets=8, num_plans=3, batch_size=32, max_tables=3,
+                       plan_tables=(2, 4), plan_devices=(2, 4), repeat_every=4, warmup=1,
+                       repeats=3, trim=0)
+
+
+def test_tasks_are_deterministic_and_singles_come_first():
+    assert [set_task(i, 6, CONFIG) for i in range(6)] == [[i] for i in range(6)]
+    assert set_task(7, 6, CONFIG) == set_task(7, 6, CONFIG)
+    assert 2 <= len(set_task(7, 6, CONFIG)) <= 3
+    specs, plan = plan_task(1, POOL, CONFIG)
+    again = plan_task(1, POOL, CONFIG)
+    assert again == (specs, plan) and plan.num_devices in (2, 4)
+    order = schedule(CONFIG)
+    assert len(order) == len(set(order)) == 8 + 2 + 3  # sets 3 and 7 repeated
+    assert order.index(("plan", 0, False)) < order.index(("set", 7, False))  # interleaved
+
+
+def test_collect_resumes_without_loss_or_duplicates(tmp_path):
+    work = str(tmp_path / "c")
+    first = collect(work, CONFIG, POOL, log=lambda _: None, stop_after=5)
+    assert first["measured"] == 5
+    # a torn last line, as a kill mid-write leaves it
+    path = tmp_path / "c" / dataset.DATA_FILE
+    with open(path, "a") as f:
+        f.write('{"kind": "set", "ind')
+    second = collect(work, CONFIG, None, log=lambda _: None)
+    records = dataset.read_records(path)
+    keys = [dataset.entry_key(r) for r in records]
+    assert len(keys) == len(set(keys)) == len(schedule(CONFIG))
+    assert second["measured"] == len(schedule(CONFIG)) - 5
+    assert all(r["backend"] and r["jax"] and r["batch_size"] == 32 for r in records)
+    assert len(dataset.noise_pairs(records, "set")) == 2
+    plan = next(r for r in records if r["kind"] == "plan")
+    assert plan["compute_ms"] > 0 and set(plan["placements"]) == set(plan["tables"])
+    assert collect(work, CONFIG, None, log=lambda _: None)["measured"] == 0
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    work = str(tmp_path / "c")
+    collect(work, CONFIG, POOL, log=lambda _: None, stop_after=1)
+    other = CollectConfig(**{**CONFIG.__dict__, "batch_size": 64})
+    with pytest.raises(ResumeError, match="batch_size: 32 -> 64"):
+        collect(work, other, None, log=lambda _: None)
+    with pytest.raises(ResumeError, match="differs from the pool"):
+        collect(work, CONFIG, synthetic_pool(6, seed=4), log=lambda _: None)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"batch_size": 30}, "not divisible by plan_devices entry 4"),
+    ({"max_tables": 99}, "config.max_tables must be <= 6"),
+    ({"repeats": 2, "trim": 1}, "2 \\* trim < repeats"),
+    ({"plan_tables": (5, 2)}, "plan_tables"),
+])
+def test_bad_config_is_named(tmp_path, change, match):
+    with pytest.raises(ConfigError, match=match):
+        collect(str(tmp_path / "c"), CollectConfig(**{**CONFIG.__dict__, **change}), POOL)
+
+
+def test_corrupt_middle_line_names_file_and_line(tmp_path):
+    path = tmp_path / "costs.jsonl"
+    good = json.dumps({"kind": "set", "index": 0})
+    path.write_text(f"{good}\nnot json\n{good}\n")
+    with pytest.raises(DataError, match="costs.jsonl:2"):
+        dataset.read_records(path)

@@ -1,0 +1,110 @@
+"""The cost network: fits a known non-additive cost, batched scoring, save/load, metrics."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autoshard_jax.cost import fit
+from autoshard_jax.cost.network import (
+    class_onehot,
+    load_cost_model,
+    save_cost_model,
+    width_classes,
+)
+from autoshard_jax.errors import InputError
+from autoshard_jax.tables.features import table_features
+from autoshard_jax.tables.pools import synthetic_pool
+from autoshard_jax.tables.spec import TableSpec
+
+POOL = synthetic_pool(60, seed=5, max_rows=50_000)
+
+
+def _true_cost(specs):
+    """Non-additive: sublinear in the ids x width work, plus a per-set overhead that grows with
+    the square of the table count (a fused kernel's bookkeeping)."""
+    work = sum(s.pooling_factor * s.dim for s in specs)
+    return 0.05 + 0.02 * work ** 0.8 + 0.01 * len(specs) ** 2
+
+
+def _synthetic_sets(n, seed):
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        k = int(rng.integers(1, 11))
+        specs = [POOL[j] for j in rng.choice(len(POOL), k, replace=False)]
+        c = _true_cost(specs)
+        records.append({"kind": "set", "index": i, "tables": [s.name for s in specs],
+                        "forward_ms": 0.4 * c, "backward_ms": 0.6 * c, "total_ms": c})
+    return records
+
+
+def test_network_fits_a_known_non_additive_cost():
+    records = _synthetic_sets(2000, seed=0)
+    sets = fit.set_data(records, {s.name: s for s in POOL})
+    model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=1500, eval_every=250), {},
+                                  log=lambda _: None)
+    test = fit.split_mask(sets.index, "test")
+    err = fit.mape(fit.predict_sets(model, sets, test), sets.total[test])
+    assert err < 0.02
+    # the additive assumption cannot represent it
+    singles = {s.name: _true_cost([s]) for s in POOL}
+    additive = [sum(singles[n] for n in names) for names in np.asarray(sets.names,
+                                                                        dtype=object)[test]]
+    assert fit.mape(additive, sets.total[test]) > 0.1
+
+
+def test_cost_fn_is_batched_and_device_count_agnostic(tmp_path):
+    records = _synthetic_sets(200, seed=1)
+    sets = fit.set_data(records, {s.name: s for s in POOL})
+    model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=20, eval_every=10), {"x": 1},
+                                  log=lambda _: None)
+    specs = POOL[:7]
+    feats = jnp.asarray(table_features(specs))
+    classes = jnp.asarray(class_onehot(specs))
+    for d in (1, 3, 7):
+        assign = jax.nn.one_hot(jnp.arange(7) % d, d)
+        plans = jnp.stack([assign, jnp.roll(assign, 1, axis=1)])
+        dev, spmd = jax.jit(jax.vmap(model.cost_fn, in_axes=(None, 0, None)))(feats, plans,
+                                                                              classes)
+        assert dev.shape == (2, d) and spmd.shape == (2,)
+        assert np.all(np.asarray(dev) > 0) and np.all(np.asarray(spmd) > 0)
+    # an empty device costs nothing
+    dev, _ = model.cost_fn(feats, jnp.zeros((7, 2)).at[:, 0].set(1.0), classes)
+    assert float(dev[1]) == 0.0
+    save_cost_model(str(tmp_path), model)
+    loaded = load_cost_model(str(tmp_path))
+    np.testing.assert_allclose(loaded.cost_fn(feats, assign, classes)[1],
+                               model.cost_fn(feats, assign, classes)[1], rtol=1e-6)
+    assert loaded.meta["x"] == 1
+
+
+def test_load_names_what_is_missing(tmp_path):
+    with pytest.raises(InputError, match="holds no cost model"):
+        load_cost_model(str(tmp_path))
+    (tmp_path / "cost_model.json").write_text("{broken")
+    (tmp_path / "cost_model").mkdir()
+    with pytest.raises(InputError, match="cost_model.json: not valid JSON"):
+        load_cost_model(str(tmp_path))
+
+
+def test_width_classes_follow_the_packed_layout():
+    specs = [TableSpec("a", 10, 4), TableSpec("b", 10, 12), TableSpec("c", 10, 16),
+             TableSpec("d", 10, 3)]
+    cls, widths = width_classes(specs)
+    assert widths == (4, 16) and cls.tolist() == [0, 1, 1, 0]  # 12 -> 16, 3 -> 4 (divisors)
+    assert class_onehot(specs, 3).shape == (4, 3)
+
+
+def test_metrics_against_brute_force():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    b[:5] = a[:5]
+    concordant = sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])
+                     for i, j in itertools.combinations(range(30), 2))
+    assert fit.kendall_tau(a, b) == pytest.approx(concordant / (30 * 29 / 2))
+    assert fit.mape([1.1, 1.8], [1.0, 2.0]) == pytest.approx(0.1)
+    assert fit.r2([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
+    assert fit.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)

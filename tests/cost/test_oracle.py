@@ -1,0 +1,83 @@
+"""The cost oracle times the training code path, grows with lookups, refuses what cannot fit."""
+
+import numpy as np
+import pytest
+
+from autoshard_jax.cost.oracle import (
+    InfeasibleError,
+    busiest_device,
+    exchange_bytes,
+    measure_plan,
+    measure_set,
+)
+from autoshard_jax.cost.timing import Protocol, time_programs, trimmed
+from autoshard_jax.sharding.plan import PlanError, plan_from_mapping
+from autoshard_jax.tables.spec import TableSpec
+
+FAST = Protocol(warmup=1, repeats=5, trim=1)
+HIST = tuple([0.5, 0.3, 0.2] + [0.0] * 14)
+
+
+def test_trimmed_mean_and_spread():
+    t = trimmed([5.0, 1.0, 2.0, 3.0, 100.0], trim=1)
+    assert t.ms == pytest.approx(10 / 3) and t.spread == pytest.approx((5 - 2) / (10 / 3))
+    with pytest.raises(ValueError):
+        Protocol(repeats=4, trim=2)
+    with pytest.raises(ValueError):
+        Protocol(clock="sundial")
+
+
+def test_time_programs_threads_the_carry_and_interleaves():
+    calls = []
+    programs = {"a": lambda c: calls.append("a") or c + 1, "b": lambda c: calls.append("b") or c}
+    out = time_programs(programs, {"a": 0, "b": 0}, Protocol(warmup=1, repeats=3, trim=0))
+    assert calls == ["a", "b"] * 4 and len(out["a"].raw_ms) == 3
+
+
+def test_set_cost_is_positive_and_grows_with_lookups():
+    ratios = []
+    for seed in range(3):
+        few = measure_set([TableSpec("t", 5000, 32, 1.0, HIST)], 256, protocol=FAST, seed=seed)
+        many = measure_set([TableSpec("t", 5000, 32, 64.0, HIST)], 256, protocol=FAST, seed=seed)
+        assert few.forward_ms > 0 and few.backward_ms > 0
+        assert many.total_ms == pytest.approx(many.forward_ms + many.backward_ms, rel=0.5)
+        ratios.append(many.total_ms / few.total_ms)
+    assert np.mean(ratios) > 1.5  # 64x the ids
+
+
+def test_fused_set_is_one_program_of_all_its_tables():
+    specs = [TableSpec(f"t{i}", 300 + i, (4, 16, 64)[i % 3], 1.0 + i, HIST) for i in range(6)]
+    cost = measure_set(specs, 128, protocol=FAST, row_optimizer="rowwise_adagrad")
+    assert cost.total_ms > 0 and cost.spread >= 0
+
+
+def test_infeasible_set_names_device_and_bytes():
+    with pytest.raises(InfeasibleError, match=r"need \d+ bytes on .* over its budget"):
+        measure_set([TableSpec("big", 10_000, 64)], 64, protocol=FAST, memory_bytes=1000)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="at least one table"):
+        measure_set([], 64)
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_set([TableSpec("a", 10, 4)], 0)
+
+
+def test_plan_cost_has_compute_and_exchange():
+    specs = [TableSpec(f"t{i}", 200, (8, 32)[i % 2], 2.0 + i, HIST) for i in range(6)]
+    plan = plan_from_mapping({s.name: i % 2 for i, s in enumerate(specs)}, 2, 1 << 30)
+    cost = measure_plan(specs, plan, 64, protocol=FAST)
+    assert cost.compute_ms > 0 and cost.exchange_ms > 0
+    assert cost.total_ms == pytest.approx(cost.compute_ms + cost.exchange_ms)
+    layout = plan.validate(specs)
+    assert cost.busiest_device == busiest_device(layout) == 1  # heavier pooling on device 1
+    # ids forward and back, pooled vectors and gradients: (D - 1) / D of each leaves a device
+    want = 2 * 64 * layout.sh.num_positions * 4 // 2 + 2 * 64 * layout.sh.num_cols * 4 // 2
+    assert cost.exchange_bytes_per_device == exchange_bytes(layout, 64) == want
+
+
+def test_plan_over_memory_is_refused_before_measuring():
+    specs = [TableSpec("a", 1000, 16), TableSpec("b", 1000, 16)]
+    plan = plan_from_mapping({"a": 0, "b": 0}, 2, 1000)
+    with pytest.raises(PlanError, match="device 0 exceeds memory_bytes_per_device=1000"):
+        measure_plan(specs, plan, 64, protocol=FAST)
