@@ -32,7 +32,9 @@ def check_series(axis: str, x, y, tolerance: float = 0.005, min_points: int = MI
     """Refuses series a power law plus constant cannot meaningfully describe.
 
     Needs `min_points` runs with distinct positive x, and NE falling with x: no step may raise NE
-    by more than `tolerance` (relative), and the last point must be below the first.
+    by more than `tolerance` (relative), and NE must fall by at least 2 x `tolerance` from the
+    first run to the last; a flatter series is within noise of a constant (the paper's "out of
+    steam"), and its fitted exponent and constant would mean nothing.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
@@ -51,6 +53,11 @@ def check_series(axis: str, x, y, tolerance: float = 0.005, min_points: int = MI
         raise InputError(f"axis {axis}: NE is not decreasing over its {n} runs (NE {y[i]:.5f} at "
                          f"x={x[i]:g} -> {y[i + 1]:.5f} at x={x[i + 1]:g}; tolerance "
                          f"{tolerance:g}): a power law would be meaningless here")
+    drop = 1 - y[-1] / y[0]
+    if drop < 2 * tolerance:
+        raise InputError(f"axis {axis}: NE is flat over its {n} runs ({y[0]:.5f} -> {y[-1]:.5f}, "
+                         f"{100 * drop:.2f}% < 2 x tolerance {tolerance:g}): within noise of a "
+                         "constant, no power law to fit")
 
 
 def _power_log(theta, u_NxM):

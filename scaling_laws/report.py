@@ -12,8 +12,6 @@ import numpy as np
 from autoshard_jax.errors import InputError
 from scaling_laws import fit as fitlib
 
-PARAM_AXES = ("embedding", "over_arch", "mlp", "depth")
-
 
 def load_results(sweep_dir: str) -> dict[str, list[dict]]:
     """{axis: finished run records sorted by x} from DIR/<axis>/<run>.json."""
@@ -181,9 +179,9 @@ def _plot_efficiency(path, results):
     for i, (axis, records) in enumerate(sorted(results.items())):
         ne = [r["eval"]["ne"] for r in records]
         ax1.plot([r["train_flops"] for r in records], ne, "o-", color=f"C{i}", label=axis)
-        if axis in PARAM_AXES:
-            ax2.plot([r["params"]["total"] for r in records], ne, "o-", color=f"C{i}",
-                     label=axis)
+        x0 = records[0]["x"]
+        ax2.plot([r["x"] / x0 for r in records], ne, "o-", color=f"C{i}",
+                 label=f"{axis} ({records[0]['x_name'].replace('_', ' ')})")
     teacher = [r["teacher"]["teacher_ne"] for v in results.values() for r in v
                if r.get("teacher")]
     for ax in (ax1, ax2):
@@ -194,8 +192,8 @@ def _plot_efficiency(path, results):
         ax.legend(fontsize=8)
     ax1.set_xlabel("training FLOPs (compute)")
     ax1.set_title("scaling efficiency: NE per unit of compute")
-    ax2.set_xlabel("parameters (embedding + dense)")
-    ax2.set_title("NE per parameter, by scaling scheme")
+    ax2.set_xlabel("multiple of the axis's smallest resource (samples or parameters)")
+    ax2.set_title("NE per doubling of each resource, by scaling scheme")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -257,6 +255,8 @@ def _report(fits: dict, results: dict, plots: list[str]) -> str:
 
 def write_outputs(sweep_dir: str, fits: dict, objects: dict, results: dict) -> list[str]:
     """fits.json, report.md and the PNGs; returns the paths written."""
+    for stale in glob.glob(os.path.join(sweep_dir, "ne_vs_*.png")):
+        os.remove(stale)  # from an earlier fit of an axis that no longer fits
     plots = []
     for axis, obj in objects.items():
         name = f"ne_vs_{axis}.png"

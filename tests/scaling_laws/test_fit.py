@@ -78,3 +78,9 @@ def test_compute_optimal_allocation_minimises_the_joint_law():
     best = law.predict(n, d)
     for f in (0.8, 1.25):
         assert law.predict(n * f, budget / (k * n * f)) > best
+
+
+def test_flat_series_within_noise_is_refused():
+    y = 0.89 * (1 - 0.001 * np.arange(5))  # 0.4% over the axis: within 2 x tolerance
+    with pytest.raises(InputError, match="axis over_arch: NE is flat over its 5 runs"):
+        check_series("over_arch", X[:5], y, tolerance=0.005)
