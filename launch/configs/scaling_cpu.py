@@ -9,11 +9,16 @@ python -m launch.fit_scaling --workdir=/tmp/scaling
 (dim 16, bottom 64-32-16, top 64-32-1, dot; Adam 1e-3 + row-wise Adagrad 0.05, warmup + cosine
 per run), batch 256, 65,536 held-out samples.
 
-Cost (scaling_laws.accounting; wall times measured on 2 shared AMD EPYC cores, jax 0.10.2 CPU; one
-accelerator estimated at ~1e11 useful FLOP/s for these tiny matmuls, so input-bound in practice):
-  full study: data 8 runs 4k..1M samples (2.4 decades) + embedding 5 + mlp 5 + over_arch 5 runs of
-    128k samples: FILLED_BY_STUDY
-  demo: data 5 runs 4k..256k samples + embedding 4 runs of 32k: FILLED_BY_DEMO
+Cost (training FLOPs from scaling_laws.accounting; wall times measured 2026-11-28 on 2 AMD EPYC
+cores shared with four other jobs, load average 12-24, jax 0.10.2 CPU):
+  full study (`make scaling`): 25 runs, 2.51e11 FLOPs, 4.19M samples: data 9 runs of 4k..1M
+    samples (2.4 decades, 1.31e11 FLOPs), embedding dim 1..32 (6 runs), mlp and over_arch width
+    x0.125..x2 (5 runs each) of 131k samples (1.2e11 FLOPs together). Measured 51 min of sweep
+    plus 1.5 min of fitting; each run pays 60-100 s of compilation and evaluation on the loaded
+    machine, more than its training. Unloaded 2 cores: roughly 15-20 min (not measured). One
+    accelerator: a few minutes, all of it compilation and host-side data generation.
+  demo (`:demo`): 10 runs, 1.21e10 FLOPs, 209k samples: data 4k..64k, embedding dim 1..16 of
+    16k samples; DEMO_TIME
 """
 
 from launch.configs import synthetic_small

@@ -108,3 +108,21 @@ def test_run_killed_before_its_results_resumes_from_its_checkpoint(tmp_path):
 def _one_run(c, tmp_path):
     assert run_sweep(c, str(tmp_path))["done"] == 1
     return tmp_path / "data" / "data_00_128.json"
+
+
+def test_tsv_holds_out_its_last_tenth_and_checks_its_length(tmp_path):
+    from autoshard_jax.data import SyntheticClickStream
+    from autoshard_jax.errors import DataError
+    from autoshard_jax.train.loop import build_tables
+
+    c = tiny_config()
+    path = tmp_path / "train.tsv"
+    SyntheticClickStream(build_tables(c), seed=1).write_tsv(path, 1000)
+    c.data.path = str(path)
+    c.scaling.data_samples = (64,)
+    record = run_sweep(c, str(tmp_path / "sweep")) and json.loads(
+        (tmp_path / "sweep" / "data" / "data_00_64.json").read_text())
+    assert record["eval"]["num_examples"] == 100 and record["teacher"] == {}
+    c.scaling.data_samples = (960,)  # more than the 900 training lines
+    with pytest.raises(DataError, match=r"train.tsv: 1000 lines leave 900"):
+        run_sweep(c, str(tmp_path / "sweep2"))
