@@ -183,15 +183,26 @@ def _normaliser(sets: SetData | None, plans: dict[int, PlanData], train: dict):
 
 
 def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: FitConfig,
-                   meta: dict, log=print) -> tuple[CostModel, list[dict]]:
-    """Trains the network on the train split (both settings at once); keeps the best val step."""
-    train = {"sets": split_mask(sets.index, "train")} if sets is not None else {}
-    val = {"sets": split_mask(sets.index, "val")} if sets is not None else {}
-    for d, p in plans.items():
-        train[d], val[d] = split_mask(p.index, "train"), split_mask(p.index, "val")
-    mean_I, std_I = _normaliser(sets, plans, train)
-    model = CostModel(None, mean_I, std_I, meta, CostNet())
-    params = init_params(model.net, jax.random.key(config.seed))
+                   meta: dict, log=print, start: CostModel | None = None
+                   ) -> tuple[CostModel, list[dict]]:
+    """Trains the network on the train split (both settings at once); keeps the best val step.
+
+    With `start`, fine-tunes that model (its normalisation kept) on all the given data.
+    """
+    if start is None:
+        train = {"sets": split_mask(sets.index, "train")} if sets is not None else {}
+        val = {"sets": split_mask(sets.index, "val")} if sets is not None else {}
+        for d, p in plans.items():
+            train[d], val[d] = split_mask(p.index, "train"), split_mask(p.index, "val")
+        mean_I, std_I = _normaliser(sets, plans, train)
+        model = CostModel(None, mean_I, std_I, meta, CostNet())
+        params = init_params(model.net, jax.random.key(config.seed))
+    else:
+        train = {"sets": np.ones(len(sets.index), bool)} if sets is not None else {}
+        train.update({d: np.ones(len(p.index), bool) for d, p in plans.items()})
+        val = train
+        model = CostModel(start.params, start.mean_I, start.std_I, start.meta, start.net)
+        params = start.params
     tx = optax.adamw(optax.cosine_decay_schedule(config.learning_rate, config.steps), 1e-4)
     opt_state = tx.init(params)
 
@@ -366,3 +377,16 @@ def singles_of(records: list[dict]) -> dict[str, float]:
     return {r["tables"][0]: r["total_ms"] for r in records
             if r["kind"] == "set" and len(r["tables"]) == 1 and r.get("repeat_of") is None}
 
+
+
+def finetune(model: CostModel, records: list[dict], pool: dict[str, TableSpec],
+             steps: int = 200, learning_rate: float = 1e-3) -> CostModel:
+    """The AutoShard loop's refinement: a few steps on new oracle measurements."""
+    records = [{**r, "index": i} for i, r in enumerate(records)]
+    sets = set_data(records, pool) if any(r["kind"] == "set" for r in records) else None
+    plans = plan_data(records, pool)
+    config = FitConfig(steps=steps, learning_rate=learning_rate, eval_every=steps,
+                       batch_sets=64, batch_plans=16)
+    refined, _ = fit_cost_model(sets, plans, config, model.meta, log=lambda _: None,
+                                start=model)
+    return refined

@@ -146,14 +146,27 @@ class CostModel:
                                                      class_TxK)
         return fwd_D + bwd_D, compute + exchange
 
+    def update(self, records: list[dict], pool: dict[str, TableSpec] | None = None
+               ) -> CostModel:
+        """A copy fine-tuned on new oracle records ({"kind": "set" | "plan", "tables", ...}
+        as `cost.dataset` writes them); table specs from `pool` or each record's "specs"."""
+        from autoshard_jax.cost.fit import finetune
+
+        pool = dict(pool or {})
+        for r in records:
+            pool.update({d["name"]: TableSpec.from_json(d) for d in r.get("specs", ())})
+        return finetune(self, records, pool)
+
     def predict_sets(self, sets_feats: Sequence[np.ndarray]) -> np.ndarray:
-        """Predicted total ms of table sets, each fused on one device."""
-        out = []
-        for feats in sets_feats:
-            t = feats.shape[0]
-            dev, _ = self.cost_fn(jnp.asarray(feats), jnp.ones((t, 1)), jnp.ones((t, 1)))
-            out.append(float(dev[0]))
-        return np.asarray(out)
+        """Predicted total ms of table sets, each fused on one device (one batched call)."""
+        t = max(f.shape[0] for f in sets_feats)
+        pad = np.zeros((len(sets_feats), t, NUM_FEATURES), np.float32)
+        pad[:, :, :2] = 1.0  # a 1-row, 1-wide table on no device: contributes nothing
+        assign = np.zeros((len(sets_feats), t, 1), np.float32)
+        for i, f in enumerate(sets_feats):
+            pad[i, :len(f)], assign[i, :len(f)] = f, 1.0
+        fn = jax.jit(jax.vmap(lambda x, a: self.cost_fn(x, a, a)[0][0]))
+        return np.asarray(fn(jnp.asarray(pad), jnp.asarray(assign)), np.float64)
 
 
 def init_params(net: CostNet, rng: jax.Array) -> dict:

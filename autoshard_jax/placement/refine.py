@@ -3,9 +3,10 @@ and fine-tune the learned cost model on them, so the policy trains against a mod
 accurate where the policy actually goes.
 
 Measurements are records in the cost-dataset format (`cost/dataset.py`): {"kind": "set",
-"tables", "forward_ms", "backward_ms", "total_ms", "spread"} per device (papers' cost) or
-{"kind": "plan", "tables", "num_devices", "placements", "total_ms", "compute_ms",
-"exchange_ms"} per plan (spmd), and go to `CostModel.update(records)`. They are also appended
+"tables", "specs", "forward_ms", "backward_ms", "total_ms", "spread"} per device (papers'
+cost) or {"kind": "plan", "tables", "specs", "num_devices", "placements", "total_ms",
+"compute_ms", "exchange_ms"} per plan (spmd), and go to `CostModel.update(records)`, which
+returns the fine-tuned model. They are also appended
 to `<workdir>/refine_costs.jsonl` so nothing measured is lost.
 """
 
@@ -52,9 +53,11 @@ def measure_records(task: Task, device_T: np.ndarray, objective: str, batch_size
     if objective == "spmd":
         cost = measure_plan(task.specs, plan, batch_size)
         return [{**base, "kind": "plan", "tables": [s.name for s in task.specs],
+                 "specs": [s.to_json() for s in task.specs],
                  "num_devices": plan.num_devices, "placements": plan.placements,
                  **dataclasses.asdict(cost)}]
     return [{**base, "kind": "set", "tables": [s.name for s in group],
+             "specs": [s.to_json() for s in group],
              **dataclasses.asdict(measure_set(group, batch_size))}
             for group in device_tables(task.specs, plan) if group]
 

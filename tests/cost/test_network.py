@@ -108,3 +108,20 @@ def test_metrics_against_brute_force():
     assert fit.mape([1.1, 1.8], [1.0, 2.0]) == pytest.approx(0.1)
     assert fit.r2([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
     assert fit.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+
+
+def test_update_fine_tunes_on_new_measurements():
+    records = _synthetic_sets(300, seed=2)
+    pool = {s.name: s for s in POOL}
+    sets = fit.set_data(records, pool)
+    model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=30, eval_every=30), {},
+                                  log=lambda _: None)
+    # the machine got 3x slower: refinement on measured records moves predictions toward them
+    slower = [{**r, "total_ms": 3 * r["total_ms"], "forward_ms": 3 * r["forward_ms"],
+               "backward_ms": 3 * r["backward_ms"],
+               "specs": [pool[n].to_json() for n in r["tables"]]} for r in records[:100]]
+    refined = model.update(slower)
+    feats = [table_features([pool[n] for n in r["tables"]]) for r in slower]
+    want = np.asarray([r["total_ms"] for r in slower])
+    assert fit.mape(refined.predict_sets(feats), want) < fit.mape(model.predict_sets(feats), want)
+    assert refined is not model and refined.params is not model.params
