@@ -41,6 +41,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_rows", 1_000_000, "Row cap of the synthetic pool.")
     flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool and of its train/test split.")
     flags.DEFINE_enum("measure", "predicted", ["predicted", "oracle"], "How plans are scored.")
+    flags.DEFINE_enum("clock", "cpu", ["cpu", "wall"], "Oracle clock: this process's CPU time "
+                      "(robust on a shared machine) or wall time.")
     flags.DEFINE_integer("batch_size", 512, "Batch size the costs refer to.")
     flags.DEFINE_integer("num_tasks", 50, "Test tasks per setting.")
     flags.DEFINE_integer("base_tables", 50, "T of the base setting.")
@@ -110,7 +112,8 @@ def reproduce(f, log=print) -> str:
 
     def make_score(task):
         if f.measure == "oracle":
-            return harness.oracle_scorer(task, f.batch_size)
+            from autoshard_jax.cost.timing import Protocol
+            return harness.oracle_scorer(task, f.batch_size, Protocol(clock=f.clock))
         return harness.predicted_scorer(task, cost)
 
     report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "

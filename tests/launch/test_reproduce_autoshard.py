@@ -16,9 +16,9 @@ from tests.launch.test_train_sharder import tiny_config
 
 def args(workdir, **kw):
     f = dict(workdir=workdir, policy="", cost_model=None, tables=None, max_rows=5000,
-             pool_seed=0, measure="predicted", batch_size=512, num_tasks=2, base_tables=8,
-             base_devices=2, settings="base,D=3", objectives="spmd,max_device", mem_factor=1.5,
-             reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0)
+             pool_seed=0, measure="predicted", clock="cpu", batch_size=512, num_tasks=2,
+             base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
+             mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0)
     f.update(kw)
     return types.SimpleNamespace(**f)
 

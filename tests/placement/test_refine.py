@@ -84,6 +84,7 @@ def test_refine_measures_sampled_plans_and_updates_the_model(tmp_path):
     assert seen[-1] == {f"t{i}": int(dev[i]) for i in range(6)}
     assert [r["kind"] for r in model.updates[0]] == ["set"] * (len(seen) - 1)
     assert model.updates[1][0]["kind"] == "plan" and model.updates[1][0]["total_ms"] == 5.0
+    assert [d["name"] for d in model.updates[1][0]["specs"]] == [f"t{i}" for i in range(6)]
     lines = open(os.path.join(tmp_path, REFINE_FILE)).read().splitlines()
     assert len(lines) == len(seen) and json.loads(lines[-1])["exchange_ms"] == 1.0
 
