@@ -39,6 +39,8 @@ from autoshard_jax.tables.spec import TableSpec
 log = logging.getLogger(__name__)
 
 _READ_BYTES = 1 << 22
+# Batch end lines remembered for `resume_line`: enough for any prefetch depth.
+_RESUME_LINES_KEPT = 1024
 
 
 class MalformedLineError(InputError):
@@ -227,6 +229,7 @@ class CriteoTSVReader:
         self.skip_bad_lines = skip_bad_lines
         self.drop_last = drop_last
         self.stats = ReadStats()
+        self._line_after: dict[int, int] = {}
 
         if os.path.isdir(path):
             if kaggle_days is not None:
@@ -298,48 +301,81 @@ class CriteoTSVReader:
             self.stats.bad_lines[b.kind] = self.stats.bad_lines.get(b.kind, 0) + 1
             self.stats.first_bad.setdefault(b.kind, f"{path}:{lineno0 + b.offset}")
 
-    def _batch(self, label_N, dense_NxD, ids_NxS, lo: int, hi: int) -> Batch:
+    def _batch(self, label_N, dense_NxQ, ids_NxS, lo: int, hi: int) -> Batch:
         ids = []
         for s, h in enumerate(self.hotness_S):
             ids_BxH = np.full((hi - lo, h), -1, dtype=np.int32)
             ids_BxH[:, 0] = ids_NxS[lo:hi, s]
             ids.append(ids_BxH)
-        return {"dense": dense_NxD[lo:hi].copy(), "ids": tuple(ids), "label": label_N[lo:hi].copy()}
+        return {"dense": dense_NxQ[lo:hi].copy(), "ids": tuple(ids), "label": label_N[lo:hi].copy()}
 
-    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, start_batch: int = 0,
+                start_line: int | None = None) -> Iterator[Batch]:
         """Batches from batch number `start_batch` on; resuming at k yields what a full read
-        yields from its k-th batch. Resets `stats` to this pass."""
+        yields from its k-th batch. Resets `stats` to this pass (a resumed pass counts from
+        where it starts).
+
+        Args:
+          batch_size: samples per batch.
+          start_batch: the first batch to yield.
+          start_line: `resume_line(start_batch)` of an earlier pass, if known: the lines before
+            it are skipped unparsed. Without it, a reader that skips bad lines must parse every
+            line up to the resume point to know which ones held samples.
+        """
         if batch_size < 1 or start_batch < 0:
             raise InputError(f"need batch_size >= 1, start_batch >= 0; got {batch_size}, "
                              f"{start_batch}")
         self.stats = ReadStats()
+        self._line_after = {}
         to_skip = start_batch * batch_size
         # Without skipping, every line is a sample, so resuming can skip raw lines unparsed.
-        raw_skip = 0 if self.skip_bad_lines else to_skip
-        drop = to_skip - raw_skip
+        if start_line is not None:
+            raw_skip = start_line
+        else:
+            raw_skip = 0 if self.skip_bad_lines else to_skip
+        drop = 0 if start_line is not None else to_skip - raw_skip
         num_sparse = len(self.rows_S)
+        # label, dense, ids, and the stream line number of each pending sample.
         pend = (np.zeros(0, np.float32), np.zeros((0, self.num_dense), np.float32),
-                np.zeros((0, num_sparse), np.int32))
-        yielded = 0
+                np.zeros((0, num_sparse), np.int32), np.zeros(0, np.int64))
+        yielded, line0 = 0, raw_skip
+        if not drop:
+            self._line_after[start_batch] = raw_skip
         for path, lineno0, block in self._blocks(raw_skip):
             parsed = parse_block(block, self.num_dense, self.rows_S)
             self._record_bad(path, lineno0, parsed.bad)
             self.stats.lines += parsed.num_lines
             self.stats.samples += len(parsed.label_N)
-            new = (parsed.label_N, parsed.dense_NxD, parsed.ids_NxS)
+            good_N = np.setdiff1d(np.arange(parsed.num_lines), [b.offset for b in parsed.bad])
+            new = (parsed.label_N, parsed.dense_NxQ, parsed.ids_NxS, line0 + good_N)
+            line0 += parsed.num_lines
             if drop:
                 cut = min(drop, len(new[0]))
+                if cut == drop:
+                    self._line_after[start_batch] = int(new[3][cut - 1]) + 1
                 new, drop = tuple(a[cut:] for a in new), drop - cut
             pend = tuple(np.concatenate([p, a]) for p, a in zip(pend, new, strict=True))
             n_full = len(pend[0]) // batch_size
             for i in range(n_full):
-                yield self._batch(*pend, i * batch_size, (i + 1) * batch_size)
+                self._note_end(start_batch + yielded + i + 1, pend[3][(i + 1) * batch_size - 1])
+                yield self._batch(*pend[:3], i * batch_size, (i + 1) * batch_size)
             pend = tuple(a[n_full * batch_size:] for a in pend)
             yielded += n_full
         if len(pend[0]) and not self.drop_last:
-            yield self._batch(*pend, 0, len(pend[0]))
+            self._note_end(start_batch + yielded + 1, pend[3][-1])
+            yield self._batch(*pend[:3], 0, len(pend[0]))
             yielded += 1
         self._finish(to_skip, yielded, batch_size)
+
+    def _note_end(self, batches_done: int, last_line: int) -> None:
+        self._line_after[batches_done] = int(last_line) + 1
+        self._line_after.pop(batches_done - _RESUME_LINES_KEPT, None)
+
+    def resume_line(self, batches_done: int) -> int | None:
+        """The stream line just after the last sample of the first `batches_done` batches of the
+        current pass (None if that batch is not among the last few produced): store it with a
+        checkpoint and pass it as `batches(start_line=...)` to resume without re-parsing."""
+        return 0 if batches_done == 0 else self._line_after.get(batches_done)
 
     def describe(self) -> str:
         """The file or directory and the selected days, for messages."""

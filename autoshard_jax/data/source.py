@@ -73,11 +73,33 @@ class DataSource:
             check_ids(batch["ids"], self.tables)
             yield batch
 
-    def train(self, start: int) -> Iterator[Batch]:
-        """Train batches start, start + 1, ... (until the data ends)."""
+    def train(self, start: int, position: dict | None = None) -> Iterator[Batch]:
+        """Train batches start, start + 1, ... (until the data ends).
+
+        Args:
+          start: the first batch (the step a run resumes from).
+          position: `position(start)` stored by the run that reached `start`, if any: lets a
+            Criteo reader that skips bad lines seek there instead of re-parsing.
+        """
         if self.kind == "synthetic":
             return self._checked(self.stream.batches(self.batch_size, start=start))
-        return self._checked(self.train_reader.batches(self.batch_size, start_batch=start))
+        line = (position or {}).get("tsv_line")
+        return self._checked(self.train_reader.batches(self.batch_size, start_batch=start,
+                                                       start_line=line))
+
+    def position(self, step: int) -> dict:
+        """What to store with a checkpoint at `step` so `train(step, position)` resumes fast.
+
+        Args:
+          step: train batches consumed (the batch must be among the last ones produced).
+
+        Returns:
+          {"tsv_line": stream line after batch `step`} for Criteo data, else {}.
+        """
+        if self.train_reader is None:
+            return {}
+        line = self.train_reader.resume_line(step)
+        return {} if line is None else {"tsv_line": line}
 
     def eval(self) -> Iterator[Batch]:
         """Eval batches, padded to the batch size with a `mask` so shapes stay static."""

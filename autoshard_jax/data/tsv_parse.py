@@ -39,7 +39,7 @@ class ParsedBlock:
     """The good lines of a block, in order, plus the bad ones."""
 
     label_N: np.ndarray  # float32
-    dense_NxD: np.ndarray  # float32, log1p(max(count, 0)), missing -> 0
+    dense_NxQ: np.ndarray  # float32, log1p(max(count, 0)), missing -> 0
     ids_NxS: np.ndarray  # int32, int(hex) mod rows, missing -> -1
     bad: list[BadLine]
     num_lines: int
@@ -104,11 +104,11 @@ def parse_block(data: bytes, num_dense: int, rows_S: np.ndarray) -> ParsedBlock:
     lab_ok = (len_NxF[:, 0] == 1) & ((buf[start_NxF[:, 0]] | 1) == ord("1"))
     label_N = (buf[start_NxF[:, 0]] == ord("1")).astype(np.float32)
     d_start, d_len = start_NxF[:, 1:1 + num_dense], len_NxF[:, 1:1 + num_dense]
-    counts_NxD, dense_ok_NxD = _parse_ints(buf, d_start, d_len)
+    counts_NxQ, dense_ok_NxQ = _parse_ints(buf, d_start, d_len)
     s_start, s_len = start_NxF[:, 1 + num_dense:], len_NxF[:, 1 + num_dense:]
     hex_NxS, sparse_ok_NxS = _parse_hex(buf, s_start, s_len)
 
-    dense_ok, sparse_ok = dense_ok_NxD.all(axis=1), sparse_ok_NxS.all(axis=1)
+    dense_ok, sparse_ok = dense_ok_NxQ.all(axis=1), sparse_ok_NxS.all(axis=1)
     ok_N = lab_ok & dense_ok & sparse_ok
     for r in np.flatnonzero(~ok_N):
         if not lab_ok[r]:
@@ -116,7 +116,7 @@ def parse_block(data: bytes, num_dense: int, rows_S: np.ndarray) -> ParsedBlock:
             detail = (f"label (field 1) must be 0 or 1, got "
                       f"{_field_text(data, start_NxF[r, 0], len_NxF[r, 0])}")
         elif not dense_ok[r]:
-            c = int(np.argmin(dense_ok_NxD[r]))
+            c = int(np.argmin(dense_ok_NxQ[r]))
             kind = "dense"
             detail = (f"integer feature I{c + 1} (field {c + 2}) is not an integer: "
                       f"{_field_text(data, d_start[r, c], d_len[r, c])}")
@@ -129,7 +129,7 @@ def parse_block(data: bytes, num_dense: int, rows_S: np.ndarray) -> ParsedBlock:
         bad.append(BadLine(int(line_of[r]), kind, detail))
     bad.sort(key=lambda b: b.offset)
 
-    dense_NxD = np.log1p(np.maximum(counts_NxD[ok_N], 0).astype(np.float64)).astype(np.float32)
+    dense_NxQ = np.log1p(np.maximum(counts_NxQ[ok_N], 0).astype(np.float64)).astype(np.float32)
     ids_NxS = (hex_NxS[ok_N] % rows_S.astype(np.uint64)).astype(np.int32)
     ids_NxS[s_len[ok_N] == 0] = -1
-    return ParsedBlock(label_N[ok_N], dense_NxD, ids_NxS, bad, n)
+    return ParsedBlock(label_N[ok_N], dense_NxQ, ids_NxS, bad, n)

@@ -169,14 +169,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check_same_run(meta.get("run", {}), identity, ckpt.directory)
         logging.info("Resumed from step %d (data position %d)", start, meta["data_position"])
     else:
-        start = 0
+        start, meta = 0, {}
         state = setup.init(rng)
     writer = MetricsWriter(workdir, start)
     num_steps = config.num_train_steps
     final = None
     t_start, t_last, step_last = time.time(), time.time(), start
     with ckpt, _Preemption() as preemption:
-        batches = prefetch(data.train(start), place)
+        batches = prefetch(data.train(start, meta.get("data", {})), place)
         step = start
         for step in range(start + 1, num_steps + 1):
             try:
@@ -202,13 +202,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     logging.info("eval at step %d: %s", step, _fmt(result))
                     writer.write({"step": step, "eval": result})
             if ckpt.should_save(step) or preemption.requested:
-                ckpt.save(step, state, {"data_position": step, "run": identity},
+                ckpt.save(step, state, {"data_position": step, "run": identity,
+                                        "data": data.position(step)},
                           force=preemption.requested)
             if preemption.requested:
                 logging.warning("SIGTERM: saved step %d, stopping", step)
                 _report_skipped_lines(data)
                 return {"preempted_at": step}
-        ckpt.save(step, state, {"data_position": step, "run": identity}, force=True)
+        ckpt.save(step, state, {"data_position": step, "run": identity,
+                                "data": data.position(step)}, force=True)
         final = evaluate(eval_step, state.params, data.eval(), place)
         if final:
             final.update(_teacher_metrics(data))

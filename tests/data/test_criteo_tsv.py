@@ -239,6 +239,39 @@ def test_resume_matches_full_read(tmp_path, read_bytes, skip_bad, source):
             np.testing.assert_array_equal(a["label"], b["label"])
 
 
+@pytest.mark.parametrize("source", ["days", "kaggle"])
+def test_resume_by_stored_line_skips_without_parsing(tmp_path, read_bytes, source):
+    lines = make_lines(40)
+    lines = lines[:9] + [BAD["int_word"][0]] + lines[9:20] + [BAD["int_word"][0]] + lines[20:]
+    if source == "days":
+        (tmp_path / "days").mkdir()
+        for d, chunk in enumerate([lines[:6], lines[6:13], lines[13:14], lines[14:]]):
+            write(tmp_path / "days" / f"day_{d}", chunk)
+        kwargs = dict(path=tmp_path / "days", days=[0, 1, 2, 3])
+        total = len(lines)
+    else:
+        kwargs = dict(path=write(tmp_path / "k.tsv", lines), kaggle_days=7, days=[1, 2, 3, 4, 5])
+        total = sum(len(a) for a in np.array_split(np.arange(len(lines)), 7)[1:6])
+    reader = CriteoTSVReader(tables=ROWS, num_dense=D, skip_bad_lines=True, drop_last=False,
+                             **kwargs)
+    full, ends = [], [reader.resume_line(0)]
+    for batch in reader.batches(3):
+        full.append(batch)
+        ends.append(reader.resume_line(len(full)))
+    assert ends[0] == 0 and ends[-1] == total and ends == sorted(ends)
+    for start in range(len(full) + 1):
+        resumed = list(reader.batches(3, start_batch=start, start_line=ends[start]))
+        assert reader.stats.lines == total - ends[start]  # nothing before the offset parsed
+        assert len(resumed) == len(full) - start
+        for a, b in zip(resumed, full[start:], strict=True):
+            assert concat([a])[2].tolist() == concat([b])[2].tolist()
+            np.testing.assert_array_equal(a["label"], b["label"])
+        # A pass that re-parses to the resume point notes the same offset there.
+        list(reader.batches(3, start_batch=start))
+        if start < len(full):
+            assert reader.resume_line(start) == ends[start]
+
+
 hex_field = st.one_of(st.just(""), st.integers(0, 2**64 - 1).map(lambda v: f"{v:x}"),
                       st.integers(0, 2**32).map(lambda v: f"{v:08X}"))
 int_field = st.one_of(st.just(""), st.integers(-(10**18) + 1, 10**18 - 1).map(str))

@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from autoshard_jax.train.loop import train_and_evaluate
-from launch.configs import synthetic_small
+from autoshard_jax.data import CriteoTSVReader, SyntheticClickStream
+from autoshard_jax.train.loop import build_tables, train_and_evaluate
+from launch.configs import criteo_kaggle, synthetic_small
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -150,3 +151,36 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
         f.write('{"step": 11, "lo')  # a kill in the middle of a write
     train_and_evaluate(tiny_config(num_train_steps=12), workdir)
     assert sorted(losses(workdir)) == list(range(1, 13))
+
+
+def test_criteo_resume_skipping_bad_lines_seeks_by_the_stored_line(tmp_path, monkeypatch):
+    config = criteo_kaggle.get_config()
+    config.data.path = str(tmp_path / "train.txt")
+    config.data.skip_bad_lines = True
+    config.model.rows_cap = 1000
+    config.model.bottom_mlp, config.model.top_mlp = (32, 16), (32, 1)
+    config.batch_size, config.num_train_steps, config.log_every = 64, 10, 1
+    config.checkpoint_every = 3
+    SyntheticClickStream(build_tables(config)).write_tsv(config.data.path, 7 * 128)
+    lines = open(config.data.path).read().splitlines(keepends=True)
+    lines[40:40] = ["1\t2\tnot-a-line\n"]
+    lines[300:300] = ["x\n"]
+    open(config.data.path, "w").writelines(lines)
+    starts = []
+    real = CriteoTSVReader.batches
+
+    def spy(self, batch_size, start_batch=0, start_line=None):
+        starts.append((start_batch, start_line))
+        return real(self, batch_size, start_batch, start_line)
+
+    monkeypatch.setattr(CriteoTSVReader, "batches", spy)
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    train_and_evaluate(config, full)
+    config.num_train_steps = 6
+    train_and_evaluate(config, split)
+    starts.clear()
+    config.num_train_steps = 10
+    train_and_evaluate(config, split)  # resumes at step 6, past the first bad line
+    assert losses(full) == losses(split) and sorted(losses(split)) == list(range(1, 11))
+    # 6 batches of 64 samples end on line 6 * 64 + 2 (both bad lines come before them).
+    assert (6, 6 * 64 + 2) in starts
