@@ -17,8 +17,10 @@ cores shared with four other jobs, load average 12-24, jax 0.10.2 CPU):
     plus 1.5 min of fitting; each run pays 60-100 s of compilation and evaluation on the loaded
     machine, more than its training. Unloaded 2 cores: roughly 15-20 min (not measured). One
     accelerator: a few minutes, all of it compilation and host-side data generation.
-  demo (`:demo`): 10 runs, 1.21e10 FLOPs, 209k samples: data 4k..64k, embedding dim 1..16 of
-    16k samples; DEMO_TIME
+  demo (`:demo`): the data axis only, 5 runs of 16k..256k samples (the runs below 16k sit in the
+    small-data region, NE >= 1, and are not fitted), 3.18e10 FLOPs, 508k samples. Not timed
+    unloaded; a first 10-run variant took 19 min on the loaded machine (per-run compilation),
+    so expect ~2-3 min on 2 free cores.
 """
 
 from launch.configs import synthetic_small
@@ -46,10 +48,8 @@ def get_config(variant: str = ""):
     s.keep_run_checkpoints = False
     if variant == "demo":
         config.data.num_eval_batches = 128
-        s.axes = ("data", "embedding")
-        s.data_samples = tuple(4096 * 2**k for k in range(0, 5))  # 4k .. 64k
-        s.param_samples = 16384
-        s.embedding_dims = (1, 2, 4, 8, 16)
+        s.axes = ("data",)
+        s.data_samples = tuple(16384 * 2**k for k in range(0, 5))  # 16k .. 256k
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of scaling_cpu (use '' or 'demo')")
     return config

@@ -53,8 +53,6 @@ def test_sweep_runs_then_skips_finished_runs(tmp_path):
 
 @pytest.mark.parametrize("args,culprit", [
     (["--config.axis=width"], "config.axis"),
-    (["--config.scaling.param_samples=0"], "config.scaling.param_samples"),
-    (["--num_shards=2", "--shard_index=2"], "shard_index"),
     (["--config.data.path=/nonexistent/train.txt"], "/nonexistent/train.txt"),
 ])
 def test_bad_input_exits_2_naming_the_culprit(tmp_path, args, culprit):

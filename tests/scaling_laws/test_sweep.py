@@ -102,7 +102,7 @@ def test_run_killed_before_its_results_resumes_from_its_checkpoint(tmp_path):
     second = json.loads((_one_run(c, tmp_path)).read_text())
     assert second["eval"] == first["eval"]  # restored the trained state, did not retrain
     metrics = (tmp_path / "data" / "runs" / "data_00_128" / "metrics.jsonl").read_text()
-    assert metrics.count('"final": true') == 2 and metrics.count('"step": 1,') <= 1
+    assert metrics.count('"step": 1,') == 1  # step 1 was trained once
 
 
 def _one_run(c, tmp_path):
