@@ -83,15 +83,6 @@ def reproduce(f, log=print) -> str:
 
     if f.tables and not os.path.isfile(f.tables):
         raise InputError(f"--tables: file {f.tables!r} does not exist")
-    policies = {}
-    for path in [p for p in f.policy.split(",") if p]:
-        pol = load_policy(path)
-        policies[pol.meta["objective"]] = pol
-    cost_dir = f.cost_model
-    if not cost_dir and policies:
-        name = next(iter(policies.values())).meta.get("cost_model", "analytical")
-        cost_dir = name.split(":", 1)[1] if name.startswith("learned:") else None
-    cost = get_cost(f.batch_size, cost_dir)
     pool = load_tables(f.tables) if f.tables else synthetic_pool(856, seed=f.pool_seed,
                                                                  max_rows=f.max_rows)
     train_pool, test_pool = split_pool(pool, f.pool_seed)
@@ -107,6 +98,18 @@ def reproduce(f, log=print) -> str:
         if s.num_tables > len(test_pool) or not 0 <= s.unseen <= 1 or s.num_devices < 1:
             raise InputError(f"--settings: {s.name} needs 1 <= D, unseen in 0..100% and at "
                              f"most {len(test_pool)} tables (half the pool)")
+    if f.measure == "oracle":  # plans are timed on D (simulated, on CPU) devices
+        from autoshard_jax.placement.evaluate import ensure_devices
+        ensure_devices(max(s.num_devices for s in chosen))
+    policies = {}
+    for path in [p for p in f.policy.split(",") if p]:
+        pol = load_policy(path)
+        policies[pol.meta["objective"]] = pol
+    cost_dir = f.cost_model
+    if not cost_dir and policies:
+        name = next(iter(policies.values())).meta.get("cost_model", "analytical")
+        cost_dir = name.split(":", 1)[1] if name.startswith("learned:") else None
+    cost = get_cost(f.batch_size, cost_dir)
     os.makedirs(f.workdir, exist_ok=True)
     results = os.path.join(f.workdir, "results.jsonl")
 
