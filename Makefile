@@ -1,6 +1,7 @@
-# The README's two commands. Both build .venv with python3 and install the package into it.
+# The README's two commands. Both build .venv with python3 and install the package into it;
+# `make test PYTHON=python3.12` builds and uses .venv-python3.12 instead (one venv per Python).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
@@ -20,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m launch.train_dlrm --config=launch/configs/synthetic_small.py --workdir=$(DEMO_DIR)/dlrm
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check . --extend-exclude '.venv-*'
 
 test: lint
 	$(PY) -m pytest tests
