@@ -93,6 +93,18 @@ def hyper(config) -> M.Hyper:
                    meta_batch=o.meta_batch, unroll_steps=o.unroll_steps, sml_steps=o.sml_steps)
 
 
+_PIECES: dict[str, M.Pieces] = {}
+
+
+def _pieces(model, hp: M.Hyper) -> M.Pieces:
+    """One set of jitted functions per (model, hyperparameters) in a process, so a second run
+    (a resumed one, a test) reuses the compiled programs instead of compiling them again."""
+    key = repr((model, hp))
+    if key not in _PIECES:
+        _PIECES[key] = M.Pieces(model, hp)
+    return _PIECES[key]
+
+
 def build_study(config: ml_collections.ConfigDict) -> Study:
     """Stream loader per seed, model and methods for a checked config."""
     d, m = config.data, config.model
@@ -131,7 +143,7 @@ def build_study(config: ml_collections.ConfigDict) -> Study:
                 return load, None
     if T < P + 2:
         raise DataError(f"{d.path or d.kind}: {T} periods, need pretrain_periods + 2 = {P + 2}")
-    return Study(loader, T, P, M.Pieces(model, hyper(config)),
+    return Study(loader, T, P, _pieces(model, hyper(config)),
                  pretrain_epochs=config.pretrain_epochs, diag_rows=config.diag_rows,
                  diagnostics=config.diagnostics)
 

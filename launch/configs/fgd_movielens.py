@@ -17,6 +17,7 @@ def get_config():
     config = fgd_synthetic.get_config()
     config.name = "fgd_movielens"
     config.num_periods = 0  # 0: every period of the data (31 weeks)
+    config.pretrain_periods = 10
     config.report_last = 7
     config.pretrain_epochs = 3
     config.data.kind = "movielens"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from autoshard_jax.data import SyntheticClickStream
-from autoshard_jax.errors import ConfigError
+from autoshard_jax.errors import ConfigError, InputError
 from autoshard_jax.tables.spec import TableSpec
 from fgd.streams import FutureLeakError, PeriodStream, drift_angles, synthetic_stream
 
@@ -56,3 +56,25 @@ def test_synthetic_stream_labels_follow_the_rotated_teacher():
     # Empirical CTR roughly preserved by the rotation.
     assert abs(p0["label"].mean() - p1["label"].mean()) < 0.08
     assert p2["dense"].shape == (4000, 3)
+
+
+def test_criteo_days_are_periods_in_order(tmp_path):
+    from fgd.streams import criteo_stream
+
+    tables = [TableSpec("a", 50, 4), TableSpec("b", 20, 4)]
+    core = SyntheticClickStream(tables, 13, seed=1, zipf_a=1.0)
+    days = tmp_path / "days"
+    days.mkdir()
+    for d, n in enumerate((30, 20, 25)):
+        core.write_tsv(days / f"day_{d}", n, split="train" if d % 2 else "eval")
+    s = criteo_stream(str(days), tables, 13, initial=2)
+    assert s.num_periods == 3 and s.revealed == 2
+    assert [len(s.period(t)["label"]) for t in range(2)] == [30, 20]
+    with pytest.raises(FutureLeakError):
+        s.period(2)
+    t, day2 = s.deploy()
+    assert t == 2 and len(day2["label"]) == 25
+    np.testing.assert_array_equal(s.period(1)["label"], core.batch(0, 4096, "train")["label"][:20])
+    (days / "day_2").write_text("1\tnot-a-number\n")
+    with pytest.raises(InputError, match="day_2:1"):  # bad lines behave as in training
+        criteo_stream(str(days), tables, 13, initial=2).deploy()

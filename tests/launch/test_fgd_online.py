@@ -24,10 +24,10 @@ def _run(workdir, *args, config="fgd_synthetic"):
 
 def test_good_run_writes_every_output(tmp_path):
     work = tmp_path / "w"
-    proc = _run(work, "--config.methods=bu,fgd", "--config.seeds=1", *TINY)
+    proc = _run(work, "--config.methods=bu,hint", "--config.seeds=1", *TINY)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((work / "summary.json").read_text())
-    for m in ("bu", "fgd"):
+    for m in ("bu", "hint"):
         entry = summary["methods"][m]
         assert set(entry["mean_test_auc"]) >= {"mean", "std"}
         assert set(entry["mean_test_ne"]) >= {"mean", "std"}
