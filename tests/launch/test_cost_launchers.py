@@ -1,0 +1,136 @@
+"""collect_costs, train_cost_model and measure_costs as a user runs them: good and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autoshard_jax.cost.collect import CollectConfig, collect
+from autoshard_jax.sharding.plan import plan_from_mapping, save_plan
+from autoshard_jax.tables.pools import synthetic_pool
+from autoshard_jax.tables.spec import save_tables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+POOL = synthetic_pool(5, seed=2, max_rows=1000)
+
+
+def _run(module, *args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def _error_line(proc):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("costs"))
+    config = CollectConfig(num_sets=30, num_plans=8, batch_size=32, max_tables=3,
+                           plan_tables=(2, 5), plan_devices=(2,), repeat_every=5, warmup=1,
+                           repeats=3, trim=0)
+    collect(work, config, POOL, log=lambda _: None)
+    return work
+
+
+def test_collect_costs_runs_and_resumes(tmp_path):
+    args = [f"--workdir={tmp_path}", "--pool_size=4", "--max_rows=500", "--num_sets=5",
+            "--num_plans=1", "--batch_size=16", "--max_tables=2", "--plan_tables=2,3",
+            "--plan_devices=2", "--repeats=3", "--trim=0", "--warmup=1"]
+    proc = _run("launch.collect_costs", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "5 set records, 1 plan records (6 measured now)" in proc.stdout
+    lines = (tmp_path / "costs.jsonl").read_text().splitlines()
+    again = _run("launch.collect_costs", *args)
+    assert "(0 measured now)" in again.stdout
+    assert (tmp_path / "costs.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--batch_size=30", "--plan_devices=4"], "not divisible by plan_devices entry 4"),
+    (["--plan_tables=3"], "--plan_tables takes MIN,MAX"),
+    (["--plan_devices=two"], "--plan_devices must be integers"),
+    (["--max_tables=500"], "config.max_tables must be <= 120"),
+    (["--tables=/nonexistent/tables.json"], "/nonexistent/tables.json"),
+])
+def test_collect_costs_bad_input(tmp_path, args, culprit):
+    assert culprit in _error_line(_run("launch.collect_costs", f"--workdir={tmp_path}", *args))
+
+
+def test_train_then_measure_with_the_model(collection, tmp_path):
+    model_dir = tmp_path / "model"
+    proc = _run("launch.train_cost_model", f"--workdir={model_dir}", f"--data={collection}",
+                "--steps=30")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((model_dir / "report.json").read_text())
+    assert {"network", "linear", "analytical"} <= set(report["test"].get("max_device", {})) \
+        or report["meta"]["num_sets"] > 0
+    assert (model_dir / "report.md").exists() and (model_dir / "cost_model.json").exists()
+
+    tables = tmp_path / "tables.json"
+    save_tables(tables, POOL)
+    sets = tmp_path / "sets.json"
+    sets.write_text(json.dumps([[POOL[0].name], [POOL[1].name, POOL[2].name]]))
+    proc = _run("launch.measure_costs", f"--tables={tables}", f"--sets={sets}",
+                "--batch_size=32", f"--cost_model={model_dir}", "--repeats=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [o["tables"] for o in out] == json.loads(sets.read_text())
+    for o in out:
+        assert {"total_ms", "forward_ms", "backward_ms", "spread", "predicted_ms"} <= set(o)
+        assert o["total_ms"] > 0 and o["predicted_ms"] > 0
+
+    plan_a = tmp_path / "a.json"
+    save_plan(plan_a, plan_from_mapping({s.name: i % 2 for i, s in enumerate(POOL)}, 2, 1 << 30))
+    proc = _run("launch.measure_costs", f"--tables={tables}", f"--plans={plan_a}",
+                "--batch_size=32", "--repeats=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (plan_out,) = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert plan_out["plan"] == str(plan_a)
+    assert plan_out["total_ms"] == pytest.approx(plan_out["compute_ms"] +
+                                                 plan_out["exchange_ms"])
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--data=/nonexistent"], "/nonexistent"),
+    (["--steps=0"], "config.steps must be >= 1"),
+])
+def test_train_cost_model_bad_input(collection, tmp_path, args, culprit):
+    args = [a if a != "--data=COLL" else f"--data={collection}" for a in args]
+    if not any(a.startswith("--data") for a in args):
+        args.append(f"--data={collection}")
+    assert culprit in _error_line(_run("launch.train_cost_model", f"--workdir={tmp_path}",
+                                       *args))
+
+
+@pytest.mark.parametrize("sets_text, extra, culprit", [
+    ("not json", [], "sets.json: not valid JSON"),
+    ("[]", [], "must hold a non-empty JSON list"),
+    ('[["t000"], "t001"]', [], "sets[1] must be a non-empty list"),
+    ('[["t000", "nope"]]', [], "sets[0][1] names unknown table 'nope'"),
+    ('[["t000", "t000"]]', [], "sets[0] lists a table twice"),
+    ('[["t000"]]', ["--plans=x.json"], "give exactly one of --sets or --plans"),
+    ('[["t000"]]', ["--batch_size=0"], "config.batch_size must be >= 1"),
+])
+def test_measure_costs_bad_sets(tmp_path, sets_text, extra, culprit):
+    tables = tmp_path / "tables.json"
+    save_tables(tables, POOL)
+    sets = tmp_path / "sets.json"
+    sets.write_text(sets_text)
+    proc = _run("launch.measure_costs", f"--tables={tables}", f"--sets={sets}", *extra)
+    assert culprit in _error_line(proc)
+
+
+def test_measure_costs_bad_plan_names_the_field(tmp_path):
+    tables = tmp_path / "tables.json"
+    save_tables(tables, POOL)
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"version": 1, "num_devices": 2, "memory_bytes_per_device": 1 << 30,
+                                "placements": {s.name: {"type": "table_wise", "device": 5}
+                                               for s in POOL}}))
+    line = _error_line(_run("launch.measure_costs", f"--tables={tables}", f"--plans={plan}"))
+    assert "device 5 is out of range for 2 devices" in line and "p.json" in line
