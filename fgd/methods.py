@@ -71,6 +71,7 @@ class Hyper:
     meta_batch: int = 1024
     unroll_steps: int = 5
     sml_steps: int = 20
+    sml_lr: float = 1e-3  # SML's transfer learning rate (TR_lr in zyang1580/SML)
 
 
 class Pieces:
@@ -80,6 +81,7 @@ class Pieces:
         self.model, self.hp = model, hp
         self.base = optax.adam(hp.lr, eps_root=1e-16)  # eps_root: differentiable for unroll
         self.meta_tx = optax.adam(hp.meta_lr)
+        self.sml_tx = optax.adam(hp.sml_lr)
         grad_fn = jax.grad(model.loss)
         self.grad = jax.jit(grad_fn)
         self.logits = jax.jit(model.logits)
@@ -234,7 +236,7 @@ def make_sml_step(pieces: Pieces):
 
     def step(psi, opt, old, hat, batch):
         value, g = jax.value_and_grad(loss)(psi, old, hat, batch)
-        updates, opt = pieces.meta_tx.update(g, opt, psi)
+        updates, opt = pieces.sml_tx.update(g, opt, psi)
         return optax.apply_updates(psi, updates), opt, value
 
     return jax.jit(step), jax.jit(sml_transfer)

@@ -56,6 +56,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[str]:
     check_range("optim.meta_batch", o.meta_batch, low=1, high=1 << 20, integer=True)
     check_range("optim.unroll_steps", o.unroll_steps, low=1, high=1000, integer=True)
     check_range("optim.sml_steps", o.sml_steps, low=0, integer=True)
+    check_range("optim.sml_lr", o.sml_lr, low=0.0, high=10.0)
     if config.pretrain_periods < o.history + 1:
         raise ConfigError(f"config.pretrain_periods={config.pretrain_periods} must be >= "
                           f"optim.history + 1 = {o.history + 1} (the generator's first meta "
@@ -90,7 +91,8 @@ def hyper(config) -> M.Hyper:
     o = config.optim
     return M.Hyper(batch_size=o.batch_size, lr=o.lr, epochs=o.epochs, window=o.window,
                    history=o.history, meta_lr=o.meta_lr, meta_steps=o.meta_steps,
-                   meta_batch=o.meta_batch, unroll_steps=o.unroll_steps, sml_steps=o.sml_steps)
+                   meta_batch=o.meta_batch, unroll_steps=o.unroll_steps, sml_steps=o.sml_steps,
+                   sml_lr=o.sml_lr)
 
 
 _PIECES: dict[str, M.Pieces] = {}

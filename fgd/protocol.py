@@ -100,7 +100,7 @@ class Study:
             state["meta_opt"] = self.pieces.meta_tx.init(state["meta"])
         if method == "sml":
             state["psi"] = M.sml_init()
-            state["psi_opt"] = self.pieces.meta_tx.init(state["psi"])
+            state["psi_opt"] = self.pieces.sml_tx.init(state["psi"])
             state["prev_hat"] = params
         return state
 

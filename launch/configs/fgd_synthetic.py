@@ -57,4 +57,5 @@ def get_config():
     config.optim.meta_batch = 1024
     config.optim.unroll_steps = 5
     config.optim.sml_steps = 20
+    config.optim.sml_lr = 1e-3  # SML's TR_lr
     return config
