@@ -389,3 +389,21 @@ def test_less_than_one_batch_says_how_much_there_is(tmp_path, skip_bad):
         next(reader.batches(4))
     assert len(list(reader.batches(4, start_batch=1))) == 0  # resuming past the end: no error
     assert len(list(reader.batches(3))) == 1
+
+
+# Published per-feature cardinalities, typed in from their sources rather than from our constants:
+# Criteo Kaggle (Display Advertising Challenge) train.txt, as in facebookresearch/dlrm's
+# `--arch-embedding-size` for Kaggle; Criteo 1TB (days 0-23) unclipped counts, and MLPerf
+# DLRM-DCNv2 (torchrec `--num_embeddings_per_feature`), which caps each at 40M rows.
+PUBLISHED_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
+                    3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105,
+                    142572]
+PUBLISHED_1TB_RAW = [227605432, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 130229467, 3067956,
+                     405282, 10, 2209, 11938, 155, 4, 976, 14, 292775614, 40790948, 187188510,
+                     590152, 12973, 108, 36]
+
+
+def test_criteo_cardinalities_match_the_published_values():
+    from autoshard_jax.tables.spec import CRITEO_1TB_MLPERF_ROWS, CRITEO_KAGGLE_ROWS
+    assert list(CRITEO_KAGGLE_ROWS) == PUBLISHED_KAGGLE
+    assert list(CRITEO_1TB_MLPERF_ROWS) == [min(r, 40_000_000) for r in PUBLISHED_1TB_RAW]
