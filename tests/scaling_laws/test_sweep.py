@@ -63,8 +63,10 @@ def test_bad_config_names_the_key(key, value, match):
 
 
 def test_resume_skips_finished_runs_and_shards_split_the_runs(tmp_path):
+    """Shards, skipping finished runs, a run killed before its results, a changed config."""
     c = tiny_config()
     c.scaling.data_samples = (64, 128)
+    c.scaling.keep_run_checkpoints = True
     d = str(tmp_path)
     first = run_sweep(c, d, shard_index=1, num_shards=2)  # shard 1 of 2: the second run only
     assert first["done"] == 1 and sorted(os.listdir(tmp_path / "data")) == \
@@ -78,6 +80,14 @@ def test_resume_skips_finished_runs_and_shards_split_the_runs(tmp_path):
     assert second["done"] == 1 and second["skipped"] == 1  # only the missing run trained
     assert os.path.getmtime(tmp_path / "data" / "data_01_128.json") == mtime
     assert run_sweep(c, d)["done"] == 0
+    # Killed after training but before its results file: the run comes back from its own
+    # workdir (checkpoint and final eval) instead of training again.
+    (tmp_path / "data" / "data_01_128.json").unlink()
+    assert run_sweep(c, d)["done"] == 1
+    again = json.loads((tmp_path / "data" / "data_01_128.json").read_text())
+    assert again["eval"] == record["eval"]
+    metrics = (tmp_path / "data" / "runs" / "data_01_128" / "metrics.jsonl").read_text()
+    assert metrics.count('"step": 1,') == 1  # step 1 was trained once
     c.model.top_mlp = (4, 1)  # a different sweep in the same directory is refused
     with pytest.raises(ResumeError, match="data_00_64.json"):
         run_sweep(c, d)
@@ -90,24 +100,6 @@ def test_unfinished_run_of_another_config_is_refused(tmp_path):
     (run_dir / "run_spec.json").write_text(json.dumps({"other": 1}))
     with pytest.raises(ResumeError, match="unfinished run of a different config"):
         run_sweep(c, str(tmp_path))
-
-
-def test_run_killed_before_its_results_resumes_from_its_checkpoint(tmp_path):
-    c = tiny_config()
-    c.scaling.data_samples = (128,)
-    c.scaling.keep_run_checkpoints = True
-    c.scaling.checkpoint_every = 2
-    first = json.loads((_one_run(c, tmp_path)).read_text())
-    (tmp_path / "data" / "data_00_128.json").unlink()  # killed after training, before results
-    second = json.loads((_one_run(c, tmp_path)).read_text())
-    assert second["eval"] == first["eval"]  # restored the trained state, did not retrain
-    metrics = (tmp_path / "data" / "runs" / "data_00_128" / "metrics.jsonl").read_text()
-    assert metrics.count('"step": 1,') == 1  # step 1 was trained once
-
-
-def _one_run(c, tmp_path):
-    assert run_sweep(c, str(tmp_path))["done"] == 1
-    return tmp_path / "data" / "data_00_128.json"
 
 
 def test_tsv_holds_out_its_last_tenth_and_checks_its_length(tmp_path):
