@@ -30,6 +30,7 @@ from autoshard_jax.sharding.plan import load_plan
 from autoshard_jax.sharding.stage import ShardedEmbeddingStage
 from autoshard_jax.tables.spec import TableSpec, criteo_tables, load_tables
 from autoshard_jax.train.checkpoint import Checkpointer, abstract_state
+from autoshard_jax.train.config_checks import validate_config
 from autoshard_jax.train.metrics import EvalAccumulator, evaluate_predictions
 from autoshard_jax.train.prefetch import prefetch
 from autoshard_jax.train.run_identity import check_same_run, run_identity
@@ -54,27 +55,54 @@ def build_dense_model(config: ml_collections.ConfigDict) -> DLRMDense:
 
 
 class MetricsWriter:
-    """metrics.jsonl in the workdir; on resume, records past the restored step are dropped."""
+    """metrics.jsonl in the workdir; on resume, records past the restored step are dropped.
+
+    The file is rewritten through a temporary file and a rename, so a full disk or a kill during
+    the rewrite never loses the records already there. `final` is the final record of a run
+    that already finished at the restored step (None otherwise).
+    """
 
     def __init__(self, workdir: str, resume_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.final = None
         if os.path.exists(self.path):
-            kept = []
+            kept, dropped = [], False
             with open(self.path) as f:
                 for line in f:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:  # torn by a kill mid-write
                         logging.warning("dropping unreadable line of %s: %r", self.path, line)
+                        dropped = True
                         continue
                     if record.get("step", 0) <= resume_step:
                         kept.append(json.dumps(record) + "\n")
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+                        if record.get("final") and record.get("step") == resume_step:
+                            self.final = record
+                    else:
+                        dropped = True
+            if dropped:
+                self._guard(self._replace, kept)
+
+    def _replace(self, lines: list[str]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.path)
+
+    def _guard(self, fn, *args) -> None:
+        """Runs a write; an OS error (full disk) names this file, which stays as it was."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write {self.path}: {exc.strerror}",
+                          self.path) from exc
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        def append():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self._guard(append)
 
 
 def evaluate(eval_step, params, batches: Iterator[Batch], place) -> dict | None:
@@ -139,6 +167,7 @@ def _format_eta(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from workdir's latest checkpoint if any); returns the final eval metrics."""
+    validate_config(config)
     if jax.process_count() > 1:
         raise NotImplementedError(
             "multi-host input pipelines (per-process data shards fed with "
@@ -162,17 +191,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         save_interval_steps=config.checkpoint_every)
-    start = ckpt.latest_step()
     identity = run_identity(config)
-    if start is not None:
-        state, meta = ckpt.restore(start, abstract_state(setup.abstract))
-        check_same_run(meta.get("run", {}), identity, ckpt.directory)
+    try:
+        # The record's run identity is checked before any array is read; a step that does not
+        # read back falls back to the newest intact one (checkpoint.py).
+        restored = ckpt.restore_latest(
+            abstract_state(setup.abstract),
+            check=lambda meta: check_same_run(meta.get("run", {}), identity, ckpt.directory))
+        if restored is not None and restored[0] > config.num_train_steps:
+            raise ConfigError(f"config.num_train_steps={config.num_train_steps} but "
+                              f"{ckpt.directory} holds step {restored[0]}: raise "
+                              "num_train_steps to continue that run, or use a new workdir")
+    except BaseException:
+        ckpt.close()
+        raise
+    if restored is not None:
+        start, state, meta = restored
         logging.info("Resumed from step %d (data position %d)", start, meta["data_position"])
     else:
         start, meta = 0, {}
         state = setup.init(rng)
     writer = MetricsWriter(workdir, start)
     num_steps = config.num_train_steps
+    if writer.final is not None and start == num_steps:
+        ckpt.close()
+        return _already_finished(workdir, writer.final)
     final = None
     t_start, t_last, step_last = time.time(), time.time(), start
     with ckpt, _Preemption() as preemption:
@@ -182,7 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             try:
                 batch = next(batches)
             except StopIteration:
-                logging.info("Training data exhausted after %d steps", step - 1)
+                if step == start + 1 and writer.final is not None:
+                    return _already_finished(workdir, writer.final)
+                logging.warning("training data ran out after step %d of config.num_train_steps="
+                                "%d (%d batches of %d samples); evaluating there", step - 1,
+                                num_steps, step - 1, config.batch_size)
                 step -= 1
                 break
             state, metrics = train_step(state, batch)
@@ -218,6 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write({"step": step, "eval": final, "final": True})
     _report_skipped_lines(data)
     return final or {}
+
+
+def _already_finished(workdir: str, record: dict) -> dict:
+    """A re-run of a finished run: says so and returns its final eval, writing nothing."""
+    logging.warning("the run in %s already finished at step %d (final eval recorded in "
+                    "metrics.jsonl); nothing to do. Raise config.num_train_steps to train on, or "
+                    "use a new workdir", workdir, record["step"])
+    return record["eval"]
 
 
 def _teacher_metrics(data: DataSource) -> dict:
