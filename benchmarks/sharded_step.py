@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--devices", default="1,2,4,8")
     p.add_argument("--optimizer", default="rowwise_adagrad")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plans", default="random,random_mixed,balanced,skewed",
+                   help="plans to time at D > 1 (1 device: the local reference and one plan)")
     args = p.parse_args()
 
     full = random_tables(args.num_tables, seed=args.seed, max_pooling=args.max_pooling)
@@ -133,12 +135,13 @@ def main() -> None:
             print(f"{num_devices:7d} skipped: only {jax.device_count()} devices")
             continue
         devices = jax.devices()[:num_devices]
-        plans = plans_for(scaled, num_devices, args.seed)
+        plans = {k: v for k, v in plans_for(scaled, num_devices, args.seed).items()
+                 if k in args.plans.split(",")}
         if num_devices == 1:
             ms = 1e3 * time_plan(scaled, None, args, devices)
             print(f"{1:7d} {'local (ref)':13s} {ms:8.1f}   (LocalEmbeddingStage, no plan)",
                   flush=True)
-            plans = {"all_on_one": plans["random"]}
+            plans = {"all_on_one": random_plan(scaled, 1, seed=args.seed)}
         for name, plan in plans.items():
             lay = build_layout(scaled, plan.placements, num_devices)
             b_imb, i_imb = imbalance(lay)

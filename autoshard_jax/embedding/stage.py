@@ -22,8 +22,9 @@ from autoshard_jax.models.embedding import check_combiner, embedding_bag, pool_b
 from autoshard_jax.optim.sparse import RowOptimizer
 from autoshard_jax.tables.spec import TableSpec
 
-# A stage's ids: whatever its `prepare_batch` put in batch["ids"] (a tuple of ids_BxH for the
-# local stage, routed arrays for the sharded one). Only the stage that made them reads them.
+# A stage's ids: what its `prepare_batch` put in batch["ids"] (a tuple of ids_BxH for the local
+# stage, host-routed arrays for the sharded one), passed through its `route` before lookup and
+# update. Only the stage that made them reads them.
 StageIds = Any
 
 
@@ -55,6 +56,10 @@ class EmbeddingStage(Protocol):
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """A host batch placed on the stage's devices, ids in the stage's layout."""
+        ...
+
+    def route(self, ids: StageIds) -> StageIds:
+        """Device-side id routing, once per step: lookup and update both take its result."""
         ...
 
     def lookup(self, tables: dict, ids: StageIds) -> tuple[jax.Array, ...]:
@@ -106,6 +111,9 @@ class LocalEmbeddingStage:
 
     def prepare_batch(self, batch: Batch) -> Batch:
         return jax.device_put(batch, self._sharding)
+
+    def route(self, ids: StageIds) -> StageIds:
+        return ids
 
     def lookup(self, tables: dict, ids: StageIds) -> tuple[jax.Array, ...]:
         return tuple(embedding_bag(tables[s.name], ids_BxH, self.combiner)

@@ -217,12 +217,29 @@ class ShardedEmbeddingStage:
         d = jax.lax.axis_index(AXIS)
         return jax.tree.map(lambda x: jnp.asarray(x)[d], group.arrays())
 
+    def route(self, ids: StageIds) -> StageIds:
+        """Sends ids to their owners once per step; lookup and update both read the result.
+
+        Returns:
+          `ids` plus "routed": [D * B, L], device d's block the whole batch's ids of group "sh"
+          in its local row numbering, and "rep_all": [D * B, Lr], every device's block the whole
+          batch's ids of replicated tables (each replica applies every update).
+        """
+
+        def body(ids_bxDxL, ids_bxLr):
+            routed_BxL = jax.lax.all_to_all(ids_bxDxL, AXIS, 1, 0, tiled=True)[:, 0]
+            return routed_BxL, jax.lax.all_gather(ids_bxLr, AXIS, axis=0, tiled=True)
+
+        routed, rep_all = jax.shard_map(
+            body, mesh=self.mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=(P(AXIS), P(AXIS)),
+        )(ids["sh"], ids["rep"])
+        return {**ids, "routed": routed, "rep_all": rep_all}
+
     def lookup(self, tables: dict, ids: StageIds) -> tuple[jax.Array, ...]:
         lay = self.layout
 
-        def body(slab_1xRxW, ids_bxDxL, ids_bxLr):
+        def body(slab_1xRxW, routed_BxL, ids_bxLr):
             slab_RxW = slab_1xRxW[0]
-            routed_BxL = jax.lax.all_to_all(ids_bxDxL, AXIS, 1, 0, tiled=True)[:, 0]
             out_BxO = device_lookup(slab_RxW, routed_BxL, self._meta(lay.sh))
             back_bxDxO = jax.lax.all_to_all(out_BxO[:, None], AXIS, 0, 1, tiled=True)
             rep_bxO = device_lookup(slab_RxW, ids_bxLr, self._meta(lay.rep))
@@ -244,7 +261,7 @@ class ShardedEmbeddingStage:
         pooled = jax.shard_map(
             body, mesh=self.mesh, in_specs=(P(AXIS), P(AXIS), P(AXIS)),
             out_specs=tuple(P(AXIS) for _ in self.tables),
-        )(tables["slab"], ids["sh"], ids["rep"])
+        )(tables["slab"], ids["routed"], ids["rep"])
         if self.combiner == "mean":
             count_BxT = jnp.maximum(ids["count"], 1.0)
             pooled = tuple(p / count_BxT[:, t:t + 1] for t, p in enumerate(pooled))
@@ -259,14 +276,12 @@ class ShardedEmbeddingStage:
             g_pooled = tuple(g / count_BxT[:, t:t + 1] for t, g in enumerate(g_pooled))
         names = sorted(self.kinds)
 
-        def body(slab_1xRxW, state_leaves, ids_bxDxL, ids_bxLr, step, g_pooled):
-            b = ids_bxDxL.shape[0]
+        def body(slab_1xRxW, state_leaves, routed_BxL, rep_ids_BxL, step, g_pooled):
+            b = g_pooled[0].shape[0]
             g_bxDxO = jnp.stack([self._columns(g_pooled, lay.sh, d, lay.sh.num_cols, b)
                                  for d in range(lay.num_devices)], axis=1)
             g_BxO = jax.lax.all_to_all(g_bxDxO, AXIS, 1, 0, tiled=True)[:, 0]
-            routed_BxL = jax.lax.all_to_all(ids_bxDxL, AXIS, 1, 0, tiled=True)[:, 0]
             g_rep_bxO = self._columns(g_pooled, lay.rep, 0, lay.rep.num_cols, b)
-            rep_ids_BxL = jax.lax.all_gather(ids_bxLr, AXIS, axis=0, tiled=True)
             g_rep_BxO = jax.lax.all_gather(g_rep_bxO, AXIS, axis=0, tiled=True)
             slab_RxW, new_state = device_update(
                 slab_1xRxW[0], {n: x[0] for n, x in zip(names, state_leaves, strict=True)},
@@ -280,7 +295,7 @@ class ShardedEmbeddingStage:
             in_specs=(P(AXIS), tuple(P(AXIS) for _ in names), P(AXIS), P(AXIS), P(),
                       tuple(P(AXIS) for _ in g_pooled)),
             out_specs=(P(AXIS), tuple(P(AXIS) for _ in names)),
-        )(tables["slab"], tuple(state[n] for n in names), ids["sh"], ids["rep"],
+        )(tables["slab"], tuple(state[n] for n in names), ids["routed"], ids["rep_all"],
           jnp.asarray(step), g_pooled)
         return {"slab": slab}, dict(zip(names, leaves, strict=True))
 

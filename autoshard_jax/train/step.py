@@ -96,14 +96,15 @@ def make_train_step(dense_model: nn.Module, stage: EmbeddingStage,
 
     def train_step(state: TrainState, batch: Batch):
         tables = state.params["embedding"]
-        pooled = stage.lookup(tables, batch["ids"])
+        ids = stage.route(batch["ids"])  # once: the lookup's routing is the update's
+        pooled = stage.lookup(tables, ids)
         loss, _, g_dense, g_pooled = dense_loss_and_grads(
             dense_model, state.params["dense"], batch, pooled)
         updates, dense_opt_state = dense_tx.update(
             g_dense, state.opt_state["dense"], state.params["dense"])
         dense_params = optax.apply_updates(state.params["dense"], updates)
         tables, emb_opt_state = stage.update(
-            tables, state.opt_state["embedding"], batch["ids"], g_pooled, state.step)
+            tables, state.opt_state["embedding"], ids, g_pooled, state.step)
         new_state = TrainState(
             step=state.step + 1,
             params={"embedding": tables, "dense": dense_params},
@@ -127,7 +128,7 @@ def make_eval_step(dense_model: nn.Module,
     """
 
     def eval_step(params: dict, batch: Batch) -> jax.Array:
-        pooled = stage.lookup(params["embedding"], batch["ids"])
+        pooled = stage.lookup(params["embedding"], stage.route(batch["ids"]))
         return dense_model.apply({"params": params["dense"]}, batch["dense"], pooled)
 
     return eval_step

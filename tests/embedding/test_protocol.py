@@ -18,7 +18,7 @@ METHODS = [name for name, member in vars(EmbeddingStage).items()
 
 def test_protocol_lists_the_stage_methods():
     assert set(METHODS) == {"init_tables", "abstract_tables", "init_state", "state_shardings",
-                            "prepare_batch", "lookup", "update"}
+                            "prepare_batch", "route", "lookup", "update"}
 
 
 def _hints(fn):

@@ -37,7 +37,8 @@ def test_device_step_alone_matches_sharded_slice():
     prepared = stage.prepare_batch({"dense": np.zeros((B, 1), np.float32), "ids": tuple(ids),
                                     "label": np.zeros((B,), np.float32)})
     g_sharded = tuple(jax.device_put(g, stage.sharded) for g in g_pooled)
-    new_tables, new_state = jax.jit(stage.update)(tables, state, prepared["ids"], g_sharded, step)
+    routed = jax.jit(stage.route)(prepared["ids"])
+    new_tables, new_state = jax.jit(stage.update)(tables, state, routed, g_sharded, step)
     slabs = np.asarray(new_tables["slab"])
     accs = np.asarray(new_state["accumulator"])
 
