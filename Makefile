@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench clean fgd scaling costs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,19 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# The main job, then a short run of each research line (whole demo: well under 30 min on 2 cores).
 demo: $(STAMP)
-	rm -rf $(DEMO_DIR)/dlrm
+	rm -rf $(DEMO_DIR)
 	$(PY) -m launch.train_dlrm --config=launch/configs/synthetic_small.py --workdir=$(DEMO_DIR)/dlrm
+	$(PY) -m launch.collect_costs --workdir=$(DEMO_DIR)/costs --pool_size=30 --num_sets=60 \
+	    --num_plans=12 --plan_tables=6,16
+	$(PY) -m launch.train_cost_model --workdir=$(DEMO_DIR)/cost_model --data=$(DEMO_DIR)/costs \
+	    --steps=1000
+	$(PY) -m launch.fgd_online --config=launch/configs/fgd_synthetic.py --workdir=$(DEMO_DIR)/fgd \
+	    --config.seeds=1 --config.methods=bu,hint,fgd --config.num_periods=10 \
+	    --config.pretrain_periods=4 --config.data.samples_per_period=2048
+	$(PY) -m launch.scaling_sweep --config=launch/configs/scaling_cpu.py:demo --workdir=$(DEMO_DIR)/scaling
+	$(PY) -m launch.fit_scaling --workdir=$(DEMO_DIR)/scaling --bootstrap=200 --allow_unfit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . --extend-exclude '.venv-*'
@@ -29,6 +39,22 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[torch]'
 	$(PY) benchmarks/dlrm_throughput.py
+
+# Fuller CPU studies (each resumable: re-run the same command to continue).
+FGD_DIR ?= runs/fgd
+fgd: $(STAMP)
+	$(PY) -m launch.fgd_online --config=launch/configs/fgd_synthetic.py --workdir=$(FGD_DIR)/periodic --jax_cache_dir=$(FGD_DIR)/.jax_cache
+	$(PY) -m launch.fgd_online --config=launch/configs/fgd_synthetic.py --workdir=$(FGD_DIR)/linear --config.data.drift=linear --config.data.speed=0.05 --config.methods=bu,hint,fgd --jax_cache_dir=$(FGD_DIR)/.jax_cache
+	$(PY) -m launch.fgd_online --config=launch/configs/fgd_synthetic.py --workdir=$(FGD_DIR)/none --config.data.drift=none --config.data.speed=0 --config.methods=bu,hint,fgd --jax_cache_dir=$(FGD_DIR)/.jax_cache
+	$(PY) -m launch.fgd_online --config=launch/configs/fgd_movielens.py --workdir=$(FGD_DIR)/movielens --jax_cache_dir=$(FGD_DIR)/.jax_cache
+
+costs: $(STAMP)
+	$(PY) -m launch.collect_costs --workdir=runs/costs
+	$(PY) -m launch.train_cost_model --workdir=runs/cost_model --data=runs/costs
+
+scaling: $(STAMP)
+	$(PY) -m launch.scaling_sweep --config=launch/configs/scaling_cpu.py --workdir=runs/scaling
+	$(PY) -m launch.fit_scaling --workdir=runs/scaling --allow_unfit
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
