@@ -177,9 +177,9 @@ def busiest_device(layout: Layout) -> int:
 
 
 def exchange_bytes(layout: Layout, batch_size: int) -> int:
-    """Bytes one device sends through the step's collectives (ids twice, pooled and grads)."""
+    """Bytes one device sends through the step's collectives (ids once, pooled and grads)."""
     d = layout.num_devices
-    ids = 2 * batch_size * layout.sh.num_positions * 4 * (d - 1) // d
+    ids = batch_size * layout.sh.num_positions * 4 * (d - 1) // d
     vectors = 2 * batch_size * layout.sh.num_cols * 4 * (d - 1) // d
     replicated = 0
     if "replicated" in layout.kinds:  # all_gathers of their ids and gradients
@@ -189,8 +189,9 @@ def exchange_bytes(layout: Layout, batch_size: int) -> int:
 
 
 def _exchange_program(layout: Layout, batch_size: int, mesh: jax.sharding.Mesh, ids):
-    """The plan's collectives alone, with the sharded stage's shapes: ids and pooled vectors
-    forward, gradients and ids backward, all_gathers of replicated tables."""
+    """The plan's collectives alone, with the sharded stage's shapes: ids routed once per step
+    (all_to_all, all_gather of replicated ids), pooled vectors back, gradients forward again,
+    all_gather of replicated gradients."""
     axis = mesh_lib.AXIS
     send_BxDxL, rep_BxL = layout.route_ids(ids)
     sharded = mesh_lib.batch_sharding(mesh)
@@ -203,10 +204,9 @@ def _exchange_program(layout: Layout, batch_size: int, mesh: jax.sharding.Mesh, 
             routed_BxL[:, :1, None].astype(jnp.float32)
         back_bxDxO = jax.lax.all_to_all(out_BxO, axis, 0, 1, tiled=True)
         g_BxO = jax.lax.all_to_all(back_bxDxO, axis, 1, 0, tiled=True)[:, 0]
-        routed2_BxL = jax.lax.all_to_all(ids_bxDxL + 1, axis, 1, 0, tiled=True)[:, 0]
         rep_ids = jax.lax.all_gather(ids_bxLr, axis, axis=0, tiled=True)
         g_rep = jax.lax.all_gather(jnp.zeros((b, o_rep), jnp.float32), axis, axis=0, tiled=True)
-        return (g_BxO.sum() + routed2_BxL.sum() + rep_ids.sum() + g_rep.sum())[None]
+        return (g_BxO.sum() + rep_ids.sum() + g_rep.sum())[None]
 
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(jax.P(axis), jax.P(axis)),
                                out_specs=jax.P(axis)))

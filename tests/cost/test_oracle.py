@@ -71,8 +71,8 @@ def test_plan_cost_has_compute_and_exchange():
     assert cost.total_ms == pytest.approx(cost.compute_ms + cost.exchange_ms)
     layout = plan.validate(specs)
     assert cost.busiest_device == busiest_device(layout) == 1  # heavier pooling on device 1
-    # ids forward and back, pooled vectors and gradients: (D - 1) / D of each leaves a device
-    want = 2 * 64 * layout.sh.num_positions * 4 // 2 + 2 * 64 * layout.sh.num_cols * 4 // 2
+    # ids (routed once per step), pooled vectors and gradients: (D - 1) / D of each leaves a device
+    want = 64 * layout.sh.num_positions * 4 // 2 + 2 * 64 * layout.sh.num_cols * 4 // 2
     assert cost.exchange_bytes_per_device == exchange_bytes(layout, 64) == want
 
 
