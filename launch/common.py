@@ -59,12 +59,30 @@ def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object
             if not is_user_error(exc) or FLAGS.traceback:
                 raise
             log = _log_traceback(exc)
-            sys.stderr.flush()
             where = f" (traceback in {log})" if log else ""
-            print(f"error: {one_line(exc)}{where}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            _last_words(f"error: {one_line(exc)}{where}\n", log)
 
     return wrapped
+
+
+def _last_words(line: str, log: str | None) -> None:
+    """Prints `line` as the last thing on stderr and exits with EXIT_USER_ERROR.
+
+    Threads of half-finished library work (orbax / tensorstore reading a corrupt checkpoint)
+    may still print tracebacks, also at interpreter shutdown; from here on fd 2 goes to the log
+    (or /dev/null), the line goes to the real stderr, and the process exits without shutdown.
+    Everything the job writes is flushed by the time its error reaches here.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
+    try:
+        sink = os.open(log or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(sink, 2)
+    except OSError:
+        pass
+    os.write(real_stderr, line.encode())
+    os._exit(EXIT_USER_ERROR)
 
 
 def run(main: Callable[[list[str]], object]) -> None:
