@@ -305,7 +305,7 @@ def evaluate(model: CostModel, sets: SetData | None, plans: dict[int, PlanData],
     """Held-out scores of the network and the three baselines, per setting."""
     analytic = analytical_cost_fn(batch_size)
     report = {}
-    if sets is not None:
+    if sets is not None and split_mask(sets.index, "test").any():
         tr, te = split_mask(sets.index, "train"), split_mask(sets.index, "test")
         y = sets.total
         entry = {"network": scores(predict_sets(model, sets, te), y[te])}
