@@ -28,3 +28,14 @@ def random_batches(specs: Sequence[TableSpec], n: int, batch: int, dense_dim: in
                     "ids": tuple(ids),
                     "label": rng.integers(0, 2, batch).astype(np.float32)})
     return out
+
+
+def override(config, overrides: dict):
+    """Sets dotted keys ("data.zipf_a") of an ml_collections config in place; returns it."""
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return config

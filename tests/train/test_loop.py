@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import override
 
 from autoshard_jax.data import CriteoTSVReader, SyntheticClickStream
 from autoshard_jax.train.loop import build_tables, train_and_evaluate
@@ -28,13 +29,7 @@ def tiny_config(**overrides):
     config.eval_every = 0
     config.checkpoint_every = 10
     config.data.num_eval_batches = 8
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def read_metrics(workdir):

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import override
 
 from autoshard_jax.data import SyntheticClickStream, pad_batch
 from autoshard_jax.errors import ConfigError, ResumeError
@@ -27,13 +28,7 @@ def tiny_config(**overrides):
     config.eval_every = 0
     config.checkpoint_every = 4
     config.data.num_eval_batches = 2
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def metric_lines(workdir):
