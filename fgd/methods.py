@@ -4,7 +4,8 @@ Batch Update (bu) fine-tunes the deployed model on the newest period; bu_w on th
 full retrains from the initial parameters on every period so far; hint is FGD with the fixed
 optimistic extrapolation g_t + (g_t - g_{t-1}); sml is a reconstruction of SML's transfer (a
 coordinate-wise network fusing the old and the fine-tuned parameters, trained on the next
-period); fgd* learn a generator online (fgd/transform.py). The base optimizer starts fresh each
+period); fgd* learn a generator online (fgd/transform.py), behind a gate set by backtesting
+the forecast on the stream's history (`backtest_gain`). The base optimizer starts fresh each
 period, so a period's update is a pure function of (deployed parameters, data, meta state).
 """
 
@@ -23,6 +24,7 @@ from fgd.models import OnlineModel
 from fgd.streams import concat_batches, num_rows, take_rows
 from fgd.transform import (
     ExtrapGenerator,
+    GatedGenerator,
     future_gradient,
     future_gradient_descent,
     make_generator,
@@ -254,8 +256,27 @@ def generator_for(method: str, history: int):
     if method == "hint":
         return HINT_GENERATOR
     if method in FGD_VARIANTS:
-        return make_generator(FGD_VARIANTS[method][0], history)
+        return GatedGenerator(make_generator(FGD_VARIANTS[method][0], history))
     return None
+
+
+def row_losses(pieces: Pieces, params, period: Batch) -> np.ndarray:
+    """Per-row BCE of the model on every row of a period (float64)."""
+    x_N = pieces.predict(params, period)
+    y_N = np.asarray(period["label"], np.float64)
+    return np.maximum(x_N, 0.0) - x_N * y_N + np.log1p(np.exp(-np.abs(x_N)))
+
+
+def backtest_gain(pieces: Pieces, generator, meta, start_params, older: list[Batch],
+                  target: Batch, seed: int, t: int) -> np.ndarray:
+    """Replays the update of period t - 1 (data older[0] = D_{t-1}, older[1:] its history) from
+    the parameters deployed before it, once as Batch Update and once with the forecast of
+    `generator` at `meta` (fitted on pairs ending at D_{t-1}), and returns the per-row gain
+    loss(BU) - loss(forecast) on D_t (`target`). Uses only data up to t: it is the evidence the
+    FGD gate is set from."""
+    bu = train_epochs(pieces, start_params, older[0], seed, t - 1, pieces.hp.epochs)
+    fc = train_fgd(pieces, generator, meta, start_params, older, seed, t - 1)
+    return row_losses(pieces, bu, target) - row_losses(pieces, fc, target)
 
 
 def window_data(history_all: list[Batch]) -> Batch:

@@ -26,6 +26,7 @@ from autoshard_jax.train.checkpoint import Checkpointer
 from autoshard_jax.train.metrics import auc, evaluate_predictions
 from fgd import methods as M
 from fgd.streams import PeriodStream, concat_batches
+from fgd.transform import GATE_STATS, add_evidence, gate_from_evidence
 
 
 def _sq(tree) -> float:
@@ -97,7 +98,8 @@ class Study:
         gen = M.generator_for(method, self.hp.history)
         if method in M.FGD_VARIANTS:
             state["meta"] = gen.init(params, jax.random.key(3))
-            state["meta_opt"] = self.pieces.meta_tx.init(state["meta"])
+            state["meta_opt"] = self.pieces.meta_tx.init(state["meta"]["inner"])
+            state["gate_stats"] = {k: jnp.zeros((), jnp.float32) for k in GATE_STATS}
         if method == "sml":
             state["psi"] = M.sml_init()
             state["psi_opt"] = self.pieces.sml_tx.init(state["psi"])
@@ -137,10 +139,20 @@ class Study:
         else:
             gen = M.generator_for(method, hp.history)
             objective = M.FGD_VARIANTS[method][1]
-            meta, opt, loss = M.meta_update(pieces, gen, objective, state["meta"],
-                                            state["meta_opt"], params, state["prev_params"],
-                                            lags, seed, t)
-            new["meta"], new["meta_opt"], extra["meta_loss"] = meta, opt, loss
+            stats = state["gate_stats"]
+            if t > self.P:  # backtest last period's forecast (its meta fit ends at D_{t-1})
+                gain_N = M.backtest_gain(pieces, gen.inner, state["meta"]["inner"],
+                                         state["prev_params"], lags[1:hp.history + 2], lags[0],
+                                         seed, t)
+                stats = add_evidence(stats, gain_N)
+                extra["backtest_gain"] = float(gain_N.mean())
+            inner, opt, loss = M.meta_update(pieces, gen.inner, objective,
+                                             state["meta"]["inner"], state["meta_opt"], params,
+                                             state["prev_params"], lags, seed, t)
+            gate = gate_from_evidence(stats)
+            meta = {"inner": inner, "gate": jnp.asarray(gate, jnp.float32)}
+            new["meta"], new["meta_opt"], new["gate_stats"] = meta, opt, stats
+            extra["meta_loss"], extra["gate"] = loss, gate
             new["params"] = M.train_fgd(pieces, gen, meta, params, lags[:hp.history + 1], seed, t)
         new["prev_params"] = params
         return new, extra

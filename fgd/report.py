@@ -56,6 +56,8 @@ def summarize(rows: list[dict], methods: Sequence[str], seeds: Sequence[int],
             entry["mean_grad_variation"] = float(np.mean([r["grad_variation"] for r in diag]))
         if all("forecast_error" in r for r in diag):
             entry["mean_forecast_error"] = float(np.mean([r["forecast_error"] for r in diag]))
+        if all("gate" in r for r in diag):
+            entry["mean_gate"] = float(np.mean([r["gate"] for r in diag]))
         out["methods"][m] = entry
     first = [by[s, methods[0], p] for s in complete for p in periods]
     if all("bayes_ne" in r for r in first):
@@ -74,7 +76,7 @@ def markdown(summary: dict, title: str) -> str:
              f", mean +- std over {n} seeds; differences are paired per seed, +- one standard "
              "error.", "",
              "| method | AUC | NE | win rate vs BU | AUC - BU (+- SE) | AUC - hint (+- SE) | "
-             "forecast err / grad variation |", "|---|---|---|---|---|---|---|"]
+             "forecast err / grad variation | gate |", "|---|---|---|---|---|---|---|---|"]
 
     def fmt(d, digits=4):
         return f"{d['mean']:.{digits}f} +- {d['std']:.{digits}f}"
@@ -86,14 +88,15 @@ def markdown(summary: dict, title: str) -> str:
         ratio = ""
         if "mean_forecast_error" in e and e.get("mean_grad_variation"):
             ratio = f"{e['mean_forecast_error'] / e['mean_grad_variation']:.3f}"
+        gate = f"{e['mean_gate']:.2f}" if "mean_gate" in e else ""
         lines.append(f"| {m} | {fmt(e['mean_test_auc'])} | {fmt(e['mean_test_ne'])} | "
                      f"{e.get('win_rate_vs_bu', float('nan')):.3f} | "
                      f"{dfmt(e.get('auc_diff_vs_bu'))} | {dfmt(e.get('auc_diff_vs_hint'))} | "
-                     f"{ratio} |")
+                     f"{ratio} | {gate} |")
     if "bayes" in summary:
         b = summary["bayes"]
         lines.append(f"| (Bayes teacher) | {fmt(b['mean_test_auc'])} | {fmt(b['mean_test_ne'])} "
-                     "| | | | |")
+                     "| | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,14 @@ generator G_phi maps that history to a forecast of the gradient of period t+1, a
 base optimizer consumes the forecast instead of g_t. Every generator outputs exactly g_t at its
 initial meta parameters, so FGD then *is* Batch Update, bit for bit.
 
+FGD's generators are gated (`GatedGenerator`): g_t + c (G_phi - g_t). Gradient matching rewards
+any forecast that beats g_t at predicting a *sample* gradient of the next period; on a
+stationary stream mixing in the previous period's gradient does (for pure sampling noise the
+matching optimum is lambda = -1/2, an average), yet training on it re-fits data the model has
+already seen and loses a little. So c is not fitted
+by the matching objective: it is set from a backtest of the forecast on past periods (the loss
+of the next period after training with vs without it), shrunk toward 0 by that gain's noise.
+
 Meta objectives (both causal: the newest pair they fit ends at D_t, then G is applied to D_t):
   match:  || G_phi(g_{t-1}, ..., g_{t-1-H}) - g_t ||^2 at the current parameters, divided by
           || g_{t-1} - g_t ||^2 (Batch Update's forecast error), so 1.0 means "no better than BU";
@@ -21,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fgd.models import OnlineModel
@@ -84,6 +93,67 @@ class L2OGenerator:
             return g[0] + scale * out_N.reshape(g[0].shape)
 
         return jax.tree.map(leaf, *grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedGenerator:
+    """G = g_t + c (G_inner - g_t): a gate c in [0, 1] on the inner generator's correction.
+
+    The meta objectives fit the inner generator at c = 1; c itself is set from the stream's
+    history by backtesting the forecast (`gate_from_evidence`), so a forecast that does not help
+    the next period's loss (e.g. on a stationary stream, where it only fits sampling noise) is
+    switched off. c = 0 returns g_t itself (not g_t + 0 * ...), so FGD is then Batch Update.
+    """
+
+    inner: ExtrapGenerator | L2OGenerator
+
+    @property
+    def history(self) -> int:
+        return self.inner.history
+
+    def init(self, params: PyTree, rng: jax.Array | None = None) -> PyTree:
+        return {"inner": self.inner.init(params, rng), "gate": jnp.zeros((), jnp.float32)}
+
+    def __call__(self, meta: PyTree, grads: Sequence[PyTree]) -> PyTree:
+        forecast = self.inner(meta["inner"], grads)
+        gate = meta["gate"]
+        return jax.tree.map(lambda f, g: jnp.where(gate == 0, g, g + gate * (f - g)),
+                            forecast, grads[0])
+
+
+def gate_from_evidence(stats: dict) -> float:
+    """Positive-part shrinkage of the backtested gain: c = max(0, 1 - se^2 / mean^2) when the
+    mean gain is positive, else 0, so c -> 1 when the gain is many standard errors above zero
+    and c = 0 when it is within one of it or negative.
+
+    `stats` accumulates per-row loss gains delta = loss(BU) - loss(forecast) on past periods:
+    rows, sum, sumsq over rows; periods, psum, psumsq over per-period means. The standard error
+    is the larger of the row-level one and (with two or more periods) the between-period one.
+    """
+    rows, periods = float(stats["rows"]), float(stats["periods"])
+    if rows < 2:
+        return 0.0
+    mean = float(stats["sum"]) / rows
+    if mean <= 0.0:
+        return 0.0
+    var_rows = max(float(stats["sumsq"]) / rows - mean * mean, 0.0) * rows / (rows - 1)
+    se2 = var_rows / rows
+    if periods >= 2:
+        pmean = float(stats["psum"]) / periods
+        pvar = max(float(stats["psumsq"]) - periods * pmean * pmean, 0.0) / (periods - 1)
+        se2 = max(se2, pvar / periods)
+    return max(0.0, 1.0 - se2 / (mean * mean))
+
+
+GATE_STATS = ("rows", "sum", "sumsq", "periods", "psum", "psumsq")
+
+
+def add_evidence(stats: dict, delta_N) -> dict:
+    """stats (GATE_STATS) plus one backtested period's per-row gains delta_N."""
+    d = np.asarray(delta_N, np.float64)
+    add = {"rows": d.size, "sum": d.sum(), "sumsq": np.square(d).sum(), "periods": 1.0,
+           "psum": d.mean(), "psumsq": d.mean() ** 2}
+    return {k: jnp.asarray(float(stats[k]) + float(add[k]), jnp.float32) for k in GATE_STATS}
 
 
 def make_generator(name: str, history: int) -> ExtrapGenerator | L2OGenerator:

@@ -14,9 +14,13 @@ from fgd import methods as M
 from fgd.models import OnlineModel, dlrm_model
 from fgd.streams import synthetic_stream
 from fgd.transform import (
+    GATE_STATS,
     ExtrapGenerator,
+    GatedGenerator,
     L2OGenerator,
+    add_evidence,
     future_gradient_descent,
+    gate_from_evidence,
     match_loss,
     unroll_loss,
 )
@@ -48,6 +52,39 @@ def test_generators_are_identity_at_init(gen):
     out = gen(gen.init(g[0], jax.random.key(0)), g)
     for k in g[0]:
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(g[0][k]))
+
+
+def test_gate_scales_the_correction_and_is_exactly_g_when_closed():
+    g = _grads(3, 2)
+    gen = GatedGenerator(ExtrapGenerator(1))
+    meta = gen.init(g[0])
+    meta["inner"] = jax.tree.map(lambda x: jnp.full((1,), 2.0), meta["inner"])
+    closed = gen(meta, g)
+    for k in g[0]:
+        assert np.asarray(closed[k]).tobytes() == np.asarray(g[0][k]).tobytes()
+        for c in (0.25, 1.0):
+            out = gen(dict(meta, gate=jnp.float32(c)), g)
+            a, b = np.asarray(g[0][k], np.float64), np.asarray(g[1][k], np.float64)
+            np.testing.assert_allclose(out[k], a + c * 2.0 * (a - b), rtol=1e-5, atol=1e-6)
+
+
+def test_gate_from_evidence_against_hand_computation():
+    zero = {k: 0.0 for k in GATE_STATS}
+    assert gate_from_evidence(zero) == 0.0  # no evidence: Batch Update
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.3, 1.0, 400), rng.normal(0.1, 1.0, 400)
+    stats = add_evidence(add_evidence(zero, a), b)
+    d = np.concatenate([a, b])
+    se2_rows = d.var(ddof=1) / d.size
+    se2_periods = np.var([a.mean(), b.mean()], ddof=1) / 2
+    want = 1 - max(se2_rows, se2_periods) / d.mean() ** 2
+    assert 0 < want < 1
+    assert gate_from_evidence(stats) == pytest.approx(want, rel=1e-4)
+    # A negative mean gain, or one within a standard error of zero, closes the gate.
+    assert gate_from_evidence(add_evidence(zero, -a)) == 0.0
+    assert gate_from_evidence(add_evidence(zero, np.array([0.01, -1.0, 1.0]))) == 0.0
+    # Many standard errors above zero: nearly open.
+    assert gate_from_evidence(add_evidence(zero, rng.normal(1.0, 0.1, 100))) > 0.99
 
 
 def test_wrapper_feeds_the_forecast_to_the_base_optimizer():
@@ -97,14 +134,19 @@ def setup():
     return stream, pieces, params
 
 
-@pytest.mark.parametrize("gen_name", ["extrap", "l2o"])
-def test_fgd_at_initial_meta_reproduces_batch_update_bit_for_bit(gen_name, setup):
+@pytest.mark.parametrize("method", ["fgd", "fgd_l2o"])
+def test_fgd_at_initial_meta_reproduces_batch_update_bit_for_bit(method, setup):
     stream, pieces, params = setup
     hist = [stream.period(3 - k) for k in range(3)]
     bu = M.train_epochs(pieces, params, hist[0], seed=0, t=3, epochs=1)
-    gen = M.make_generator(gen_name, 2)
+    gen = M.generator_for(method, 2)
     fgd = M.train_fgd(pieces, gen, gen.init(params, jax.random.key(5)), params, hist, 0, 3)
     for a, b in zip(jax.tree.leaves(bu), jax.tree.leaves(fgd), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    # The ungated generator at its initial meta parameters is Batch Update too.
+    inner = M.train_fgd(pieces, gen.inner, gen.inner.init(params, jax.random.key(5)), params,
+                        hist, 0, 3)
+    for a, b in zip(jax.tree.leaves(bu), jax.tree.leaves(inner), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     # ... and a moved generator does change the trajectory (the test can fail).
     moved = M.train_fgd(pieces, M.make_generator("extrap", 2),
