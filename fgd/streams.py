@@ -12,6 +12,7 @@ reader) and MovieLens-100k (fgd/movielens.py).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -154,7 +155,10 @@ def criteo_stream(path: str, tables: Sequence[TableSpec], num_dense: int, initia
                   kaggle_days: int = 0, skip_bad_lines: bool = False,
                   max_rows_per_period: int = 0) -> PeriodStream:
     """Criteo TSV days as periods, in order (a directory of day files or one file split into
-    `kaggle_days` chunks), read by the core reader so bad lines behave as in training."""
+    `kaggle_days` chunks), read by the core reader so bad lines behave as in training.
+    `kaggle_days` applies to a single file only; a directory's day files are the periods."""
+    if os.path.isdir(path) or not kaggle_days:
+        kaggle_days = 0
     probe = CriteoTSVReader(path, tables, num_dense, kaggle_days=kaggle_days or None)
     num_periods = len(probe.segments)
     if num_periods < initial + 1:

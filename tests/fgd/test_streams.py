@@ -67,6 +67,8 @@ def test_criteo_days_are_periods_in_order(tmp_path):
     days.mkdir()
     for d, n in enumerate((30, 20, 25)):
         core.write_tsv(days / f"day_{d}", n, split="train" if d % 2 else "eval")
+    # kaggle_days (the fgd_criteo default) splits a single file; a directory's days stay files.
+    assert criteo_stream(str(days), tables, 13, initial=2, kaggle_days=7).num_periods == 3
     s = criteo_stream(str(days), tables, 13, initial=2)
     assert s.num_periods == 3 and s.revealed == 2
     assert [len(s.period(t)["label"]) for t in range(2)] == [30, 20]
@@ -75,6 +77,10 @@ def test_criteo_days_are_periods_in_order(tmp_path):
     t, day2 = s.deploy()
     assert t == 2 and len(day2["label"]) == 25
     np.testing.assert_array_equal(s.period(1)["label"], core.batch(0, 4096, "train")["label"][:20])
+    one = tmp_path / "train.txt"  # one file: kaggle_days equal consecutive chunks
+    one.write_text((days / "day_0").read_text())
+    k = criteo_stream(str(one), tables, 13, initial=2, kaggle_days=3)
+    assert k.num_periods == 3 and [len(k.period(t)["label"]) for t in range(2)] == [10, 10]
     (days / "day_2").write_text("1\tnot-a-number\n")
     with pytest.raises(InputError, match="day_2:1"):  # bad lines behave as in training
         criteo_stream(str(days), tables, 13, initial=2).deploy()
