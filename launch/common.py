@@ -13,7 +13,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 
 from autoshard_jax.errors import is_user_error
 
@@ -88,3 +89,39 @@ def _last_words(line: str, log: str | None) -> None:
 def run(main: Callable[[list[str]], object]) -> None:
     """`absl.app.run` with the project's error surface."""
     app.run(guarded(main))
+
+
+def define_distributed_flags() -> None:
+    """The flags of a multi-process (multi-host) job; call at import, before flags are parsed."""
+    flags.DEFINE_bool("jax_distributed", False,
+                      "Call jax.distributed.initialize() with auto-detected settings (Cloud TPU, "
+                      "SLURM, ...).")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0's coordinator; with --num_processes and "
+                        "--process_id, starts a multi-process run (jax.distributed.initialize).")
+    flags.DEFINE_integer("num_processes", None, "Processes of the multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+    flags.DEFINE_integer("heartbeat_timeout_s", None,
+                         "Seconds after which the processes of a run give up on a silent peer "
+                         "(jax.distributed's default if unset).")
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` from the flags of `define_distributed_flags`, if asked for.
+
+    Call before any JAX computation. Without --jax_distributed or --coordinator_address the
+    job stays a single process. On CPU, cross-process collectives use gloo.
+    """
+    given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes",
+                                                  "process_id")}
+    if not FLAGS.jax_distributed and given["coordinator_address"] is None:
+        if given["num_processes"] is not None or given["process_id"] is not None:
+            raise app.UsageError("--num_processes / --process_id need --coordinator_address")
+        return
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if FLAGS.heartbeat_timeout_s is not None:
+        kwargs["heartbeat_timeout_seconds"] = FLAGS.heartbeat_timeout_s
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    logging.info("JAX process %d of %d", jax.process_index(), jax.process_count())

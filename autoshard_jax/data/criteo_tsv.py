@@ -310,7 +310,8 @@ class CriteoTSVReader:
         return {"dense": dense_NxQ[lo:hi].copy(), "ids": tuple(ids), "label": label_N[lo:hi].copy()}
 
     def batches(self, batch_size: int, start_batch: int = 0,
-                start_line: int | None = None) -> Iterator[Batch]:
+                start_line: int | None = None,
+                rows: tuple[int, int] | None = None) -> Iterator[Batch]:
         """Batches from batch number `start_batch` on; resuming at k yields what a full read
         yields from its k-th batch. Resets `stats` to this pass (a resumed pass counts from
         where it starts).
@@ -321,10 +322,15 @@ class CriteoTSVReader:
           start_line: `resume_line(start_batch)` of an earlier pass, if known: the lines before
             it are skipped unparsed. Without it, a reader that skips bad lines must parse every
             line up to the resume point to know which ones held samples.
+          rows: (lo, hi): yield only samples lo..hi-1 of each batch, parsing only their lines
+            (one process's slice of a global batch; see `_row_slices`).
         """
         if batch_size < 1 or start_batch < 0:
             raise InputError(f"need batch_size >= 1, start_batch >= 0; got {batch_size}, "
                              f"{start_batch}")
+        if rows is not None:
+            yield from self._row_slices(batch_size, start_batch, *rows)
+            return
         self.stats = ReadStats()
         self._line_after = {}
         to_skip = start_batch * batch_size
@@ -366,6 +372,62 @@ class CriteoTSVReader:
             yield self._batch(*pend[:3], 0, len(pend[0]))
             yielded += 1
         self._finish(to_skip, yielded, batch_size)
+
+    def _row_slices(self, batch_size: int, start_batch: int, lo: int,
+                    hi: int) -> Iterator[Batch]:
+        """Samples lo..hi-1 of every batch: batch k is stream lines k*B .. k*B + B - 1, so a
+        process's rows are disjoint line ranges, and only those lines are parsed.
+
+        Every line must be a sample (no `skip_bad_lines`: which lines a batch holds would
+        depend on lines other processes parse). A final short batch (drop_last=False) yields
+        this slice's part of it, possibly empty, so every process yields as many batches.
+        """
+        if self.skip_bad_lines:
+            raise InputError("a row slice of each batch (multi-process input) needs every line "
+                             "to be a sample; set skip_bad_lines=False")
+        if not 0 <= lo < hi <= batch_size:
+            raise InputError(f"rows ({lo}, {hi}) is not a non-empty range of [0, {batch_size})")
+        self.stats = ReadStats()
+        self._line_after = {}
+        num_sparse = len(self.rows_S)
+        # label, dense, ids and the batch number of each pending sample of this slice.
+        pend = (np.zeros(0, np.float32), np.zeros((0, self.num_dense), np.float32),
+                np.zeros((0, num_sparse), np.int32), np.zeros(0, np.int64))
+        line0 = start_batch * batch_size
+        batch = start_batch  # the next batch to yield
+        for path, lineno0, block in self._blocks(line0):
+            nl_K = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+            k = nl_K.size
+            pos_K = (line0 + np.arange(k)) % batch_size
+            keep_K = np.flatnonzero((pos_K >= lo) & (pos_K < hi))
+            if keep_K.size:
+                begin_K = np.concatenate([[0], nl_K[:-1] + 1])
+                # Runs of consecutive kept lines, each one contiguous byte range.
+                cut = np.flatnonzero(np.diff(keep_K) > 1)
+                firsts, lasts = keep_K[np.r_[0, cut + 1]], keep_K[np.r_[cut, keep_K.size - 1]]
+                data = b"".join(block[begin_K[a]:nl_K[z] + 1]
+                                for a, z in zip(firsts, lasts, strict=True))
+                parsed = parse_block(data, self.num_dense, self.rows_S)
+                for b in parsed.bad:
+                    raise MalformedLineError(path, lineno0 + int(keep_K[b.offset]), b.kind,
+                                             b.detail)
+                self.stats.lines += parsed.num_lines
+                self.stats.samples += parsed.num_lines
+                new = (parsed.label_N, parsed.dense_NxQ, parsed.ids_NxS,
+                       (line0 + keep_K) // batch_size)
+                pend = tuple(np.concatenate([p, a]) for p, a in zip(pend, new, strict=True))
+            line0 += k
+            while (batch + 1) * batch_size <= line0:  # batch `batch` is complete
+                n = int(np.sum(pend[3] == batch))
+                yield self._batch(*pend[:3], 0, n)
+                pend = tuple(a[n:] for a in pend)
+                batch += 1
+        if line0 > batch * batch_size and not self.drop_last:
+            yield self._batch(*pend[:3], 0, len(pend[0]))
+            batch += 1
+        if batch == 0 and start_batch == 0:
+            raise DataError(f"{self.describe()} holds {line0} samples, fewer than one batch of "
+                            f"{batch_size}")
 
     def _note_end(self, batches_done: int, last_line: int) -> None:
         self._line_after[batches_done] = int(last_line) + 1

@@ -4,7 +4,10 @@ Why synthetic: tests, benchmarks and scaling sweeps need click data of any table
 1 TB download, and a known teacher gives the Bayes-optimal log loss / AUC to measure models against.
 
 Each batch is a pure function of (seed, split, index, batch_size), so any batch can be produced out
-of order and a resumed run sees exactly the same data. Nothing is ever stored per row: ids come from
+of order and a resumed run sees exactly the same data. A batch of more than BLOCK_ROWS samples is
+made of blocks drawn independently, so a process of a multi-host run generates only the blocks
+holding its rows of the global batch (`rows=`), and the batch does not depend on the process
+count. Nothing is ever stored per row: ids come from
 a bounded Zipf law remapped by an affine bijection mod rows, and the teacher's per-id weights are
 hashes of (seed, table, id).
 """
@@ -28,6 +31,8 @@ _CALIB_SAMPLES = 16384
 _MAX_COUNT = 2**31 - 1
 # Share of the teacher's logit variance from dense features, per-id weights and id-id interactions.
 _SHARES = (0.3, 0.45, 0.25)
+# Samples per independently drawn block of a batch (a batch up to this size is one block).
+BLOCK_ROWS = 4096
 
 
 def _coprime_multiplier(rows: int, rng: np.random.Generator) -> int:
@@ -169,31 +174,60 @@ class SyntheticClickStream:
         """The teacher's logit [B] (float64) for a contract batch; labels are Bernoulli(sigmoid)."""
         return self._bias + self._part_scale @ self._raw_parts(batch["dense"], batch["ids"])
 
-    def _generate(self, index: int, batch_size: int, split: str) -> tuple[Batch, np.ndarray]:
+    def _generate(self, index: int, batch_size: int, split: str,
+                  rows: tuple[int, int] | None = None) -> tuple[Batch, np.ndarray]:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if index < 0 or batch_size < 1:
             raise ValueError(f"need index >= 0 and batch_size >= 1, got {index}, {batch_size}")
-        rng = np.random.default_rng([self.seed, SPLITS[split], index, batch_size])
-        counts_BxQ, ids = self._features(rng, batch_size)
+        lo, hi = rows if rows is not None else (0, batch_size)
+        if not 0 <= lo < hi <= batch_size:
+            raise ValueError(f"rows {rows} is not a non-empty range of [0, {batch_size})")
+        if batch_size <= BLOCK_ROWS:
+            batch, counts_BxQ = self._block([self.seed, SPLITS[split], index, batch_size],
+                                            batch_size)
+        else:
+            parts = [self._block([self.seed, SPLITS[split], index, batch_size, j],
+                                 min(BLOCK_ROWS, batch_size - j * BLOCK_ROWS))
+                     for j in range(lo // BLOCK_ROWS, -(-hi // BLOCK_ROWS))]
+            batch = {"dense": np.concatenate([b["dense"] for b, _ in parts]),
+                     "ids": tuple(np.concatenate(ids) for ids in
+                                  zip(*(b["ids"] for b, _ in parts), strict=True)),
+                     "label": np.concatenate([b["label"] for b, _ in parts])}
+            counts_BxQ = np.concatenate([c for _, c in parts])
+            lo, hi = lo - lo // BLOCK_ROWS * BLOCK_ROWS, hi - lo // BLOCK_ROWS * BLOCK_ROWS
+        if (lo, hi) != (0, batch["label"].shape[0]):
+            batch = {"dense": batch["dense"][lo:hi], "ids": tuple(i[lo:hi] for i in batch["ids"]),
+                     "label": batch["label"][lo:hi]}
+            counts_BxQ = counts_BxQ[lo:hi]
+        return batch, counts_BxQ
+
+    def _block(self, seed: list[int], n: int) -> tuple[Batch, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        counts_BxQ, ids = self._features(rng, n)
         dense_BxQ = np.log1p(counts_BxQ.astype(np.float64)).astype(np.float32)
         batch = {"dense": dense_BxQ, "ids": ids}
         p_B = 1.0 / (1.0 + np.exp(-self.teacher_logit(batch)))
-        batch["label"] = (rng.random(batch_size) < p_B).astype(np.float32)
+        batch["label"] = (rng.random(n) < p_B).astype(np.float32)
         return batch, counts_BxQ
 
     # ---- public API ------------------------------------------------------------------------
 
-    def batch(self, index: int, batch_size: int, split: str = "train") -> Batch:
-        """Batch number `index`; a pure function of (seed, split, index, batch_size)."""
-        return self._generate(index, batch_size, split)[0]
+    def batch(self, index: int, batch_size: int, split: str = "train",
+              rows: tuple[int, int] | None = None) -> Batch:
+        """Batch number `index`; a pure function of (seed, split, index, batch_size).
+
+        `rows=(lo, hi)` returns samples lo..hi-1 of it, generating only the blocks holding them
+        (one process's slice of a global batch).
+        """
+        return self._generate(index, batch_size, split, rows)[0]
 
     def batches(self, batch_size: int, start: int = 0, num_batches: int | None = None,
-                split: str = "train") -> Iterator[Batch]:
-        """Batches start, start+1, ... (forever when num_batches is None)."""
+                split: str = "train", rows: tuple[int, int] | None = None) -> Iterator[Batch]:
+        """Batches start, start+1, ... (forever when num_batches is None); `rows` as in `batch`."""
         index = start
         while num_batches is None or index < start + num_batches:
-            yield self.batch(index, batch_size, split)
+            yield self.batch(index, batch_size, split, rows)
             index += 1
 
     def teacher_probs(self, batch: Batch) -> np.ndarray:

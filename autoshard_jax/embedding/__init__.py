@@ -10,9 +10,11 @@ from autoshard_jax.embedding.stage import EmbeddingStage, LocalEmbeddingStage
 from autoshard_jax.embedding.state import (
     TrainState,
     abstract_train_state,
+    draw_rows,
     draw_tables,
     init_dense,
     init_train_state,
+    table_scale,
 )
 
 __all__ = [
@@ -20,7 +22,9 @@ __all__ = [
     "LocalEmbeddingStage",
     "TrainState",
     "abstract_train_state",
+    "draw_rows",
     "draw_tables",
     "init_dense",
     "init_train_state",
+    "table_scale",
 ]

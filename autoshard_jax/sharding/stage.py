@@ -25,7 +25,7 @@ import numpy as np
 
 from autoshard_jax.data.batch import Batch
 from autoshard_jax.embedding.stage import StageIds
-from autoshard_jax.embedding.state import TrainState, draw_tables
+from autoshard_jax.embedding.state import TrainState, draw_rows
 from autoshard_jax.models.embedding import check_combiner
 from autoshard_jax.optim.sparse import ELEMENT, ROW, RowOptimizer, state_fills, state_kinds
 from autoshard_jax.sharding import mesh as mesh_lib
@@ -36,7 +36,7 @@ from autoshard_jax.tables.spec import TableSpec
 
 P = jax.P
 AXIS = mesh_lib.AXIS
-INIT_CHUNK_BYTES = 1 << 28  # tables drawn per jitted group in `init_tables`
+INIT_CHUNK_VALUES = 1 << 16  # values drawn per loop iteration of `init_tables`
 
 
 class ShardedEmbeddingStage:
@@ -71,30 +71,50 @@ class ShardedEmbeddingStage:
 
     # --- parameters and state ---------------------------------------------------------------
     def init_tables(self, rng: jax.Array) -> dict:
-        """Same values as `LocalEmbeddingStage.init_tables(rng)`, packed per device.
+        """Same values as `LocalEmbeddingStage.init_tables(rng)`, drawn on the devices.
 
-        Tables are drawn in jitted groups of about INIT_CHUNK_BYTES (one compile per group,
-        bounded device memory) and packed on the host, so this runs eagerly, not under jit; the
-        host briefly holds the whole model.
+        Every device runs one loop over its own list of row chunks (`_init_items`, indexed by
+        its mesh position) and draws only the rows it holds (`embedding.draw_rows`) straight into
+        its slab: no host and no other device ever holds a table it does not own. One random
+        draw of one shape serves every table, so the program compiles once per plan, fast.
+        Traceable.
         """
-        if isinstance(rng, jax.core.Tracer):
-            raise TypeError("ShardedEmbeddingStage.init_tables runs eagerly; call "
-                            "embedding.init_train_state without jax.jit")
         keys = jax.random.split(rng, len(self.tables))
-        groups, size = [[]], 0
-        for t, s in enumerate(self.tables):
-            if groups[-1] and size + s.param_bytes() > INIT_CHUNK_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += s.param_bytes()
-        host = {}
-        for group in groups:
-            specs = [self.tables[t] for t in group]
-            values = jax.jit(lambda ks, specs=specs: draw_tables(ks, specs))(
-                [keys[t] for t in group])
-            host.update({s.name: np.asarray(v) for s, v in zip(specs, values, strict=True)})
-        return self.tables_from_dict(host)
+        slab = jax.jit(self._draw_slabs, in_shardings=self.replicated,
+                       out_shardings=self.sharded)(keys)
+        return {"slab": slab}
+
+    def _draw_slabs(self, keys: jax.Array) -> jax.Array:
+        lay = self.layout
+        items = {k: jnp.asarray(v) for k, v in _init_items(lay).items()}
+        scale_T = jnp.asarray([(1.0 / s.rows) ** 0.5 for s in lay.specs], jnp.float32)
+        n = -(-INIT_CHUNK_VALUES // lay.width)  # logical rows per item
+
+        def body(keys):
+            mine = {k: v[jax.lax.axis_index(AXIS)] for k, v in items.items()}
+
+            def fill(i, slab_F):
+                it = {k: v[i] for k, v in mine.items()}
+                local_N = it["first_local"] + jnp.arange(n, dtype=jnp.int32)
+                rows_N = local_N * it["stride"] + it["offset"]
+                valid_N = (local_N < it["local_rows"]) & (rows_N < it["rows"])
+                scale = scale_T[it["table"]]
+                # W values per row, of which the first dim are the table's (`draw_rows`).
+                values_NxW = draw_rows(keys[it["table"]], lay.width, jnp.where(valid_N, rows_N, 0),
+                                       scale, width=lay.width)
+                col_W = jnp.arange(lay.width, dtype=jnp.int32)
+                at_NxW = ((it["row_off"] + local_N // it["pack"]) * lay.width
+                          + (local_N % it["pack"]) * it["wpad"])[:, None] + col_W[None]
+                keep_NxW = valid_N[:, None] & (col_W[None] < it["dim"])
+                at_NxW = jnp.where(keep_NxW, at_NxW, slab_F.shape[0])  # out of range: dropped
+                return slab_F.at[at_NxW.reshape(-1)].set(values_NxW.reshape(-1), mode="drop")
+
+            slab_F = jax.lax.pcast(jnp.zeros((lay.phys_rows * lay.width,), jnp.float32),
+                                   (AXIS,), to="varying")  # each device's own slab
+            slab_F = jax.lax.fori_loop(0, mine["table"].shape[0], fill, slab_F)
+            return slab_F.reshape(1, lay.phys_rows, lay.width)
+
+        return jax.shard_map(body, mesh=self.mesh, in_specs=P(), out_specs=P(AXIS))(keys)
 
     @property
     def _shapes(self) -> dict[str, tuple[int, ...]]:
@@ -116,10 +136,12 @@ class ShardedEmbeddingStage:
             opt_state={**rep.opt_state, "embedding": shard(state.opt_state["embedding"])})
 
     def init_state(self, tables: dict) -> dict:
+        """Constant-filled optimizer state, created on the devices (traceable)."""
         del tables
-        return {name: jnp.full(self._shapes[kind], self._fills[name], jnp.float32,
-                               device=self.sharded)
-                for name, kind in self.kinds.items()}
+        return jax.jit(lambda: {name: jnp.full(self._shapes[kind], self._fills[name],
+                                               jnp.float32)
+                                for name, kind in self.kinds.items()},
+                       out_shardings=self.sharded)()
 
     def _stacked(self, fn) -> jax.Array:
         lay = self.layout
@@ -180,22 +202,26 @@ class ShardedEmbeddingStage:
         """Routes a host batch into static shapes on the mesh (`Layout.route_ids`).
 
         Args:
-          batch: {"dense", "ids", "label"}; ids of table t may have fewer than `hotness`
-            columns (padded with -1), never more; B must divide by D. Id values are the data
-            source's to check (`data.batch.check_ids`), not re-checked per step here.
+          batch: {"dense", "ids", "label"}: this process's rows of the global batch (all of it
+            in a single-process run; process p holds rows p*b .. (p+1)*b - 1, the rows of its
+            devices); ids of table t may have fewer than `hotness` columns (padded with -1),
+            never more; the global B must divide by D. Id values are the data source's to check
+            (`data.batch.check_ids`), not re-checked per step here.
 
         Returns:
           {"dense": [B, Q], "label": [B], "ids": {"sh": [B, D, L], "rep": [B, Lr],
-          ("count": [B, T] with the mean combiner)}}, every array batch-split over "d".
+          ("count": [B, T] with the mean combiner)}}, global arrays batch-split over "d"
+          (`jax.make_array_from_process_local_data`).
         """
         lay = self.layout
         ids = [np.asarray(x) for x in batch["ids"]]
         if len(ids) != len(self.tables):
             raise ValueError(f"expected ids for {len(self.tables)} tables, got {len(ids)}")
         b = ids[0].shape[0]
-        if b % lay.num_devices:
-            raise ValueError(f"batch size {b} is not divisible by the {lay.num_devices} devices "
-                             "of the plan")
+        processes = jax.process_count()
+        if b * processes % lay.num_devices:
+            raise ValueError(f"batch size {b * processes} is not divisible by the "
+                             f"{lay.num_devices} devices of the plan")
         for t, (s, x) in enumerate(zip(self.tables, ids, strict=True)):
             if x.ndim != 2 or x.shape[0] != b or x.shape[1] > s.hotness:
                 raise ValueError(f"table {s.name!r}: ids must be [{b}, <= {s.hotness}], got "
@@ -207,7 +233,11 @@ class ShardedEmbeddingStage:
         routed = {"sh": send_BxDxL, "rep": rep_BxL}
         if self.combiner == "mean":
             routed["count"] = np.stack([(x >= 0).sum(1) for x in ids], 1).astype(np.float32)
-        put = lambda x: jax.device_put(np.asarray(x), self.sharded)  # noqa: E731
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_process_local_data(
+                self.sharded, x, (x.shape[0] * processes, *x.shape[1:]))
+
         return {"dense": put(batch["dense"]), "label": put(batch["label"]),
                 "ids": {k: put(v) for k, v in routed.items()}}
 
@@ -306,3 +336,33 @@ class ShardedEmbeddingStage:
         used = sum(x.shape[1] for x in parts)
         parts.append(jnp.zeros((b, num_cols - used), jnp.float32))
         return jnp.concatenate(parts, axis=1)
+
+
+def _init_items(lay) -> dict[str, np.ndarray]:
+    """Each device's row chunks to draw, as [D, N] int32 arrays (N: the most on any device).
+
+    Item i of device d draws logical rows first_local .. first_local + n - 1 of one placed table
+    (global row = local * stride + offset), written at its packed place in the slab. Devices
+    with fewer items repeat a no-op item (local_rows 0).
+    """
+    n = -(-INIT_CHUNK_VALUES // lay.width)
+    per_device = []
+    for d in range(lay.num_devices):
+        items = []
+        for p in lay.placed[d]:
+            s = lay.specs[p.table]
+            stride, offset = (lay.num_devices, d) if p.kind == "row_wise" else (1, 0)
+            for first in range(0, p.local_rows, n):
+                items.append((p.table, first, p.local_rows, stride, offset, s.rows, p.row_off,
+                              p.pack, p.wpad, s.dim))
+        per_device.append(items)
+    num = max(1, max(len(items) for items in per_device))
+    fields = ("table", "first_local", "local_rows", "stride", "offset", "rows", "row_off",
+              "pack", "wpad", "dim")
+    out = {f: np.zeros((lay.num_devices, num), np.int32) for f in fields}
+    out["stride"][:] = out["pack"][:] = 1
+    for d, items in enumerate(per_device):
+        for i, item in enumerate(items):
+            for f, v in zip(fields, item, strict=True):
+                out[f][d, i] = v
+    return out

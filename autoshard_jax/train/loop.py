@@ -2,6 +2,9 @@
 
 One batch per step and a deterministic data source, so the data position is the step: a run
 restored from a checkpoint at step k reads batch k next and continues bit-identically.
+Multi-process (multi-host) runs need a plan over every process's devices: each process reads its
+rows of every global batch (`data.DataSource`), process 0 alone writes metrics and logs progress,
+and eval rows are gathered from every process for exact metrics (`train.distributed`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from autoshard_jax.sharding.stage import ShardedEmbeddingStage
 from autoshard_jax.tables.spec import TableSpec, criteo_tables, load_tables
 from autoshard_jax.train.checkpoint import Checkpointer, abstract_state
 from autoshard_jax.train.config_checks import validate_config
+from autoshard_jax.train.distributed import gather_rows, local_rows
 from autoshard_jax.train.metrics import EvalAccumulator, evaluate_predictions
 from autoshard_jax.train.prefetch import prefetch
 from autoshard_jax.train.run_identity import check_same_run, run_identity
@@ -62,9 +66,10 @@ class MetricsWriter:
     that already finished at the restored step (None otherwise).
     """
 
-    def __init__(self, workdir: str, resume_step: int):
+    def __init__(self, workdir: str, resume_step: int, writes: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.final = None
+        self.writes = writes  # process 0 of a multi-process run; the others only read
         if os.path.exists(self.path):
             kept, dropped = [], False
             with open(self.path) as f:
@@ -81,7 +86,7 @@ class MetricsWriter:
                             self.final = record
                     else:
                         dropped = True
-            if dropped:
+            if dropped and writes:
                 self._guard(self._replace, kept)
 
     def _replace(self, lines: list[str]) -> None:
@@ -99,6 +104,9 @@ class MetricsWriter:
                           self.path) from exc
 
     def write(self, record: dict) -> None:
+        if not self.writes:
+            return
+
         def append():
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -106,10 +114,16 @@ class MetricsWriter:
 
 
 def evaluate(eval_step, params, batches: Iterator[Batch], place) -> dict | None:
-    acc = EvalAccumulator()
+    """Exact metrics over every process's eval rows (the same result on every process)."""
+    labels, logits, masks = [], [], []
     for batch in batches:
-        mask = batch.pop("mask")
-        acc.add(batch["label"], eval_step(params, place(batch)), mask)
+        masks.append(batch.pop("mask"))
+        labels.append(batch["label"])
+        logits.append(local_rows(eval_step(params, place(batch))))
+    if not labels:
+        return None
+    acc = EvalAccumulator()
+    acc.add(*(gather_rows(x) for x in (labels, logits, masks)))
     return acc.compute() if acc.num_examples else None
 
 
@@ -168,13 +182,13 @@ def _format_eta(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from workdir's latest checkpoint if any); returns the final eval metrics."""
     validate_config(config)
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "multi-host input pipelines (per-process data shards fed with "
-            "jax.make_array_from_process_local_data) are not implemented yet; run single-host")
+    if jax.process_count() > 1 and not config.plan:
+        raise ConfigError(f"a run over {jax.process_count()} processes needs a sharding plan "
+                          "over their devices: set config.plan")
+    is_main = jax.process_index() == 0  # writes metrics and logs progress
     os.makedirs(workdir, exist_ok=True)
     tables = build_tables(config)
-    data = DataSource(config, tables)
+    data = DataSource(config, tables, jax.process_index(), jax.process_count())
     dense_model = build_dense_model(config)
     row_opt = make_row_optimizer(config.optim.embedding, config.optim.embedding_lr)
     dense_tx = make_dense_optimizer(config.optim.dense, config.optim.dense_lr)
@@ -211,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         start, meta = 0, {}
         state = setup.init(rng)
-    writer = MetricsWriter(workdir, start)
+    writer = MetricsWriter(workdir, start, writes=is_main)
     num_steps = config.num_train_steps
     if writer.final is not None and start == num_steps:
         ckpt.close()
@@ -233,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step -= 1
                 break
             state, metrics = train_step(state, batch)
-            if step % config.log_every == 0 or step == num_steps:
+            if (step % config.log_every == 0 or step == num_steps) and is_main:
                 loss = float(metrics["loss"])
                 now = time.time()
                 rate = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
@@ -245,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t_last, step_last = now, step
             if config.eval_every and step % config.eval_every == 0 and step != num_steps:
                 result = evaluate(eval_step, state.params, data.eval(), place)
-                if result:
+                if result and is_main:
                     logging.info("eval at step %d: %s", step, _fmt(result))
                     writer.write({"step": step, "eval": result})
             if ckpt.should_save(step) or preemption.requested:
@@ -259,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step, state, {"data_position": step, "run": identity,
                                 "data": data.position(step)}, force=True)
         final = evaluate(eval_step, state.params, data.eval(), place)
-        if final:
+        if final and is_main:
             final.update(_teacher_metrics(data))
             logging.info("final eval at step %d: %s", step, _fmt(final))
             writer.write({"step": step, "eval": final, "final": True})

@@ -141,7 +141,7 @@ class TrainSetup:
     Attributes:
       stage: the embedding stage.
       abstract: the TrainState's shapes, dtypes and shardings (the checkpoint restore target).
-      init: rng -> the initial TrainState, placed like `abstract`.
+      init: rng -> the initial TrainState, created on the devices placed like `abstract`.
       train_step: compiled (state, batch) -> (state, {"loss"}); donates the state and accepts
         only batches shaped like the example (static shapes: one compilation).
       eval_step: jitted (params, batch) -> logits_B.
@@ -194,9 +194,9 @@ def setup_training(stage: EmbeddingStage, dense_model: nn.Module,
     train_step = jit_train_step(dense_model, stage, dense_tx, abstract).lower(
         abstract, stage.prepare_batch(example_batch)).compile()
 
-    def init(rng: jax.Array) -> TrainState:
-        state = init_train_state(rng, dense_model, stage, dense_tx, example_batch)
-        return jax.device_put(state, shardings)
+    # Created inside jit with the state's shardings: each device makes only its own part.
+    init = jax.jit(lambda rng: init_train_state(rng, dense_model, stage, dense_tx,
+                                                example_batch), out_shardings=shardings)
 
     return TrainSetup(stage, abstract, init, train_step,
                       jax.jit(make_eval_step(dense_model, stage)), stage.prepare_batch)

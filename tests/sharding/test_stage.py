@@ -214,12 +214,6 @@ def test_prepare_batch_errors():
         stage.prepare_batch({**batch, "ids": tuple(ids)})
 
 
-def test_init_tables_refuses_tracing():
-    stage = ShardedEmbeddingStage(TABLES, random_plan(TABLES, 2), make_opt("sgd"))
-    with pytest.raises(TypeError, match="eagerly"):
-        jax.jit(stage.init_tables)(jax.random.key(0))
-
-
 def test_sharded_state_round_trips_and_resumes(tmp_path):
     plan = random_plan(TABLES, 4, seed=2, mix=(0.5, 0.25, 0.25))
     stage = ShardedEmbeddingStage(TABLES, plan, make_opt("rowwise_adagrad"))
