@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -229,6 +230,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    validate = _validator(model, sets, plans, val)
     rng = np.random.default_rng(config.seed)
     pick = lambda mask, n: rng.choice(np.flatnonzero(mask), n)  # noqa: E731
     best, best_val, history = params, math.inf, []
@@ -245,8 +247,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
                                      p.exchange[j]))
         params, opt_state, loss = step(params, opt_state, set_batch, tuple(plan_batches))
         if (i + 1) % config.eval_every == 0 or i + 1 == config.steps:
-            model.params = params
-            v = validation_error(model, sets, plans, val)
+            v = validate(params)
             history.append({"step": i + 1, "train_loss": float(loss), "val_mape": v})
             if v < best_val:
                 best, best_val = jax.tree.map(lambda x: x, params), v
@@ -266,14 +267,31 @@ def predict_plans(model_fn, plans: PlanData, mask: np.ndarray) -> np.ndarray:
     return np.asarray(fn(plans.feats[mask], plans.assign[mask], plans.classes[mask]), np.float64)
 
 
-def validation_error(model: CostModel, sets, plans, val) -> float:
-    errs = []
+def _validator(model: CostModel, sets, plans, val) -> Callable[[dict], float]:
+    """params -> mean validation MAPE over the settings, compiled once per shape."""
+    def set_total(params, x, a):
+        f, b, _, _ = model.apply(params, x, a, a)
+        return f[0] + b[0]
+
+    def plan_total(params, x, a, k):
+        _, _, c, e = model.apply(params, x, a, k)
+        return c + e
+
+    set_fn = jax.jit(jax.vmap(set_total, in_axes=(None, 0, 0)))
+    plan_fn = jax.jit(jax.vmap(plan_total, in_axes=(None, 0, 0, 0)))
+    parts = []
     if sets is not None and val["sets"].any():
-        errs.append(mape(predict_sets(model, sets, val["sets"]), sets.total[val["sets"]]))
+        m = val["sets"]
+        parts.append((set_fn, (sets.feats[m], sets.assign[m]), sets.total[m]))
     for d, p in plans.items():
         if val[d].any():
-            errs.append(mape(predict_plans(model.cost_fn, p, val[d]), p.total[val[d]]))
-    return float(np.mean(errs)) if errs else math.inf
+            m = val[d]
+            parts.append((plan_fn, (p.feats[m], p.assign[m], p.classes[m]), p.total[m]))
+
+    def validate(params) -> float:
+        errs = [mape(np.asarray(fn(params, *args), np.float64), y) for fn, args, y in parts]
+        return float(np.mean(errs)) if errs else math.inf
+    return validate
 
 
 # --- baselines ------------------------------------------------------------------------------

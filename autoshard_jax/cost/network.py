@@ -34,7 +34,7 @@ from autoshard_jax.sharding.layout import padded_width
 from autoshard_jax.tables.features import FEATURE_NAMES, NUM_FEATURES
 from autoshard_jax.tables.spec import TableSpec
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 _DIM = FEATURE_NAMES.index("dim")
 
 
@@ -92,35 +92,50 @@ class _MLP(nn.Module):
 
 
 class CostNet(nn.Module):
-    """Inputs are normalised (`CostModel` does it): x_TxI, assign_TxD (0/1), class_TxK (0/1)."""
+    """Inputs are normalised (`CostModel` does it): x_TxI, assign_TxD (0/1), class_TxK (0/1).
+
+    Every head is an additive prior times a learned correction: each table gets its own
+    forward / backward ms (what it would cost alone), a device sums them (the sum-of-singles
+    estimate) and a DeepSets head over the device's tables multiplies that by exp(correction),
+    which is where fusion's non-additivity lives. Starting from the additive estimate makes the
+    network at least as good as summing singles from few measurements.
+    """
 
     hidden: int = 128
     embed: int = 32
 
     @nn.compact
     def __call__(self, x_TxI, work_TxW, assign_TxD, class_TxK, logdim_T):
-        e_TxE = nn.relu(_MLP((self.hidden, self.embed), name="encoder")(x_TxI))
+        h_TxH = nn.relu(_MLP((self.hidden, self.hidden), name="encoder")(x_TxI))
+        e_TxE = nn.relu(nn.Dense(self.embed, name="embed")(h_TxH))
+        single_Tx2 = jnp.exp(nn.Dense(2, name="single")(h_TxH))  # alone: forward, backward ms
         used_D = assign_TxD.sum(0) > 0
-        # Costs span decades: the heads also see the log of each device's exact work totals.
-        s_DxE = jnp.concatenate([assign_TxD.T @ e_TxE, jnp.log1p(assign_TxD.T @ work_TxW)], 1)
-        fwd_D = jnp.exp(_MLP((64, 1), name="forward")(s_DxE)[:, 0])
-        bwd_D = jnp.exp(_MLP((64, 1), name="backward")(s_DxE)[:, 0])
-        fwd_D, bwd_D = jnp.where(used_D, fwd_D, 0.0), jnp.where(used_D, bwd_D, 0.0)
-        # spmd: per (device, class) sums, padded program = element-wise max over devices.
-        z_DxKxE = jnp.einsum("td,tk,te->dke", assign_TxD, class_TxK, e_TxE)
-        w_DxKxW = jnp.einsum("td,tk,tw->dkw", assign_TxD, class_TxK, work_TxW)
-        m_KxE = jnp.concatenate([z_DxKxE.max(axis=0), jnp.log1p(w_DxKxW.max(axis=0))], axis=1)
+        base_Dx2 = assign_TxD.T @ single_Tx2
+        # Costs span decades: the corrections also see the log of the exact work totals.
+        s_DxE = jnp.concatenate([assign_TxD.T @ e_TxE, jnp.log1p(assign_TxD.T @ work_TxW),
+                                 jnp.log(base_Dx2 + 1e-6)], 1)
+        corr_Dx2 = _MLP((64, 2), name="device_head")(s_DxE)
+        dev_Dx2 = jnp.where(used_D[:, None], base_Dx2 * jnp.exp(corr_Dx2), 0.0)
+        # spmd: per (device, class) sums; the padded program follows each class's busiest
+        # device (element-wise max over devices).
+        ab_TxDxK = assign_TxD[:, :, None] * class_TxK[:, None, :]
+        z_DxKxE = jnp.einsum("tdk,te->dke", ab_TxDxK, e_TxE)
+        w_DxKxW = jnp.einsum("tdk,tw->dkw", ab_TxDxK, work_TxW)
+        base_DxK = jnp.einsum("tdk,t->dk", ab_TxDxK, single_Tx2.sum(1))
+        base_K = base_DxK.max(axis=0)
+        m_KxE = jnp.concatenate([z_DxKxE.max(axis=0), jnp.log1p(w_DxKxW.max(axis=0)),
+                                 jnp.log(base_K + 1e-6)[:, None]], axis=1)
         n_K = class_TxK.sum(0)
         width_K = (class_TxK * logdim_T[:, None]).sum(0) / jnp.maximum(n_K, 1.0)
         head_in = jnp.concatenate([m_KxE, width_K[:, None]], axis=1)
-        class_ms_K = jnp.exp(_MLP((64, 1), name="class_head")(head_in)[:, 0])
+        class_ms_K = base_K * jnp.exp(_MLP((64, 1), name="class_head")(head_in)[:, 0])
         compute = jnp.sum(jnp.where(n_K > 0, class_ms_K, 0.0))
         num_devices = assign_TxD.shape[1]
         ex_in = jnp.concatenate([m_KxE.sum(0), jnp.log(jnp.asarray([num_devices], jnp.float32)),
                                  jnp.asarray([1.0 - 1.0 / num_devices], jnp.float32)])
         exchange = jnp.exp(_MLP((64, 1), name="exchange_head")(ex_in)[0])
         exchange = jnp.where(num_devices > 1, exchange, 0.0)
-        return fwd_D, bwd_D, compute, exchange
+        return dev_Dx2[:, 0], dev_Dx2[:, 1], compute, exchange
 
 
 @dataclasses.dataclass
