@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from autoshard_jax.cost import dataset
@@ -30,6 +31,7 @@ from autoshard_jax.sharding.synthetic_plans import (
 from autoshard_jax.tables.spec import TableSpec, load_tables, save_tables
 
 PLAN_STYLES = ("random", "skewed", "balanced", "class_split")
+_CLEAR_EVERY = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +197,8 @@ def collect(workdir: str, config: CollectConfig, pool: Sequence[TableSpec] | Non
                           "style": plan.meta["style"], **dataclasses.asdict(cost)}
             writer.write(record)
             measured += 1
+            if measured % _CLEAR_EVERY == 0:
+                jax.clear_caches()  # every entry compiles new shapes: bound the process's memory
             if measured % 25 == 0 or measured == len(todo):
                 rate = (time.perf_counter() - start) / measured
                 log(f"{measured}/{len(todo)} measured, {rate:.2f} s each, ETA "
