@@ -165,3 +165,74 @@ def test_bad_interaction_raises():
     dense, ids = make_inputs(DOT_TABLES)
     with pytest.raises(ValueError, match="interaction must be one of"):
         model.init(jax.random.key(0), dense, ids)
+
+
+def autodiff_dot_interaction(bottom, pooled, self_interaction):
+    """The formulation before the hand-written gradient: Gram by einsum, lower triangle by a
+    gather, differentiated by JAX."""
+    vectors = jnp.concatenate([bottom[:, None, :], pooled], axis=1)
+    gram = jnp.einsum("bne,bme->bnm", vectors, vectors)
+    rows, cols = jnp.tril_indices(vectors.shape[1], k=0 if self_interaction else -1)
+    return jnp.concatenate([bottom, gram[:, rows, cols]], axis=1)
+
+
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_dot_interaction_gradient_matches_autodiff(self_interaction):
+    rng = np.random.default_rng(4)
+    bottom = jnp.asarray(rng.normal(size=(5, 4)).astype(np.float32))
+    pooled = jnp.asarray(rng.normal(size=(5, 6, 4)).astype(np.float32))
+    out, vjp = jax.vjp(lambda b, p: dlrm.dot_interaction(b, p, self_interaction), bottom, pooled)
+    want, want_vjp = jax.vjp(lambda b, p: autodiff_dot_interaction(b, p, self_interaction),
+                             bottom, pooled)
+    np.testing.assert_array_equal(out, want)
+    g = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+    for got_g, want_g in zip(vjp(g), want_vjp(g), strict=True):
+        np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-5)
+    # Second order (reverse over reverse) goes through the hand-written gradient too.
+    hvp = jax.grad(lambda p: (jax.grad(
+        lambda q: (dlrm.dot_interaction(bottom, q, self_interaction) ** 2).sum())(p) ** 2).sum())
+    hvp_want = jax.grad(lambda p: (jax.grad(
+        lambda q: (autodiff_dot_interaction(bottom, q, self_interaction) ** 2).sum())(p) ** 2
+    ).sum())
+    np.testing.assert_allclose(hvp(pooled), hvp_want(pooled), rtol=1e-4, atol=1e-3)
+
+
+def test_dense_gradients_match_autodiff_interaction(monkeypatch):
+    """The whole dense half's gradients (params and pooled) equal the old formulation's."""
+    config = CONFIGS[1]
+    model = dlrm.DLRM(**config)
+    dense, ids = make_inputs(config["tables"], batch=16)
+    params = model.init(jax.random.key(2), dense, ids)["params"]
+    loss = lambda p: (model.apply({"params": p}, dense, ids) ** 2).mean()  # noqa: E731
+    got = jax.grad(loss)(params)
+    monkeypatch.setattr(dlrm, "dot_interaction", autodiff_dot_interaction)
+    want = jax.grad(loss)(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4]])
+def test_bfloat16_compute_close_to_float32_with_float32_params(config):
+    dense, ids = make_inputs(config["tables"], batch=32)
+    model32 = dlrm.DLRM(**config)
+    model16 = dlrm.DLRM(**config, dtype="bfloat16")
+    params = model32.init(jax.random.key(1), dense, ids)["params"]
+    params16 = model16.init(jax.random.key(1), dense, ids)["params"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
+    jax.tree.map(np.testing.assert_array_equal, params, params16)  # same init, same tree
+    want = model32.apply({"params": params}, dense, ids)
+    got = model16.apply({"params": params}, dense, ids)
+    assert got.dtype == jnp.float32
+    # bfloat16 keeps 8 bits of mantissa: close, but not float32-equal (the cast is real).
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() > 0
+    jaxpr = str(jax.make_jaxpr(lambda p: model16.apply({"params": p}, dense, ids))(params))
+    assert "bf16[32" in jaxpr
+    grads = jax.grad(lambda p: model16.apply({"params": p}, dense, ids).sum())(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_bad_dtype_raises():
+    model = dlrm.DLRM(DOT_TABLES, bottom_mlp=(4,), top_mlp=(1,), dtype="float16")
+    dense, ids = make_inputs(DOT_TABLES)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        model.init(jax.random.key(0), dense, ids)
