@@ -13,7 +13,7 @@ from typing import Any
 import optax
 
 from autoshard_jax.errors import ConfigError, check_range
-from autoshard_jax.models.dlrm import INTERACTIONS
+from autoshard_jax.models.dlrm import DTYPES, INTERACTIONS
 from autoshard_jax.optim.sparse import ROW_OPTIMIZERS
 
 # key: (low, high, integer). None = unbounded. Learning rates may also be optax schedules.
@@ -42,6 +42,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "data.kind": ("synthetic", "criteo_tsv"),
     "model.interaction": tuple(INTERACTIONS),
     "model.combiner": ("sum", "mean"),
+    "model.dtype": tuple(DTYPES),
     "optim.embedding": tuple(sorted(ROW_OPTIMIZERS)),
 }
 _FLAGS = ("data.skip_bad_lines", "model.self_interaction")

@@ -55,7 +55,8 @@ def build_dense_model(config: ml_collections.ConfigDict) -> DLRMDense:
     m = config.model
     return DLRMDense(bottom_mlp=tuple(m.bottom_mlp), top_mlp=tuple(m.top_mlp),
                      interaction=m.interaction, self_interaction=m.self_interaction,
-                     num_cross_layers=m.num_cross_layers, cross_rank=m.cross_rank)
+                     num_cross_layers=m.num_cross_layers, cross_rank=m.cross_rank,
+                     dtype=m.get("dtype", "float32"))
 
 
 class MetricsWriter:

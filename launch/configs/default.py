@@ -44,6 +44,7 @@ def get_config():
     config.model.num_cross_layers = 0
     config.model.cross_rank = 0
     config.model.combiner = "sum"
+    config.model.dtype = "float32"  # dense half's compute dtype: float32 | bfloat16 (params fp32)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.dense = "sgd"
