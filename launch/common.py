@@ -13,7 +13,6 @@ import sys
 import traceback
 from collections.abc import Callable
 
-import jax
 from absl import app, flags, logging
 
 from autoshard_jax.errors import is_user_error
@@ -112,6 +111,8 @@ def initialize_distributed() -> None:
     Call before any JAX computation. Without --jax_distributed or --coordinator_address the
     job stays a single process. On CPU, cross-process collectives use gloo.
     """
+    import jax  # imported here: most launchers never call this
+
     given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes",
                                                   "process_id")}
     if not FLAGS.jax_distributed and given["coordinator_address"] is None:
