@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,3 +41,60 @@ def override(config, overrides: dict):
             node = node[p]
         node[leaf] = value
     return config
+
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def f32_sum_error(num_terms: int, abs_sum):
+    """Bound on the float32 rounding error of a sum of `num_terms` products in any order.
+
+    Each of the n - 1 additions (and the product feeding it) rounds by at most u = eps / 2, so the
+    computed sum is within gamma_n * sum|terms| of the exact one, gamma_n = n u / (1 - n u)
+    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1). Two float32 programs that sum
+    in different orders (another compiler, another sharding) agree within twice that.
+
+    Args:
+      num_terms: n, the most terms any one output sums.
+      abs_sum: sum of the absolute values of those terms (scalar or per-element array).
+
+    Returns:
+      The bound, shaped like abs_sum.
+    """
+    u = F32_EPS / 2
+    n = num_terms + 1  # the product rounding of each term
+    return n * u / (1 - n * u) * np.asarray(abs_sum, np.float64)
+
+
+def f32_rtol(num_terms: int, ops: int = 1) -> float:
+    """Tolerance, relative to the magnitude of the summed terms, between two float32 evaluations
+    of a computation whose outputs each sum at most `num_terms` terms, through `ops` such
+    stages: twice the bound of one sum (both sides round), stages added (first order)."""
+    return 2 * ops * float(f32_sum_error(num_terms, 1.0))
+
+
+def metrics_lines(workdir) -> list[str]:
+    """The lines of a run's metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return f.readlines()
+
+
+def assert_resumed_without_retraining(before: Sequence[str], after: Sequence[str], step: int,
+                                      num_steps: int) -> None:
+    """A resumed run's metrics.jsonl (`after`) against the lines before it started (`before`).
+
+    The records up to the restored `step` must be byte-identical (a restart from step 0 rewrites
+    them with other timings), and each of the steps 1..num_steps must have been logged exactly
+    once (log_every=1), so no step was trained twice or skipped.
+    """
+    def step_of(line):
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # torn by a kill mid-write; the resumed run drops it
+            return step + 1
+
+    kept = [line for line in before if step_of(line) <= step]
+    assert kept and json.loads(kept[-1])["step"] == step, "the first run never logged the step"
+    assert list(after[:len(kept)]) == kept, "records up to the restored step were rewritten"
+    steps = [r["step"] for r in map(json.loads, after) if "loss" in r]
+    assert steps == list(range(1, num_steps + 1)), steps
