@@ -2,11 +2,13 @@
 
 Criteo Kaggle reference configuration: 13 dense and 26 sparse features with the real Kaggle
 cardinalities, embedding dim 16, bottom MLP 13-512-256-64-16, top MLP 512-256-1, dot interaction,
-SGD lr 0.1 (dense and embeddings), batch 2048, fp32, Zipf-skewed ids drawn exactly as the
-reference draws them. Each side runs in its own subprocess, alternating, so that peak RSS is
-per framework; the PyTorch side is ../shared/bench/torch_dlrm.py, run when torch is importable.
+SGD lr 0.1 (dense and embeddings), batch 2048, Zipf-skewed ids drawn exactly as the reference
+draws them. Each side runs in its own subprocess, alternating, so that peak RSS is per framework;
+the PyTorch side is ../shared/bench/torch_dlrm.py, run when torch is importable.
+--dtype=bf16 runs the dense half in bfloat16 on both sides (JAX: config.model.dtype; PyTorch: CPU
+autocast); parameters and optimizer state stay fp32 on both.
 
-    python benchmarks/dlrm_throughput.py [--steps 30] [--repeats 2] [--rows-cap 0]
+    python benchmarks/dlrm_throughput.py [--steps 30] [--repeats 2] [--rows-cap 0] [--dtype fp32]
 """
 
 from __future__ import annotations
@@ -22,8 +24,19 @@ import sys
 import tempfile
 import time
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> config.model.dtype
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REF = os.path.join(os.path.dirname(REPO), "shared", "bench", "torch_dlrm.py")
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else "unknown CPU"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run_child(cmd: list[str]) -> tuple[str, float]:
@@ -69,7 +82,8 @@ def jax_worker(args) -> None:
         label = (rng.random(b) < 0.25).astype(np.float32)
         batches.append({"dense": dense, "ids": ids, "label": label})
 
-    dense_model = DLRMDense((512, 256, 64, 16), (512, 256, 1), interaction="dot")
+    dense_model = DLRMDense((512, 256, 64, 16), (512, 256, 1), interaction="dot",
+                            dtype=DTYPES[args.dtype])
     stage = LocalEmbeddingStage(tables, sgd(0.1))
     tx = optax.sgd(0.1)
     # The training loop's setup: the step compiles before the tables exist, then the compiler's
@@ -78,6 +92,7 @@ def jax_worker(args) -> None:
     setup = setup_training(stage, dense_model, tx, batches[0])
     compile_s = time.perf_counter() - t0
     step = setup.train_step
+    temp_mib = step.memory_analysis().temp_size_in_bytes / 2**20
     batches = [setup.place(b) for b in batches]
     release_host_memory()
     state = setup.init(jax.random.key(0))
@@ -126,7 +141,7 @@ def jax_worker(args) -> None:
     phases["embedding_update"] = timed(one_update, args.steps)
     print(json.dumps({"samples_per_s": b / step_s, "step_ms": step_s * 1e3,
                       "compile_s": compile_s, "train_peak_rss_mib": train_peak_mib,
-                      "page_faults_per_step": faults_per_step,
+                      "page_faults_per_step": faults_per_step, "step_temp_mib": temp_mib,
                       "phases_ms": {k: v * 1e3 for k, v in phases.items()},
                       "backend": jax.default_backend(), "jax": jax.__version__}))
 
@@ -138,6 +153,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     ap.add_argument("--rows-cap", type=int, default=0, help="cap table rows (small machines)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="dense half's compute dtype, both sides")
     ap.add_argument("--worker", choices=["jax"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "jax":
@@ -145,11 +162,13 @@ def main() -> None:
         return
 
     common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-              str(args.warmup), "--rows-cap", str(args.rows_cap)]
+              str(args.warmup), "--rows-cap", str(args.rows_cap), "--dtype", args.dtype]
     have_torch = importlib.util.find_spec("torch") is not None and os.path.exists(TORCH_REF)
     if not have_torch:
         print("torch (or ../shared/bench/torch_dlrm.py) not found: JAX figures only. "
               "`pip install '.[torch]'` to compare.")
+    print(f"{cpu_model()}, {os.cpu_count()} cores visible, affinity "
+          f"{sorted(os.sched_getaffinity(0))}; load average {load()} at start", flush=True)
     results = {"jax": [], "torch": []}
     for r in range(args.repeats):
         out, rss = run_child([sys.executable, __file__, "--worker", "jax", *common])
@@ -170,8 +189,9 @@ def main() -> None:
     jax_sps = statistics.median(x["samples_per_s"] for x in results["jax"])
     jax_rss = max(x["peak_rss_mib"] for x in results["jax"])
     last = results["jax"][-1]
-    print(f"\nDLRM Criteo-Kaggle config, batch {args.batch}, rows_cap {args.rows_cap or 'none'}, "
-          f"{os.cpu_count()} CPU cores, {last['backend']} backend, jax {last['jax']}")
+    print(f"\nDLRM Criteo-Kaggle config, {args.dtype}, batch {args.batch}, rows_cap "
+          f"{args.rows_cap or 'none'}, {cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores "
+          f"used, load average {load()} at the end, {last['backend']} backend, jax {last['jax']}")
     print(f"{'':8s}{'samples/s':>12s}{'peak RSS MiB':>14s}")
     print(f"{'jax':8s}{jax_sps:12.0f}{jax_rss:14.0f}")
     if results["torch"]:
@@ -183,8 +203,9 @@ def main() -> None:
         print(f"throughput ratio jax/torch: {statistics.median(ratios):.2f}x "
               f"(per run: {', '.join(f'{x:.2f}' for x in ratios)});  "
               f"peak RSS ratio jax/torch: {jax_rss / t_rss:.2f}")
-    print(f"JAX step {last['step_ms']:.1f} ms (compile {last['compile_s']:.1f} s); "
-          "phases run as separate programs:")
+    print(f"JAX step {last['step_ms']:.1f} ms (compile {last['compile_s']:.1f} s, step temp "
+          f"buffer {last['step_temp_mib']:.0f} MiB, {last['page_faults_per_step']:.0f} page "
+          "faults/step); phases run as separate programs:")
     for name, ms in last["phases_ms"].items():
         print(f"  {name:24s}{ms:8.2f} ms")
 
