@@ -15,8 +15,6 @@ On CPU, plans run on simulated devices (as many as the largest --plan_devices).
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import flags, logging
 
@@ -92,13 +90,14 @@ def clock() -> str:
 def _configure_devices(argv):
     """Before JAX starts: simulated CPU devices (as many as the largest plan), the CPU runtime
     flags, and for the cpu clock one pinned core."""
+    from autoshard_jax.cost.timing import pin_one_core
     from autoshard_jax.train.runtime import configure_cpu_runtime
 
     configure_cpu_runtime()
     wanted = max(_ints("plan_devices", FLAGS.plan_devices) or (1,))
     jax.config.update("jax_num_cpu_devices", max(wanted, 1))
-    if clock() == "cpu" and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    if clock() == "cpu":
+        pin_one_core()
     return main(argv)
 
 

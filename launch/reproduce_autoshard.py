@@ -113,10 +113,10 @@ def reproduce(f, log=print) -> str:
     os.makedirs(f.workdir, exist_ok=True)
     results = os.path.join(f.workdir, "results.jsonl")
 
-    def make_score(task):
+    def make_score(task, objective):
         if f.measure == "oracle":
             from autoshard_jax.cost.timing import Protocol
-            return harness.oracle_scorer(task, f.batch_size, Protocol(clock=f.clock))
+            return harness.oracle_scorer(task, f.batch_size, Protocol(clock=f.clock), objective)
         return harness.predicted_scorer(task, cost)
 
     report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
@@ -143,6 +143,11 @@ def reproduce(f, log=print) -> str:
 def main(argv):
     if len(argv) > 1:
         raise InputError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.measure == "oracle" and FLAGS.clock == "cpu":  # the collector's timing setup
+        from autoshard_jax.cost.timing import pin_one_core
+        from autoshard_jax.train.runtime import configure_cpu_runtime
+        configure_cpu_runtime()
+        pin_one_core()
     reproduce(FLAGS)
 
 

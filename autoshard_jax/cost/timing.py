@@ -13,6 +13,7 @@ README's cost-oracle section); accelerators keep the wall clock.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -68,6 +69,13 @@ def time_programs(programs: Mapping[str, Callable[[object], object]], carries: M
             if r >= protocol.warmup:
                 samples[name].append((clock() - start) * 1e3)
     return {name: trimmed(s, protocol.trim) for name, s in samples.items()}
+
+
+def pin_one_core() -> None:
+    """Pins this process to its last allowed core, for the "cpu" clock. Call before JAX starts
+    its threads (they inherit the affinity of the thread that creates them)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 
 
 def single_thread_xla_flags() -> str:
