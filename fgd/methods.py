@@ -87,6 +87,7 @@ class Pieces:
         grad_fn = jax.grad(model.loss)
         self.grad = jax.jit(grad_fn)
         self.logits = jax.jit(model.logits)
+        self.init = jax.jit(model.init)  # one compilation, however many runs re-initialise
 
         # Every method's gradients come from this one compiled program, and the update is a
         # second one; so FGD at its initial meta parameters feeds the base optimizer exactly the

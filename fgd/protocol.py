@@ -88,8 +88,7 @@ class Study:
     def init_params(self, seed: int):
         load, _ = self.source(seed)
         example = M.padded_batches(load(0), self.hp.batch_size, None)[0]
-        return jax.jit(self.pieces.model.init)(jax.random.key(seed + self.init_seed_offset),
-                                               example)
+        return self.pieces.init(jax.random.key(seed + self.init_seed_offset), example)
 
     # ---- one method, one period ------------------------------------------------------------
 

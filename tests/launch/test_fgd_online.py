@@ -56,33 +56,3 @@ def test_missing_movielens_data_names_the_path(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "ml-100k.whl" in last
 
-
-def test_criteo_day_directory_runs_end_to_end(tmp_path):
-    """fgd_criteo on a directory of Criteo-format day files (written here from the synthetic
-    teacher stream, cut into consecutive days): every day is a period, and FGD's gate is
-    backtested from the second update on."""
-    from autoshard_jax.data.synthetic import SyntheticClickStream
-    from autoshard_jax.tables.spec import criteo_tables
-
-    days, rows = 5, 160
-    data = tmp_path / "days"
-    data.mkdir()
-    whole = tmp_path / "all.tsv"
-    SyntheticClickStream(criteo_tables((20, 10), 4), num_dense=3, seed=0).write_tsv(
-        whole, days * rows)
-    lines = whole.read_text().splitlines(keepends=True)
-    for d in range(days):
-        (data / f"day_{d}").write_text("".join(lines[d * rows:(d + 1) * rows]))
-    work = tmp_path / "w"
-    proc = _run(work, f"--config.data.path={data}", "--config.methods=bu,fgd", "--config.seeds=1",
-                *[a for a in TINY if not a.startswith(("--config.num_periods",
-                                                        "--config.pretrain_periods",
-                                                        "--config.data.samples_per_period"))],
-                "--config.pretrain_periods=2", "--config.model.rows_cap=0", config="fgd_criteo")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    recs = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({r["period"] for r in recs}) == [2, 3, 4]  # pretrain on days 0-1
-    fgd = {r["period"]: r for r in recs if r["method"] == "fgd"}
-    assert "backtest_gain" in fgd[4] and 0.0 <= fgd[4]["gate"] <= 1.0
-    summary = json.loads((work / "summary.json").read_text())
-    assert set(summary["methods"]) == {"bu", "fgd"} and summary["test_periods"] == [3, 4]
