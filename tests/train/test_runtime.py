@@ -54,3 +54,34 @@ def test_a_users_own_setting_wins(cache_home, monkeypatch):
     monkeypatch.setattr(runtime, "_xla_accepts", _no_probe)
     runtime.configure_cpu_runtime()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true"
+
+
+_FAULTS_CHILD = """
+import resource, sys
+from autoshard_jax.train import runtime
+if sys.argv[1] == "reuse":
+    assert runtime.reuse_step_buffers()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x, w: jnp.outer(x, x) @ w)  # a 36 MB temporary, a 12 kB result
+x = w = jnp.ones(3000)
+assert f.lower(x, w).compile().memory_analysis().temp_size_in_bytes > 32 << 20
+for _ in range(10):  # each worker thread's malloc arena gets its own buffer to reuse
+    jax.block_until_ready(f(x, w))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    jax.block_until_ready(f(x, w))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+def _faults_per_call(mode: str) -> float:
+    child = subprocess.run([sys.executable, "-c", _FAULTS_CHILD, mode], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert child.returncode == 0, child.stderr[-2000:]
+    return float(child.stdout.strip().splitlines()[-1])
+
+
+def test_step_buffers_past_32mib_are_reused_not_faulted_in_each_call():
+    default, reused = _faults_per_call("default"), _faults_per_call("reuse")
+    assert default > 4000  # glibc maps and unmaps the 36 MB buffer each call (9k pages)
+    assert reused < default / 10
