@@ -79,6 +79,12 @@ def class_onehot(specs: Sequence[TableSpec], num_classes: int | None = None) -> 
     return np.eye(k, dtype=np.float32)[cls_T]
 
 
+def _exp(log_ms: jax.Array) -> jax.Array:
+    """exp of a head's log-ms, bounded: an overflow to inf would turn the zero assignments of
+    padded tables (0 * inf) into NaN."""
+    return jnp.exp(jnp.clip(log_ms, -20.0, 20.0))
+
+
 class _MLP(nn.Module):
     sizes: Sequence[int]
 
@@ -108,14 +114,14 @@ class CostNet(nn.Module):
     def __call__(self, x_TxI, work_TxW, assign_TxD, class_TxK, logdim_T):
         h_TxH = nn.relu(_MLP((self.hidden, self.hidden), name="encoder")(x_TxI))
         e_TxE = nn.relu(nn.Dense(self.embed, name="embed")(h_TxH))
-        single_Tx2 = jnp.exp(nn.Dense(2, name="single")(h_TxH))  # alone: forward, backward ms
+        single_Tx2 = _exp(nn.Dense(2, name="single")(h_TxH))  # alone: forward, backward ms
         used_D = assign_TxD.sum(0) > 0
         base_Dx2 = assign_TxD.T @ single_Tx2
         # Costs span decades: the corrections also see the log of the exact work totals.
         s_DxE = jnp.concatenate([assign_TxD.T @ e_TxE, jnp.log1p(assign_TxD.T @ work_TxW),
                                  jnp.log(base_Dx2 + 1e-6)], 1)
         corr_Dx2 = _MLP((64, 2), name="device_head")(s_DxE)
-        dev_Dx2 = jnp.where(used_D[:, None], base_Dx2 * jnp.exp(corr_Dx2), 0.0)
+        dev_Dx2 = jnp.where(used_D[:, None], base_Dx2 * _exp(corr_Dx2), 0.0)
         # spmd: per (device, class) sums; the padded program follows each class's busiest
         # device (element-wise max over devices).
         ab_TxDxK = assign_TxD[:, :, None] * class_TxK[:, None, :]
@@ -128,12 +134,12 @@ class CostNet(nn.Module):
         n_K = class_TxK.sum(0)
         width_K = (class_TxK * logdim_T[:, None]).sum(0) / jnp.maximum(n_K, 1.0)
         head_in = jnp.concatenate([m_KxE, width_K[:, None]], axis=1)
-        class_ms_K = base_K * jnp.exp(_MLP((64, 1), name="class_head")(head_in)[:, 0])
+        class_ms_K = base_K * _exp(_MLP((64, 1), name="class_head")(head_in)[:, 0])
         compute = jnp.sum(jnp.where(n_K > 0, class_ms_K, 0.0))
         num_devices = assign_TxD.shape[1]
         ex_in = jnp.concatenate([m_KxE.sum(0), jnp.log(jnp.asarray([num_devices], jnp.float32)),
                                  jnp.asarray([1.0 - 1.0 / num_devices], jnp.float32)])
-        exchange = jnp.exp(_MLP((64, 1), name="exchange_head")(ex_in)[0])
+        exchange = _exp(_MLP((64, 1), name="exchange_head")(ex_in)[0])
         exchange = jnp.where(num_devices > 1, exchange, 0.0)
         return dev_Dx2[:, 0], dev_Dx2[:, 1], compute, exchange
 
