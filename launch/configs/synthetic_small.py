@@ -1,6 +1,7 @@
 """The demo: a small DLRM on the synthetic Criteo-shaped stream, a few minutes on 2 CPU cores.
 
 python -m launch.train_dlrm --config=launch/configs/synthetic_small.py --workdir=/tmp/dlrm_small
+Add --config.model.dtype=bfloat16 for a bfloat16 dense half (parameters stay float32).
 """
 
 from launch.configs import default
@@ -14,6 +15,7 @@ def get_config():
     config.model.embedding_dim = 16
     config.model.bottom_mlp = (64, 32, 16)
     config.model.top_mlp = (64, 32, 1)
+    config.model.dtype = "float32"
     config.optim.dense = "adam"
     config.optim.dense_lr = 1e-3
     config.optim.embedding = "rowwise_adagrad"
