@@ -99,12 +99,12 @@ class DataSource:
           position: `position(start)` stored by the run that reached `start`, if any: lets a
             Criteo reader that skips bad lines seek there instead of re-parsing.
         """
+        sliced = {"rows": self.rows} if self.rows else {}  # this process's rows
         if self.kind == "synthetic":
-            return self._checked(self.stream.batches(self.batch_size, start=start,
-                                                     rows=self.rows))
+            return self._checked(self.stream.batches(self.batch_size, start=start, **sliced))
         line = None if self.rows else (position or {}).get("tsv_line")
         return self._checked(self.train_reader.batches(self.batch_size, start_batch=start,
-                                                       start_line=line, rows=self.rows))
+                                                       start_line=line, **sliced))
 
     def position(self, step: int) -> dict:
         """What to store with a checkpoint at `step` so `train(step, position)` resumes fast.
@@ -122,13 +122,14 @@ class DataSource:
 
     def eval(self) -> Iterator[Batch]:
         """Eval batches (this process's rows), padded with a `mask` so shapes stay static."""
+        sliced = {"rows": self.rows} if self.rows else {}
         if self.kind == "synthetic":
             batches = self.stream.batches(self.batch_size, num_batches=self.num_eval_batches,
-                                          split="eval", rows=self.rows)
+                                          split="eval", **sliced)
         elif self.eval_reader is None:
             return iter(())
         else:
-            batches = self.eval_reader.batches(self.batch_size, rows=self.rows)
+            batches = self.eval_reader.batches(self.batch_size, **sliced)
         return (pad_batch(b, self.local_batch_size) for b in self._checked(batches))
 
     def teacher_predictions(self) -> tuple[np.ndarray, np.ndarray] | None:

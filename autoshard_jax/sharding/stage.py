@@ -93,7 +93,7 @@ class ShardedEmbeddingStage:
         def body(keys):
             mine = {k: v[jax.lax.axis_index(AXIS)] for k, v in items.items()}
 
-            def fill(i, slab_F):
+            def fill(i, slab_RxW):
                 it = {k: v[i] for k, v in mine.items()}
                 local_N = it["first_local"] + jnp.arange(n, dtype=jnp.int32)
                 rows_N = local_N * it["stride"] + it["offset"]
@@ -103,16 +103,17 @@ class ShardedEmbeddingStage:
                 values_NxW = draw_rows(keys[it["table"]], lay.width, jnp.where(valid_N, rows_N, 0),
                                        scale, width=lay.width)
                 col_W = jnp.arange(lay.width, dtype=jnp.int32)
-                at_NxW = ((it["row_off"] + local_N // it["pack"]) * lay.width
-                          + (local_N % it["pack"]) * it["wpad"])[:, None] + col_W[None]
+                # (row, column) indices, not flat ones: a slab may hold more than 2**31 values.
+                row_N = it["row_off"] + local_N // it["pack"]
+                col_NxW = ((local_N % it["pack"]) * it["wpad"])[:, None] + col_W[None]
                 keep_NxW = valid_N[:, None] & (col_W[None] < it["dim"])
-                at_NxW = jnp.where(keep_NxW, at_NxW, slab_F.shape[0])  # out of range: dropped
-                return slab_F.at[at_NxW.reshape(-1)].set(values_NxW.reshape(-1), mode="drop")
+                row_NxW = jnp.where(keep_NxW, row_N[:, None], lay.phys_rows)  # dropped
+                return slab_RxW.at[row_NxW, col_NxW].set(values_NxW, mode="drop")
 
-            slab_F = jax.lax.pcast(jnp.zeros((lay.phys_rows * lay.width,), jnp.float32),
-                                   (AXIS,), to="varying")  # each device's own slab
-            slab_F = jax.lax.fori_loop(0, mine["table"].shape[0], fill, slab_F)
-            return slab_F.reshape(1, lay.phys_rows, lay.width)
+            slab_RxW = jax.lax.pcast(jnp.zeros((lay.phys_rows, lay.width), jnp.float32),
+                                     (AXIS,), to="varying")  # each device's own slab
+            slab_RxW = jax.lax.fori_loop(0, mine["table"].shape[0], fill, slab_RxW)
+            return slab_RxW[None]
 
         return jax.shard_map(body, mesh=self.mesh, in_specs=P(), out_specs=P(AXIS))(keys)
 

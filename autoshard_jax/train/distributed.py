@@ -18,12 +18,12 @@ def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-split global array, in global order, on the host.
 
     Args:
-      x: an array split (or replicated) along axis 0.
+      x: an array split (or replicated) along axis 0 (host arrays pass through).
 
     Returns:
       numpy [b, ...]: the rows held by this process's devices (replicas taken once).
     """
-    if x.is_fully_addressable:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
     return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
