@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import random_batches
+from helpers import f32_rtol, random_batches
 
 from autoshard_jax.models.dlrm import DLRMDense
 from autoshard_jax.optim import sparse
@@ -90,21 +90,33 @@ def sharded_run(plan, opt_name: str, combiner: str = "sum", steps: int = STEPS):
     return stage, state, losses, train_step
 
 
+# Sharded and single-device runs sum the same terms in other orders (and another compiler
+# reorders again), so they agree to float32 rounding of the largest sum, not bit for bit: an
+# embedding row's gradient sums up to BATCH x hotness terms, once per step.
+RTOL = f32_rtol(BATCH * max(s.hotness for s in TABLES), ops=STEPS)
+
+
+def assert_close(got, want, err_msg=""):
+    """Within RTOL of the array's scale: an element's rounding error follows the magnitudes that
+    were summed into it (the tensor's values), not its own value, which may have cancelled."""
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max(),
+                               err_msg=err_msg)
+
+
 def assert_matches_reference(stage, state, losses, opt_name, combiner="sum"):
     want_losses, want_params, want_row_state = reference_run(opt_name, combiner)
-    np.testing.assert_allclose(losses, want_losses, rtol=2e-5)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL)
     got = stage.tables_to_dict(state.params["embedding"])
     for s in TABLES:
-        np.testing.assert_allclose(got[s.name], want_params["embedding"][s.name],
-                                   rtol=2e-5, atol=1e-5, err_msg=s.name)
+        assert_close(got[s.name], want_params["embedding"][s.name], s.name)
     got_state = stage.state_to_dict(state.opt_state["embedding"])
     for s in TABLES:
         for leaf, want in want_row_state[s.name].items():
-            np.testing.assert_allclose(got_state[s.name][leaf], want, rtol=2e-5, atol=1e-6,
-                                       err_msg=f"{s.name}/{leaf}")
+            assert_close(got_state[s.name][leaf], want, f"{s.name}/{leaf}")
     for g, w in zip(jax.tree.leaves(state.params["dense"]), jax.tree.leaves(want_params["dense"]),
                     strict=True):
-        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-6)
+        assert_close(np.asarray(g), w)
     # Every replica of a replicated table received the same updates.
     for d in range(stage.plan.num_devices):
         replica = stage.tables_to_dict(state.params["embedding"], replica_device=d)
@@ -116,9 +128,11 @@ def assert_matches_reference(stage, state, losses, opt_name, combiner="sum"):
 MIXED = (0.5, 0.25, 0.25)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "rowwise_adagrad"])
-@pytest.mark.parametrize("num_devices,seed,mix", [
-    (1, 0, MIXED), (2, 1, MIXED), (4, 2, MIXED), (8, 3, MIXED)])
+# Each device count once, each optimizer on two of them (one compile per case; the tests below
+# add row-wise Adagrad on 4 and 8 devices and element-wise Adagrad).
+@pytest.mark.parametrize("num_devices,seed,mix,opt_name", [
+    (1, 0, MIXED, "rowwise_adagrad"), (2, 1, MIXED, "sgd"), (4, 2, MIXED, "rowwise_adagrad"),
+    (8, 3, MIXED, "sgd")])
 def test_random_plans_match_single_device(num_devices, seed, mix, opt_name):
     plan = random_plan(TABLES, num_devices, seed=seed, mix=mix)
     stage, state, losses, _ = sharded_run(plan, opt_name)
