@@ -1,13 +1,16 @@
 """Training with a plan.json and a tables.json, through the same job as single-device training."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import assert_resumed_without_retraining, metrics_lines
 
+from autoshard_jax.errors import ResumeError
 from autoshard_jax.sharding.plan import PlanError, plan_from_mapping, save_plan
 from autoshard_jax.tables.spec import TableSpec, save_tables
 from autoshard_jax.train.loop import train_and_evaluate
@@ -61,13 +64,24 @@ def test_plan_training_matches_single_device(tmp_path):
     assert sharded["auc"] == pytest.approx(local["auc"], abs=1e-3)
 
 
-def test_plan_training_resumes_bit_identically(tmp_path):
+def test_plan_training_resumes_bit_identically(tmp_path, caplog, monkeypatch):
     tables_path, plan_path = write_inputs(tmp_path)
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     train_and_evaluate(config_for(tables_path, plan_path), full)
     train_and_evaluate(config_for(tables_path, plan_path, steps=6), split)
-    train_and_evaluate(config_for(tables_path, plan_path), split)
+    before = metrics_lines(split)
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(config_for(tables_path, plan_path), split)
+    assert "Resumed from step 6 " in caplog.text
+    assert_resumed_without_retraining(before, metrics_lines(split), 6, 12)
     assert losses(full) == losses(split)
+    # Another plan (same tables, same device count) is refused before any array is restored.
+    save_plan(plan_path, plan_from_mapping({**MAPPING, "ads": 1, "pages": 0}, 4, 1 << 30))
+    from autoshard_jax.train import checkpoint
+    monkeypatch.setattr(checkpoint.Checkpointer, "_restore_state",
+                        lambda *a: pytest.fail("restored before the identity check"))
+    with pytest.raises(ResumeError, match=r"plan: checkpoint \"[0-9a-f]+\", config \"[0-9a-f]+"):
+        train_and_evaluate(config_for(tables_path, plan_path, steps=18), split)
 
 
 def test_plan_that_does_not_fit_is_refused(tmp_path):
@@ -90,7 +104,7 @@ def test_launch_script_with_simulated_devices(tmp_path):
            "--config.num_devices=4", "--simulate_cpu_devices=4", "--config.model.interaction=cat",
            "--config.batch_size=64", "--config.num_train_steps=5",
            "--config.data.num_eval_batches=2"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
                          env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "padding overhead" in out.stderr
