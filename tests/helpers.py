@@ -8,7 +8,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autoshard_jax.tables.spec import TableSpec
+from autoshard_jax.sharding.plan import plan_from_mapping, save_plan
+from autoshard_jax.tables.spec import TableSpec, save_tables
+
+# A small planned model on 4 devices with every placement kind (the sharded-training tests').
+PLANNED_TABLES = [TableSpec("ads", 3000, 16, 1.0), TableSpec("users", 5000, 8, 3.0),
+                  TableSpec("pages", 200, 32, 2.0), TableSpec("geo", 40, 4, 1.0),
+                  TableSpec("hist", 1000, 16, 6.0), TableSpec("device", 12, 8, 1.0)]
+PLANNED_MAPPING = {"ads": 0, "users": "row_wise", "pages": 1, "geo": "replicated", "hist": 3,
+                   "device": 2}
+
+
+def write_planned_inputs(tmp_path, num_devices: int = 4, memory: int = 1 << 30
+                         ) -> tuple[str, str]:
+    """(tables.json, plan.json) paths of the planned model, written into tmp_path."""
+    tables_path, plan_path = tmp_path / "tables.json", tmp_path / "plan.json"
+    save_tables(tables_path, PLANNED_TABLES)
+    save_plan(plan_path, plan_from_mapping(PLANNED_MAPPING, num_devices, memory))
+    return str(tables_path), str(plan_path)
 
 
 def random_batches(specs: Sequence[TableSpec], n: int, batch: int, dense_dim: int,

@@ -25,7 +25,7 @@ import numpy as np
 
 from autoshard_jax.data.batch import Batch
 from autoshard_jax.embedding.stage import StageIds
-from autoshard_jax.embedding.state import TrainState, draw_rows
+from autoshard_jax.embedding.state import TrainState, draw_rows, table_scale
 from autoshard_jax.models.embedding import check_combiner
 from autoshard_jax.optim.sparse import ELEMENT, ROW, RowOptimizer, state_fills, state_kinds
 from autoshard_jax.sharding import mesh as mesh_lib
@@ -87,7 +87,7 @@ class ShardedEmbeddingStage:
     def _draw_slabs(self, keys: jax.Array) -> jax.Array:
         lay = self.layout
         items = {k: jnp.asarray(v) for k, v in _init_items(lay).items()}
-        scale_T = jnp.asarray([(1.0 / s.rows) ** 0.5 for s in lay.specs], jnp.float32)
+        scale_T = jnp.asarray([table_scale(s) for s in lay.specs], jnp.float32)
         n = -(-INIT_CHUNK_VALUES // lay.width)  # logical rows per item
 
         def body(keys):

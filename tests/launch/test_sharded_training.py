@@ -8,28 +8,23 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import assert_resumed_without_retraining, metrics_lines
+from helpers import (
+    PLANNED_MAPPING,
+    PLANNED_TABLES,
+    assert_resumed_without_retraining,
+    metrics_lines,
+    write_planned_inputs,
+)
 
 from autoshard_jax.errors import ResumeError
 from autoshard_jax.sharding.plan import PlanError, plan_from_mapping, save_plan
-from autoshard_jax.tables.spec import TableSpec, save_tables
 from autoshard_jax.train.loop import train_and_evaluate
 from launch.configs import synthetic_small
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TABLES = [TableSpec("ads", 3000, 16, 1.0), TableSpec("users", 5000, 8, 3.0),
-          TableSpec("pages", 200, 32, 2.0), TableSpec("geo", 40, 4, 1.0),
-          TableSpec("hist", 1000, 16, 6.0), TableSpec("device", 12, 8, 1.0)]
-MAPPING = {"ads": 0, "users": "row_wise", "pages": 1, "geo": "replicated", "hist": 3,
-           "device": 2}
-
-
-def write_inputs(tmp_path, num_devices=4, memory=1 << 30):
-    tables_path, plan_path = tmp_path / "tables.json", tmp_path / "plan.json"
-    save_tables(tables_path, TABLES)
-    save_plan(plan_path, plan_from_mapping(MAPPING, num_devices, memory))
-    return str(tables_path), str(plan_path)
+TABLES, MAPPING = PLANNED_TABLES, PLANNED_MAPPING
+write_inputs = write_planned_inputs
 
 
 def config_for(tables_path, plan_path="", steps=12, **overrides):

@@ -13,21 +13,17 @@ import time
 
 import numpy as np
 import pytest
+from helpers import PLANNED_TABLES, override, write_planned_inputs
 
 from autoshard_jax.data.criteo_tsv import CriteoTSVReader
 from autoshard_jax.data.synthetic import BLOCK_ROWS, SyntheticClickStream
 from autoshard_jax.errors import InputError
-from autoshard_jax.sharding.plan import plan_from_mapping, save_plan
-from autoshard_jax.tables.spec import TableSpec, save_tables
+from autoshard_jax.tables.spec import TableSpec
 from autoshard_jax.train.loop import train_and_evaluate
 from launch.configs import synthetic_small
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TABLES = [TableSpec("ads", 3000, 16, 1.0), TableSpec("users", 5000, 8, 3.0),
-          TableSpec("pages", 200, 32, 2.0), TableSpec("geo", 40, 4, 1.0),
-          TableSpec("hist", 1000, 16, 6.0), TableSpec("device", 12, 8, 1.0)]
-MAPPING = {"ads": 0, "users": "row_wise", "pages": 1, "geo": "replicated", "hist": 3,
-           "device": 2}
+TABLES = PLANNED_TABLES
 STEPS = 8
 TIMEOUT_S = 300  # per launch: nothing may hang
 OVERRIDES = {"model.interaction": "cat", "model.bottom_mlp": (32, 16), "model.top_mlp": (32, 1),
@@ -42,8 +38,7 @@ def _free_port() -> int:
 
 
 def _inputs(tmp_path) -> list[str]:
-    save_tables(tmp_path / "tables.json", TABLES)
-    save_plan(tmp_path / "plan.json", plan_from_mapping(MAPPING, 4, 1 << 30))
+    write_planned_inputs(tmp_path)
     return [f"--config={REPO}/launch/configs/synthetic_small.py",
             f"--config.tables={tmp_path}/tables.json", f"--config.plan={tmp_path}/plan.json",
             *(f"--config.{k}={str(v).replace(' ', '')}" for k, v in OVERRIDES.items())]
@@ -53,9 +48,7 @@ def _one_process_run(tmp_path, workdir) -> dict:
     """The same job in this process, on 4 of its simulated devices."""
     config = synthetic_small.get_config()
     config.tables, config.plan = str(tmp_path / "tables.json"), str(tmp_path / "plan.json")
-    for key, value in OVERRIDES.items():
-        block, _, name = key.rpartition(".")
-        (config[block] if block else config)[name] = value
+    override(config, OVERRIDES)
     return train_and_evaluate(config, str(workdir))
 
 
