@@ -11,6 +11,7 @@ from autoshard_jax.errors import ConfigError, check_range, is_user_error
 
 SCRIPT = textwrap.dedent("""
     import sys
+    import threading
     from absl import flags
     from autoshard_jax.errors import ConfigError
     from launch.common import run
@@ -18,6 +19,15 @@ SCRIPT = textwrap.dedent("""
     flags.DEFINE_string("kind", "user", "")
     def main(argv):
         if flags.FLAGS.kind == "user":
+            raise ConfigError("config.log_every must be >= 1, got 0")
+        if flags.FLAGS.kind == "half_line":  # a library thread mid-way through a traceback
+            wrote, done = threading.Event(), threading.Event()
+            def write():
+                sys.stderr.write("Traceback (most recent call last):\\n    ")
+                wrote.set()
+                done.wait()
+            threading.Thread(target=write, daemon=True).start()
+            wrote.wait()
             raise ConfigError("config.log_every must be >= 1, got 0")
         if flags.FLAGS.kind == "disk":
             raise OSError(28, "No space left on device", "/full/ckpt")
@@ -42,6 +52,12 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
     assert last.startswith("error: config.log_every must be >= 1")
     assert "Traceback" not in proc.stderr
     assert "ConfigError" in (work / "error.log").read_text()
+
+
+def test_error_line_starts_a_line_after_a_threads_half_line(tmp_path):
+    proc = _run(tmp_path, f"--workdir={tmp_path / 'w'}", "--kind=half_line")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith("error: config.log_every"), proc.stderr
 
 
 def test_disk_full_names_the_path(tmp_path):
