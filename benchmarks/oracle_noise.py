@@ -4,7 +4,8 @@
 
 Draws random table sets (1-15 tables) from the CPU cost pool and measures each one twice with
 every protocol (the order of protocols rotates per set, so slow phases of a shared machine hit
-all alike). The floor is the mean relative difference of the two measurements, the figure
+all alike): the raw protocols, and the default repeats normalized by the reference step
+(`timing.Reference`). The floor is the mean relative difference of the two measurements, the figure
 `launch.train_cost_model` reports from a collection's repeats; the ceiling is Kendall's tau
 between them. With `--clock=cpu` the process is pinned to one core, as the collector runs.
 """
@@ -17,10 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PROTOCOLS = {  # name: (warmup, repeats, trim)
-    "5/10/2 (default)": (5, 10, 2),
-    "5/30/6": (5, 30, 6),
-    "10/60/12": (10, 60, 12),
+PROTOCOLS = {  # name: (warmup, repeats, trim, normalize)
+    "5/10/2 raw": (5, 10, 2, False),
+    "10/60/12 raw": (10, 60, 12, False),
+    "5/10/2 normalized": (5, 10, 2, True),
 }
 
 
@@ -52,12 +53,15 @@ def main() -> None:
         specs = [pool[j] for j in sorted(members)]
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
-            protocol = Protocol(*PROTOCOLS[name], clock=args.clock)
+            warmup, repeats, trim, normalize = PROTOCOLS[name]
+            protocol = Protocol(warmup, repeats, trim, args.clock, normalize)
             pairs[name].append([measure_set(specs, args.batch, protocol=protocol, seed=i).total_ms
                                 for _ in range(2)])
         print(f"set {i}: {len(specs)} tables, " + ", ".join(
             f"{n}: {pairs[n][-1][0]:.3f}/{pairs[n][-1][1]:.3f} ms" for n in names), flush=True)
-    print(f"\n{args.sets} sets, batch {args.batch}, clock {args.clock}")
+    from autoshard_jax.cost.oracle import reference_ms
+    print(f"\n{args.sets} sets, batch {args.batch}, clock {args.clock}, reference step "
+          f"{reference_ms(args.clock):.3f} ms")
     print(f"{'protocol':18s} {'floor (mean rel. diff)':>22s} {'median':>8s} {'ceiling tau':>12s}")
     for name in names:
         a = np.asarray(pairs[name])

@@ -41,6 +41,9 @@ flags.DEFINE_integer("seed", 0, "Seed of the sets and plans.")
 flags.DEFINE_enum("clock", "auto", ["auto", "wall", "cpu"],
                   "Timing clock; auto = cpu (process CPU time, pinned to one core) on the CPU "
                   "backend, wall on accelerators.")
+flags.DEFINE_integer("num_shards", 1, "Processes filling this collection together (one core "
+                     "each, e.g. `taskset -c K`); start shard 0 first.")
+flags.DEFINE_integer("shard_index", 0, "This process's shard, 0 <= shard_index < num_shards.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -75,7 +78,8 @@ def main(argv):
                           f"{FLAGS.row_optimizer!r}")
     pool = load_tables(FLAGS.tables) if FLAGS.tables else synthetic_pool(
         FLAGS.pool_size, seed=FLAGS.pool_seed, max_rows=FLAGS.max_rows)
-    counts = collect(FLAGS.workdir, config, pool, log=logging.info)
+    counts = collect(FLAGS.workdir, config, pool, log=logging.info,
+                     shard=(FLAGS.shard_index, FLAGS.num_shards))
     print(f"{FLAGS.workdir}: {counts['sets']} set records, {counts['plans']} plan records "
           f"({counts['measured']} measured now)")
 

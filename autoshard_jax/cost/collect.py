@@ -4,6 +4,8 @@ the oracle and appended to `<workdir>/costs.jsonl` (see `dataset.py`).
 Entry i of each kind is a pure function of (seed, i), so a resumed collection measures exactly
 the entries a single run would have, and skips those already on disk. Every `repeat_every`-th
 entry is measured a second time to give the noise floor the cost models are judged against.
+Costs are normalized by the oracle's reference step (`oracle.reference_ms`); the collection
+stores the reference's calibrated time and a resumed run measures in that same unit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 
 from autoshard_jax.cost import dataset
-from autoshard_jax.cost.oracle import measure_plan, measure_set
+from autoshard_jax.cost.oracle import measure_plan, measure_set, reference_ms, set_reference_ms
 from autoshard_jax.cost.timing import Protocol
 from autoshard_jax.errors import ConfigError, ResumeError, check_range
 from autoshard_jax.sharding.plan import ShardingPlan
@@ -51,6 +53,7 @@ class CollectConfig:
     repeats: int = 10
     trim: int = 2
     clock: str = "wall"
+    normalize: bool = True  # by the oracle's reference step (see timing.Reference)
 
     def check(self, pool_size: int) -> None:
         check_range("num_sets", self.num_sets, low=0, integer=True)
@@ -68,7 +71,7 @@ class CollectConfig:
                 raise ConfigError(f"batch_size {self.batch_size} is not divisible by "
                                   f"plan_devices entry {d}")
         try:
-            Protocol(self.warmup, self.repeats, self.trim, self.clock)
+            Protocol(self.warmup, self.repeats, self.trim, self.clock, self.normalize)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -139,7 +142,8 @@ def prepare_workdir(workdir: str, config: CollectConfig,
             raise ResumeError(f"{cfg_path}: not valid JSON ({e}); delete the workdir or fix "
                               "it") from e
         keys = ("seed", "batch_size", "max_tables", "plan_tables", "plan_devices",
-                "row_optimizer", "warmup", "repeats", "trim", "repeat_every", "clock")
+                "row_optimizer", "warmup", "repeats", "trim", "repeat_every", "clock",
+                "normalize")
         diff = [f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in keys
                 if saved.get(k) != wanted[k]]
         if diff:
@@ -150,6 +154,8 @@ def prepare_workdir(workdir: str, config: CollectConfig,
             raise ResumeError(f"{tables_path} differs from the pool given now; use a new "
                               "--workdir or the same --tables")
         pool = stored
+        if "reference_ms" in saved:
+            wanted["reference_ms"] = saved["reference_ms"]
     else:
         if pool is None:
             raise ConfigError("a new collection needs a pool of tables")
@@ -160,18 +166,49 @@ def prepare_workdir(workdir: str, config: CollectConfig,
     return list(pool)
 
 
+def _pin_reference_unit(workdir: str, clock: str, log: Callable[[str], None],
+                        first_shard: bool) -> None:
+    """Measures in the unit the collection started with, or stores this process's."""
+    cfg_path = os.path.join(workdir, "collection.json")
+    with open(cfg_path) as f:
+        saved = json.load(f)
+    if "reference_ms" not in saved and not first_shard:
+        raise ConfigError(f"{cfg_path} has no reference_ms yet: start shard 0 first (it "
+                          "calibrates the unit every shard measures in)")
+    if "reference_ms" in saved:
+        now = reference_ms(clock)
+        set_reference_ms(saved["reference_ms"], clock)
+        log(f"costs normalized to the reference step at {saved['reference_ms']:.3f} ms "
+            f"(calibrated when the collection started; {now:.3f} ms now)")
+        return
+    saved["reference_ms"] = reference_ms(clock)
+    with open(cfg_path, "w") as f:
+        json.dump(saved, f, indent=1)
+    log(f"costs normalized to the reference step, calibrated at {saved['reference_ms']:.3f} ms")
+
+
 def collect(workdir: str, config: CollectConfig, pool: Sequence[TableSpec] | None = None,
-            log: Callable[[str], None] = print, stop_after: int | None = None) -> dict:
+            log: Callable[[str], None] = print, stop_after: int | None = None,
+            shard: tuple[int, int] = (0, 1)) -> dict:
     """Measures every missing entry; returns counts {"sets", "plans", "measured"}.
 
     `stop_after` ends the run after that many new measurements (tests use it as a clean kill).
+    `shard=(k, n)` measures every n-th entry of the schedule from the k-th: n processes, each
+    on its own core, fill one collection n times faster (records are appended one write each; start
+    shard 0 first, the others measure in the unit it calibrates).
     """
+    k, n = shard
+    check_range("num_shards", n, low=1, integer=True)
+    check_range("shard_index", k, low=0, high=n - 1, integer=True)
     pool = prepare_workdir(workdir, config, pool)
     path = os.path.join(workdir, dataset.DATA_FILE)
     done = {dataset.entry_key(r) for r in dataset.read_records(path, repair=True)}
-    protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock)
+    protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock,
+                        config.normalize)
+    if config.normalize:
+        _pin_reference_unit(workdir, config.clock, log, first_shard=k == 0)
     env = dataset.environment()
-    todo = [t for t in schedule(config) if t not in done]
+    todo = [t for t in schedule(config)[k::n] if t not in done]
     log(f"{len(done)} entries on disk, {len(todo)} to measure")
     start, measured = time.perf_counter(), 0
     with dataset.RecordWriter(path) as writer:

@@ -9,6 +9,12 @@ backend (CPU, GPU or TPU), with ids drawn from each table's statistics (`tables.
   are padded to the most loaded device (`sharding.lookup_meta`), plus the all_to_all exchange of
   ids, pooled vectors and gradients. Compute is the padded program of the busiest device timed on
   one device; exchange is the plan's collectives timed alone on its mesh.
+
+Every timed repeat is normalized by a fixed reference embedding step run in the same round
+(`timing.Reference`, on by default: `Protocol.normalize`), so costs are in "ms at the reference's
+calibrated speed"; the reference is calibrated once per process and backend (`reference_ms`), or
+pinned to a collection's stored value with `set_reference_ms` so a resumed collection keeps its
+unit.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autoshard_jax.cost.timing import Protocol, time_programs, trimmed
+from autoshard_jax.cost.timing import (
+    REFERENCE,
+    Protocol,
+    Reference,
+    calibrate,
+    time_programs,
+    trimmed,
+)
 from autoshard_jax.errors import InputError
 from autoshard_jax.optim.sparse import (
     BYTES_PER_VALUE,
@@ -41,11 +54,25 @@ from autoshard_jax.sharding.device_step import (
 from autoshard_jax.sharding.layout import Layout, build_layout
 from autoshard_jax.sharding.plan import ShardingPlan
 from autoshard_jax.tables.ids import generate_ids
+from autoshard_jax.tables.pools import synthetic_pool
 from autoshard_jax.tables.spec import TableSpec, check_unique_names
 
 # Learning rate of the timed optimizer step; its value does not change the cost.
 _LR = 0.01
 DEFAULT_PROTOCOL = Protocol()
+
+
+# The reference step: a fixed set of five tables from the CPU cost pool (`reference_tables`),
+# batch 512, SGD; about 10 ms on a 2-core AMD EPYC. A set like the measured ones moves with the
+# host's slow phases as they do (measured: relative spread of one set's repeated measurements
+# 0.076 raw -> 0.026 normalized, and normalized / raw within ~6% across sets of 1-14 tables);
+# a small reference (two tables, 1 ms) or one drawing fresh ids from a 256 MB table tracked
+# them worse (0.043 / no better than raw) and, being cached or not depending on the set timed
+# before it, shrank big sets' costs against small ones.
+REFERENCE_POOL_TABLES = (3, 17, 40, 77, 101)  # of synthetic_pool(120, seed=0, max_rows=100_000)
+REFERENCE_BATCH = 512
+_references: dict[tuple[int, str], Reference] = {}  # (device id, clock) -> reference
+_nominal_ms: dict[tuple[str, str], float] = {}  # (platform, clock) -> the unit, ms
 
 
 class InfeasibleError(InputError):
@@ -60,6 +87,7 @@ class SetCost:
     backward_ms: float
     total_ms: float
     spread: float
+    reference_ms: float = 0.0  # the reference step's raw time meanwhile (0: not normalized)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +100,7 @@ class PlanCost:
     spread: float
     busiest_device: int
     exchange_bytes_per_device: int
+    reference_ms: float = 0.0  # the reference step's raw time meanwhile (0: not normalized)
 
 
 def device_memory_limit(device: jax.Device) -> int:
@@ -162,12 +191,60 @@ def measure_set(specs: Sequence[TableSpec], batch_size: int, *, row_optimizer: s
                               f"over its budget of {limit} bytes by {need - limit}")
     ids, grads = draw_batch(specs, batch_size, seed)
     programs, carries = _step_programs(layout, 0, ids, grads, row_optimizer, device, split=True)
-    timed = time_programs(programs, carries, protocol)
+    timed, ref_ms = _timed(programs, carries, protocol, device)
     # Training runs the two halves as separate programs too (lookup, then update), so the step
     # is their sum; repeats are interleaved, so repeat r of each half ran back to back.
     total = trimmed([f + b for f, b in zip(timed["forward"].raw_ms, timed["backward"].raw_ms,
                                            strict=True)], protocol.trim)
-    return SetCost(timed["forward"].ms, timed["backward"].ms, total.ms, total.spread)
+    return SetCost(timed["forward"].ms, timed["backward"].ms, total.ms, total.spread, ref_ms)
+
+
+def reference_ms(clock: str, device: jax.Device | None = None) -> float:
+    """The reference step's calibrated time on `device`'s backend: the unit of normalized costs
+    (calibrated on first use in this process unless `set_reference_ms` pinned it)."""
+    return _reference(device or jax.devices()[0], clock).nominal_ms
+
+
+def set_reference_ms(ms: float, clock: str, platform: str | None = None) -> None:
+    """Pins the unit of normalized costs (a collection resumes in the unit it started with)."""
+    if not ms > 0:
+        raise InputError(f"reference_ms must be positive, got {ms!r}")
+    platform = platform or jax.devices()[0].platform
+    _nominal_ms[(platform, clock)] = float(ms)
+    for (_, c), ref in _references.items():
+        if c == clock:
+            ref.nominal_ms = float(ms)
+
+
+def reference_tables() -> list[TableSpec]:
+    """The tables of the reference step (see REFERENCE_POOL_TABLES)."""
+    pool = synthetic_pool(120, seed=0, max_rows=100_000)
+    return [pool[i] for i in REFERENCE_POOL_TABLES]
+
+
+def _reference(device: jax.Device, clock: str) -> Reference:
+    """The reference step on `device` (cached), with its backend's nominal time. Simulated CPU
+    devices share the host's cores and memory, so CPU measurements share one reference."""
+    if device.platform == "cpu":
+        device = jax.devices("cpu")[0]
+    key = (device.id, clock)
+    if key not in _references:
+        specs = reference_tables()
+        layout = build_layout(specs, {s.name: {"type": "table_wise", "device": 0}
+                                      for s in specs}, 1)
+        ids, grads = draw_batch(specs, REFERENCE_BATCH, seed=0)
+        programs, carries = _step_programs(layout, 0, ids, grads, "sgd", device, split=False)
+        ref = calibrate(programs["total"], carries["total"], clock)
+        nominal = _nominal_ms.setdefault((device.platform, clock), ref.nominal_ms)
+        _references[key] = Reference(ref.program, ref.carry, nominal)
+    return _references[key]
+
+
+def _timed(programs, carries, protocol: Protocol, device: jax.Device):
+    """time_programs with the reference on `device` when the protocol normalizes."""
+    ref = _reference(device, protocol.clock) if protocol.normalize else None
+    timed = time_programs(programs, carries, protocol, ref)
+    return timed, (timed[REFERENCE].ms if ref is not None else 0.0)
 
 
 def busiest_device(layout: Layout) -> int:
@@ -243,11 +320,11 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
     if plan.num_devices > 1:
         programs["exchange"], carries["exchange"] = _exchange_program(layout, batch_size, mesh,
                                                                       ids)
-    timed = time_programs(programs, carries, protocol)
+    timed, ref_ms = _timed(programs, carries, protocol, dev_list[busiest])
     compute = timed["total"].ms
     exchange = timed["exchange"].ms if "exchange" in timed else 0.0
     return PlanCost(compute + exchange, compute, exchange, timed["total"].spread, busiest,
-                    exchange_bytes(layout, batch_size) if plan.num_devices > 1 else 0)
+                    exchange_bytes(layout, batch_size) if plan.num_devices > 1 else 0, ref_ms)
 
 
 def _checked(specs: Sequence[TableSpec], batch_size: int) -> tuple[TableSpec, ...]:

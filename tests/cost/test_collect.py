@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from autoshard_jax.cost import dataset
+from autoshard_jax.cost import dataset, oracle
 from autoshard_jax.cost.collect import CollectConfig, collect, plan_task, schedule, set_task
 from autoshard_jax.errors import ConfigError, DataError, ResumeError
 from autoshard_jax.tables.pools import synthetic_pool
@@ -27,10 +27,17 @@ def test_tasks_are_deterministic_and_singles_come_first():
     assert order.index(("plan", 0, False)) < order.index(("set", 7, False))  # interleaved
 
 
-def test_collect_resumes_without_loss_or_duplicates(tmp_path):
+def test_collect_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
+    monkeypatch.setattr(oracle, "_references", {})
+    monkeypatch.setattr(oracle, "_nominal_ms", {})
     work = str(tmp_path / "c")
     first = collect(work, CONFIG, POOL, log=lambda _: None, stop_after=5)
     assert first["measured"] == 5
+    # the unit the collection started in is stored, and a resumed run (a new process) keeps it
+    saved = json.loads((tmp_path / "c" / "collection.json").read_text())
+    assert saved["reference_ms"] == oracle.reference_ms(CONFIG.clock) > 0
+    saved["reference_ms"] = 7.5
+    (tmp_path / "c" / "collection.json").write_text(json.dumps(saved))
     # a torn last line, as a kill mid-write leaves it
     path = tmp_path / "c" / dataset.DATA_FILE
     with open(path, "a") as f:
@@ -45,6 +52,8 @@ def test_collect_resumes_without_loss_or_duplicates(tmp_path):
     plan = next(r for r in records if r["kind"] == "plan")
     assert plan["compute_ms"] > 0 and set(plan["placements"]) == set(plan["tables"])
     assert collect(work, CONFIG, None, log=lambda _: None)["measured"] == 0
+    assert oracle.reference_ms(CONFIG.clock) == 7.5
+    assert all(r["reference_ms"] > 0 for r in records)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -74,3 +83,17 @@ def test_corrupt_middle_line_names_file_and_line(tmp_path):
     path.write_text(f"{good}\nnot json\n{good}\n")
     with pytest.raises(DataError, match="costs.jsonl:2"):
         dataset.read_records(path)
+
+
+def test_shards_fill_one_collection_together(tmp_path):
+    work = str(tmp_path / "c")
+    with pytest.raises(ConfigError, match="start shard 0 first"):
+        collect(work, CONFIG, POOL, log=lambda _: None, shard=(1, 2))
+    with pytest.raises(ConfigError, match="shard_index"):
+        collect(work, CONFIG, POOL, log=lambda _: None, shard=(2, 2))
+    first = collect(work, CONFIG, POOL, log=lambda _: None, shard=(0, 2))
+    second = collect(work, CONFIG, POOL, log=lambda _: None, shard=(1, 2))
+    total = len(schedule(CONFIG))
+    assert first["measured"] == (total + 1) // 2 and second["measured"] == total // 2
+    keys = [dataset.entry_key(r) for r in dataset.read_records(tmp_path / "c" / dataset.DATA_FILE)]
+    assert sorted(keys) == sorted(schedule(CONFIG))

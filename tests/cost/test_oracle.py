@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from autoshard_jax.cost import oracle, timing
 from autoshard_jax.cost.oracle import (
     InfeasibleError,
     busiest_device,
@@ -10,7 +11,14 @@ from autoshard_jax.cost.oracle import (
     measure_plan,
     measure_set,
 )
-from autoshard_jax.cost.timing import Protocol, time_programs, trimmed
+from autoshard_jax.cost.timing import (
+    REFERENCE,
+    Protocol,
+    Reference,
+    calibrate,
+    time_programs,
+    trimmed,
+)
 from autoshard_jax.sharding.plan import PlanError, plan_from_mapping
 from autoshard_jax.tables.spec import TableSpec
 
@@ -32,6 +40,56 @@ def test_time_programs_threads_the_carry_and_interleaves():
     programs = {"a": lambda c: calls.append("a") or c + 1, "b": lambda c: calls.append("b") or c}
     out = time_programs(programs, {"a": 0, "b": 0}, Protocol(warmup=1, repeats=3, trim=0))
     assert calls == ["a", "b"] * 4 and len(out["a"].raw_ms) == 3
+
+
+class FakeClock:
+    """A clock the programs advance: work x the machine's current slowness."""
+
+    def __init__(self):
+        self.now, self.slowness = 0.0, 1.0
+
+    def __call__(self):
+        return self.now
+
+    def work(self, seconds):
+        self.now += seconds * self.slowness
+
+
+def test_reference_cancels_the_machines_slow_phases(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setitem(timing.CLOCKS, "wall", clock)
+    rounds = iter(range(100))
+
+    def program(carry):  # 2 ms of work; every other round the machine is 3x slower
+        clock.slowness = 3.0 if next(rounds) % 2 else 1.0
+        clock.work(2e-3)
+        return carry
+
+    reference = calibrate(lambda c: clock.work(1e-3) or c, None, "wall", rounds=10)
+    assert reference.nominal_ms == pytest.approx(1.0)  # calibrated while fast
+    raw = time_programs({"p": program}, {"p": None}, Protocol(1, 6, 0, "wall"))
+    assert np.ptp(raw["p"].raw_ms) == pytest.approx(4.0)  # 2 ms and 6 ms
+    out = time_programs({"p": program}, {"p": None}, Protocol(1, 6, 0, "wall"), reference)
+    assert out["p"].raw_ms == pytest.approx([2.0] * 6) and out["p"].spread == pytest.approx(0)
+    assert out[REFERENCE].ms == pytest.approx(2.0)  # the reference's own raw time: 1 and 3 ms
+    with pytest.raises(ValueError, match="reference"):
+        time_programs({REFERENCE: program}, {REFERENCE: None}, FAST, Reference(program, None, 1))
+
+
+def test_reference_unit_is_calibrated_once_and_can_be_pinned(monkeypatch):
+    monkeypatch.setattr(oracle, "_references", {})
+    monkeypatch.setattr(oracle, "_nominal_ms", {})
+    calibrated = oracle.reference_ms("wall")
+    assert calibrated > 0 and oracle.reference_ms("wall") == calibrated
+    spec = [TableSpec("t", 5000, 32, 4.0, HIST)]
+    oracle.set_reference_ms(2 * calibrated, "wall")
+    assert oracle.reference_ms("wall") == 2 * calibrated
+    doubled = measure_set(spec, 256, protocol=FAST)
+    assert doubled.reference_ms > 0  # the raw reference time during the measurement
+    raw = measure_set(spec, 256, protocol=Protocol(1, 5, 1, normalize=False))
+    assert raw.reference_ms == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        oracle.set_reference_ms(0.0, "wall")
 
 
 def test_set_cost_is_positive_and_grows_with_lookups():
