@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from autoshard_jax.data.batch import Batch
 from autoshard_jax.models.dlrm import DLRM, MLP
-from autoshard_jax.models.embedding import embedding_bag, uniform_table_init
+from autoshard_jax.models.embedding import embedding_bag, table_init
 from autoshard_jax.tables.spec import TableSpec
 from autoshard_jax.train.step import bce_with_logits
 
@@ -34,7 +34,7 @@ class EmbMLP(nn.Module):
     @nn.compact
     def __call__(self, dense_BxD: jax.Array, ids: Sequence[jax.Array]) -> jax.Array:
         del dense_BxD
-        tables = {name: self.param(name, uniform_table_init(rows), (rows, self.dim))
+        tables = {name: self.param(name, table_init, (rows, self.dim))
                   for name, rows in sorted(self.vocab.items())}
         pooled = []
         for feature, ids_BxH in zip(MOVIELENS_FEATURES, ids, strict=True):

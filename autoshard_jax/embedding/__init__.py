@@ -10,11 +10,8 @@ from autoshard_jax.embedding.stage import EmbeddingStage, LocalEmbeddingStage
 from autoshard_jax.embedding.state import (
     TrainState,
     abstract_train_state,
-    draw_rows,
-    draw_tables,
     init_dense,
     init_train_state,
-    table_scale,
 )
 
 __all__ = [
@@ -22,9 +19,6 @@ __all__ = [
     "LocalEmbeddingStage",
     "TrainState",
     "abstract_train_state",
-    "draw_rows",
-    "draw_tables",
     "init_dense",
     "init_train_state",
-    "table_scale",
 ]

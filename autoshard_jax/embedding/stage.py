@@ -17,8 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from autoshard_jax.data.batch import Batch
-from autoshard_jax.embedding.state import TrainState, draw_tables
-from autoshard_jax.models.embedding import check_combiner, embedding_bag, pool_backward
+from autoshard_jax.embedding.state import TrainState
+from autoshard_jax.models.embedding import (
+    check_combiner,
+    draw_tables,
+    embedding_bag,
+    pool_backward,
+)
 from autoshard_jax.optim.sparse import RowOptimizer
 from autoshard_jax.tables.spec import TableSpec
 

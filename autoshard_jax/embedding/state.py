@@ -1,10 +1,11 @@
 """The training state and its initialisation, for any embedding stage.
 
 Initial values do not depend on the stage: tables are drawn per table from one split of the rng
-(`draw_tables`) and the dense half from the other (`init_dense`), so a sharded run starts from
-exactly the values of a single-device run with the same seed. Each table row is drawn from its own
-key (the table's key folded with the row number, `draw_rows`), so a device that holds any subset
-of a table's rows draws exactly those rows, whatever the device count.
+(`models.embedding.draw_tables`) and the dense half from the other (`init_dense`), so a sharded
+run starts from exactly the values of a single-device run with the same seed. Each table row is
+drawn from its own key (the table's key folded with the row number,
+`models.embedding.draw_rows`), so a device that holds any subset of a table's rows draws exactly
+those rows, whatever the device count.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ import optax
 
 from autoshard_jax.data.batch import Batch
 from autoshard_jax.tables.spec import TableSpec
-
-# Rows drawn per loop iteration of `draw_tables`: bounds the random bits held beside a table.
-INIT_CHUNK_ROWS = 1 << 14
 
 if TYPE_CHECKING:
     from autoshard_jax.embedding.stage import EmbeddingStage
@@ -42,64 +40,6 @@ class TrainState:
     step: jax.Array
     params: dict
     opt_state: dict
-
-
-def draw_rows(key: jax.Array, dim: int, rows_N: jax.Array, scale: float | jax.Array,
-              width: int | None = None) -> jax.Array:
-    """Rows `rows_N` of a table's initial values (the one table init of the package).
-
-    Row r is U(-scale, scale)^dim drawn from `fold_in(key, r)`: its value depends on the
-    table's key and r only, never on which other rows are drawn with it, so a device draws the
-    rows it owns and nothing else.
-
-    Args:
-      key: the table's PRNG key.
-      dim: the table's width.
-      rows_N: int32 global row numbers.
-      scale: the bound, sqrt(1 / rows) as the public DLRM draws tables (`table_scale`).
-      width: draw this many values per row (>= dim; their first dim are the row's). JAX's
-        threefry draws element i of a 1-D shape from (key, i) whatever the length
-        (jax_threefry_partitionable, the default), so one shape serves tables of any width;
-        tests/sharding/test_init.py checks it.
-
-    Returns:
-      float32 [N, width or dim].
-    """
-    return jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (width or dim,),
-                                                 jnp.float32, -scale, scale))(rows_N)
-
-
-def table_scale(spec: TableSpec) -> float:
-    """The bound of a table's uniform init: sqrt(1 / rows), as the public DLRM draws it."""
-    return (1.0 / spec.rows) ** 0.5
-
-
-def draw_tables(keys: Sequence[jax.Array], specs: Sequence[TableSpec]) -> list[jax.Array]:
-    """Whole tables of `draw_rows` values, filled INIT_CHUNK_ROWS rows at a time.
-
-    Args:
-      keys: one PRNG key per table.
-      specs: the tables.
-
-    Returns:
-      [rows, dim] float32 arrays.
-    """
-    out = []
-    for s, key in zip(specs, keys, strict=True):
-        chunk = min(s.rows, INIT_CHUNK_ROWS)
-        num_chunks = -(-s.rows // chunk)
-
-        def fill(i, table_RxE, s=s, key=key, chunk=chunk):
-            # The last chunk starts at rows - chunk and overlaps its neighbour (same values).
-            start = jnp.minimum(i * chunk, s.rows - chunk)
-            rows_C = start + jnp.arange(chunk, dtype=jnp.int32)
-            return jax.lax.dynamic_update_slice_in_dim(
-                table_RxE, draw_rows(key, s.dim, rows_C, table_scale(s)),
-                start, axis=0)
-
-        out.append(jax.lax.fori_loop(0, num_chunks, fill, jnp.zeros((s.rows, s.dim),
-                                                                     jnp.float32)))
-    return out
 
 
 def init_dense(rng: jax.Array, dense_model: nn.Module, dense_tx: optax.GradientTransformation,

@@ -17,6 +17,8 @@ from autoshard_jax.tables.spec import TableSpec
 
 COMBINERS = ("sum", "mean")
 PAD_ID = -1
+# Rows drawn per loop iteration of `draw_tables`: bounds the random bits held beside a table.
+INIT_CHUNK_ROWS = 1 << 14
 
 
 def check_combiner(combiner: str) -> None:
@@ -61,30 +63,69 @@ def embedding_bag(table_RxE: jax.Array, ids_BxH: jax.Array, combiner: str = "sum
     return pool_rows(gather_rows(table_RxE, ids_BxH), ids_BxH, combiner)
 
 
-def uniform_table_init(rows: int, chunk_rows: int = 1 << 16):
-    """U(-sqrt(1/rows), sqrt(1/rows)), the public DLRM / torch reference initialisation.
+def draw_rows(key: jax.Array, dim: int, rows_N: jax.Array, scale: float | jax.Array,
+              width: int | None = None) -> jax.Array:
+    """Rows `rows_N` of a table's initial values (the one table init of the package).
 
-    Big tables are filled chunk by chunk inside a loop so that initialisation never holds more
-    than one chunk of random bits beside the table: a plain `jax.random.uniform` of a 10M-row
-    table briefly needs several table-sized temporaries.
+    Row r is U(-scale, scale)^dim drawn from `fold_in(key, r)`: its value depends on the
+    table's key and r only, never on which other rows are drawn with it, so a device draws the
+    rows it owns and nothing else.
+
+    Args:
+      key: the table's PRNG key.
+      dim: the table's width.
+      rows_N: int32 global row numbers.
+      scale: the bound, sqrt(1 / rows) as the public DLRM draws tables (`table_scale`).
+      width: draw this many values per row (>= dim; their first dim are the row's). JAX's
+        threefry draws element i of a 1-D shape from (key, i) whatever the length
+        (jax_threefry_partitionable, the default), so one shape serves tables of any width;
+        tests/sharding/test_init.py checks it.
+
+    Returns:
+      float32 [N, width or dim].
     """
-    scale = (1.0 / rows) ** 0.5
+    return jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (width or dim,),
+                                                 jnp.float32, -scale, scale))(rows_N)
 
-    def init(key, shape, dtype=jnp.float32):
-        if shape[0] <= chunk_rows:
-            return jax.random.uniform(key, shape, dtype, -scale, scale)
-        num_chunks = -(-shape[0] // chunk_rows)
 
-        def fill_chunk(i, table):
-            # The last chunk starts at rows - chunk_rows and overlaps its neighbour.
-            start = jnp.minimum(i * chunk_rows, shape[0] - chunk_rows)
-            chunk = jax.random.uniform(jax.random.fold_in(key, i), (chunk_rows, *shape[1:]),
-                                       dtype, -scale, scale)
-            return jax.lax.dynamic_update_slice_in_dim(table, chunk, start, axis=0)
+def table_scale(spec: TableSpec) -> float:
+    """The bound of a table's uniform init: sqrt(1 / rows), as the public DLRM draws it."""
+    return (1.0 / spec.rows) ** 0.5
 
-        return jax.lax.fori_loop(0, num_chunks, fill_chunk, jnp.zeros(shape, dtype))
 
-    return init
+def draw_tables(keys: Sequence[jax.Array], specs: Sequence[TableSpec]) -> list[jax.Array]:
+    """Whole tables of `draw_rows` values, filled INIT_CHUNK_ROWS rows at a time.
+
+    Args:
+      keys: one PRNG key per table.
+      specs: the tables.
+
+    Returns:
+      [rows, dim] float32 arrays.
+    """
+    out = []
+    for s, key in zip(specs, keys, strict=True):
+        chunk = min(s.rows, INIT_CHUNK_ROWS)
+        num_chunks = -(-s.rows // chunk)
+
+        def fill(i, table_RxE, s=s, key=key, chunk=chunk):
+            # The last chunk starts at rows - chunk and overlaps its neighbour (same values).
+            start = jnp.minimum(i * chunk, s.rows - chunk)
+            rows_C = start + jnp.arange(chunk, dtype=jnp.int32)
+            return jax.lax.dynamic_update_slice_in_dim(
+                table_RxE, draw_rows(key, s.dim, rows_C, table_scale(s)),
+                start, axis=0)
+
+        out.append(jax.lax.fori_loop(0, num_chunks, fill, jnp.zeros((s.rows, s.dim),
+                                                                     jnp.float32)))
+    return out
+
+
+def table_init(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """Flax initializer of a [rows, dim] table: `draw_tables`' values, so a flax model and the
+    train state draw the same table from the same key."""
+    (table_RxE,) = draw_tables([key], [TableSpec("table", shape[0], shape[1])])
+    return table_RxE.astype(dtype)
 
 
 class EmbeddingBagCollection(nn.Module):
@@ -98,7 +139,7 @@ class EmbeddingBagCollection(nn.Module):
 
     def setup(self):
         check_combiner(self.combiner)
-        self.tables_ = {s.name: self.param(s.name, uniform_table_init(s.rows), (s.rows, s.dim))
+        self.tables_ = {s.name: self.param(s.name, table_init, (s.rows, s.dim))
                         for s in self.tables}
 
     def __call__(self, ids: Sequence[jax.Array]) -> tuple[jax.Array, ...]:

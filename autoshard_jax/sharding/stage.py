@@ -25,8 +25,8 @@ import numpy as np
 
 from autoshard_jax.data.batch import Batch
 from autoshard_jax.embedding.stage import StageIds
-from autoshard_jax.embedding.state import TrainState, draw_rows, table_scale
-from autoshard_jax.models.embedding import check_combiner
+from autoshard_jax.embedding.state import TrainState
+from autoshard_jax.models.embedding import check_combiner, draw_rows, table_scale
 from autoshard_jax.optim.sparse import ELEMENT, ROW, RowOptimizer, state_fills, state_kinds
 from autoshard_jax.sharding import mesh as mesh_lib
 from autoshard_jax.sharding.device_step import device_lookup, device_update
@@ -74,9 +74,10 @@ class ShardedEmbeddingStage:
         """Same values as `LocalEmbeddingStage.init_tables(rng)`, drawn on the devices.
 
         Every device runs one loop over its own list of row chunks (`_init_items`, indexed by
-        its mesh position) and draws only the rows it holds (`embedding.draw_rows`) straight into
-        its slab: no host and no other device ever holds a table it does not own. One random
-        draw of one shape serves every table, so the program compiles once per plan, fast.
+        its mesh position) and draws only the rows it holds (`models.embedding.draw_rows`)
+        straight into its slab: no host and no other device ever holds a table it does not
+        own. One random draw of one shape serves every table, so the program compiles once per
+        plan, fast.
         Traceable.
         """
         keys = jax.random.split(rng, len(self.tables))

@@ -109,8 +109,8 @@ def test_bad_combiner_raises():
         ebc.init(jax.random.key(0), (jnp.zeros((2, 1), jnp.int32),))
 
 
-def test_uniform_init_small_bounds_and_determinism():
-    init = embedding.uniform_table_init(100)
+def test_table_init_small_bounds_and_determinism():
+    init = embedding.table_init
     a = np.asarray(init(jax.random.key(3), (100, 8)))
     b = np.asarray(init(jax.random.key(3), (100, 8)))
     c = np.asarray(init(jax.random.key(4), (100, 8)))
@@ -123,8 +123,9 @@ def test_uniform_init_small_bounds_and_determinism():
 
 
 @pytest.mark.parametrize("rows,chunk_rows", [(103, 10), (100, 10), (11, 10), (64, 7)])
-def test_uniform_init_chunked_fills_every_row(rows, chunk_rows):
-    init = embedding.uniform_table_init(rows, chunk_rows=chunk_rows)
+def test_table_init_chunked_fills_every_row(rows, chunk_rows, monkeypatch):
+    monkeypatch.setattr(embedding, "INIT_CHUNK_ROWS", chunk_rows)
+    init = embedding.table_init
     table = np.asarray(jax.jit(init, static_argnums=1)(jax.random.key(5), (rows, 3)))
     again = np.asarray(jax.jit(init, static_argnums=1)(jax.random.key(5), (rows, 3)))
     bound = (1.0 / rows) ** 0.5
@@ -134,3 +135,6 @@ def test_uniform_init_chunked_fills_every_row(rows, chunk_rows):
     np.testing.assert_array_equal(table, again)
     # Chunks draw distinct bits: no two rows of the table are identical.
     assert len(np.unique(table, axis=0)) == rows
+    # Chunking never changes a row's value: each row is drawn from its own key.
+    monkeypatch.setattr(embedding, "INIT_CHUNK_ROWS", 1 << 14)
+    np.testing.assert_array_equal(table, np.asarray(init(jax.random.key(5), (rows, 3))))

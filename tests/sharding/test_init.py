@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autoshard_jax.embedding import LocalEmbeddingStage, draw_rows
+from autoshard_jax.embedding import LocalEmbeddingStage
+from autoshard_jax.models.embedding import draw_rows
 from autoshard_jax.optim import sparse
 from autoshard_jax.sharding.stage import ShardedEmbeddingStage
 from autoshard_jax.sharding.synthetic_plans import random_plan
