@@ -52,3 +52,11 @@ def check_range(key: str, value, *, low=None, high=None, integer: bool = False) 
         raise ConfigError(f"config.{key} must be >= {low}, got {value!r}")
     if high is not None and value > high:
         raise ConfigError(f"config.{key} must be <= {high}, got {value!r}")
+
+
+def check_local_dir(path: str, what: str = "workdir") -> None:
+    """Output directories are written with local file operations; a URL would become a local
+    directory named "gs:" (or "s3:"), so it is refused with what to do instead."""
+    if "://" in path:
+        raise ConfigError(f"{what} {path!r} is a URL; outputs are written with local file "
+                          "operations: mount the bucket (e.g. gcsfuse) and pass the mounted path")

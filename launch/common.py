@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from autoshard_jax.errors import is_user_error
+from autoshard_jax.errors import check_local_dir, is_user_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("traceback", False, "Print the full traceback of expected errors too.")
@@ -28,7 +28,7 @@ ERROR_LOG = "error.log"
 def _log_traceback(exc: BaseException) -> str | None:
     """Writes the traceback to <workdir>/error.log; returns the path, or None if not writable."""
     workdir = FLAGS["workdir"].value if "workdir" in FLAGS else None
-    if not workdir:
+    if not workdir or "://" in workdir:
         return None
     path = os.path.join(workdir, ERROR_LOG)
     try:
@@ -55,6 +55,8 @@ def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object
 
     def wrapped(argv: list[str]) -> object:
         try:
+            if "workdir" in FLAGS and FLAGS["workdir"].value:
+                check_local_dir(FLAGS["workdir"].value)
             return main(argv)
         except Exception as exc:  # noqa: BLE001 - sorted into expected / unexpected below
             if not is_user_error(exc) or FLAGS.traceback:

@@ -21,7 +21,7 @@ from absl import logging
 
 from autoshard_jax.data import Batch, DataSource
 from autoshard_jax.embedding import EmbeddingStage, LocalEmbeddingStage
-from autoshard_jax.errors import ConfigError
+from autoshard_jax.errors import ConfigError, check_local_dir
 from autoshard_jax.models.dlrm import DLRMDense
 from autoshard_jax.optim.sparse import (
     RowOptimizer,
@@ -187,6 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"a run over {jax.process_count()} processes needs a sharding plan "
                           "over their devices: set config.plan")
     is_main = jax.process_index() == 0  # writes metrics and logs progress
+    check_local_dir(workdir)
     os.makedirs(workdir, exist_ok=True)
     tables = build_tables(config)
     data = DataSource(config, tables, jax.process_index(), jax.process_count())

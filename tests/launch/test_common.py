@@ -60,6 +60,13 @@ def test_error_line_starts_a_line_after_a_threads_half_line(tmp_path):
     assert proc.stderr.splitlines()[-1].startswith("error: config.log_every"), proc.stderr
 
 
+def test_url_workdir_is_refused_before_main(tmp_path):
+    proc = _run(tmp_path, "--workdir=gs://bucket/run")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith("error: workdir 'gs://bucket/run' is a URL")
+    assert not (tmp_path.parent / "gs:").exists()
+
+
 def test_disk_full_names_the_path(tmp_path):
     proc = _run(tmp_path, f"--workdir={tmp_path / 'w'}", "--kind=disk")
     assert proc.returncode == 2

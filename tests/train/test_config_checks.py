@@ -116,3 +116,11 @@ def test_tables_and_plan_files_count_by_content(tmp_path):
     tables.write_text('{"a": 2}')
     with pytest.raises(ResumeError, match="tables: checkpoint"):
         check_same_run(saved, run_identity(config), "here")
+
+
+def test_url_workdir_is_refused_not_made_locally(tmp_path, monkeypatch):
+    from autoshard_jax.train.loop import train_and_evaluate
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="gs://bucket/run.*mount"):
+        train_and_evaluate(synthetic_small.get_config(), "gs://bucket/run")
+    assert not (tmp_path / "gs:").exists()
