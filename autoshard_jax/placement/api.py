@@ -1,8 +1,9 @@
 """One entry point for every placement method: `shard(...) -> ShardingPlan`.
 
 Methods: the heuristics (`heuristics.py`), `autoshard` (a trained policy's greedy rollout) and
-`autoshard_search` (local search on the cost model, started from the policy's plan when a
-policy is given, else from the better of spmd_greedy and the cost-model greedy). Every plan is
+`autoshard_search` (local search on the cost model, started from the plan the cost model
+predicts best among the policy's, every deterministic heuristic's and the cost-model greedy's,
+so its predicted cost is never above any of theirs). Every plan is
 validated against the tables and memory before it is returned; its `meta` records the method,
 objective, cost model, predicted costs and the sharding time.
 """
@@ -59,18 +60,24 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
             raise InputError("method 'autoshard' needs a trained policy (--policy=DIR from "
                              "launch.train_sharder)")
         return policy_place(policy, specs, num_devices, mem, cost)
-    # autoshard_search
-    if policy is not None:
-        start = policy_place(policy, specs, num_devices, mem, cost)
-    else:
-        single = single_costs(cost, table_features(specs), class_onehot(specs))
-        starts = [heuristics.spmd_greedy(specs, num_devices, mem, width_classes(specs)[0])]
+    # autoshard_search: refine the best start the cost model sees
+    starts = [policy_place(policy, specs, num_devices, mem, cost)] if policy is not None else []
+    failures = []  # a method that dead-ends on memory is no start
+    for name in heuristics.HEURISTICS[1:]:  # all but random
         try:
-            starts.append(search.cost_greedy(specs, num_devices, mem, cost, objective, single))
-        except InputError:
-            pass  # cost-order greedy can dead-end on memory where spmd_greedy did not
-        start = min(starts, key=lambda d: objective_value(
-            *plan_costs(cost, specs, d, num_devices), objective))
+            starts.append(place(specs, num_devices, memory_bytes, name, objective=objective,
+                                cost=cost, row_optimizer=row_optimizer))
+        except InputError as e:
+            failures.append(e)
+    single = single_costs(cost, table_features(specs), class_onehot(specs))
+    try:
+        starts.append(search.cost_greedy(specs, num_devices, mem, cost, objective, single))
+    except InputError as e:
+        failures.append(e)
+    if not starts:
+        raise failures[0]  # names the table that does not fit
+    start = min(starts, key=lambda d: objective_value(
+        *plan_costs(cost, specs, d, num_devices), objective))
     return search.local_search(specs, num_devices, mem, cost, objective, start,
                                max_rounds=search_rounds, time_budget_s=search_time_s)
 

@@ -33,6 +33,22 @@ def test_policy_and_search_plans_are_memory_legal(tables, budget_kb, method, obj
     api.plan_of(specs, dev, 3, budget_kb * 1024).validate(specs)
 
 
+def test_search_predicts_no_worse_than_any_heuristic_or_the_policy():
+    rng = np.random.default_rng(0)
+    specs = [TableSpec(f"t{i}", int(rng.integers(50, 3000)), int(rng.choice([8, 16, 32])),
+                       float(rng.uniform(0.5, 20))) for i in range(20)]
+    for objective in ("spmd", "max_device"):
+        def predicted(method, objective=objective):
+            # no search rounds: the start alone must already be the best of them
+            dev = api.place(specs, 4, 1 << 30, method, objective=objective, policy=POLICY,
+                            cost=COST, search_rounds=0)
+            return objective_value(*plan_costs(COST, specs, dev, 4), objective)
+
+        best = predicted("autoshard_search")
+        for method in (*heuristics.HEURISTICS, "autoshard"):
+            assert best <= predicted(method) + 1e-6, (objective, method)
+
+
 def test_local_search_never_worsens_and_beats_a_bad_start():
     specs = [TableSpec(f"t{i}", 100, (8, 32)[i % 2], 1.0 + (i % 5)) for i in range(12)]
     mem = memory_model(specs, 1 << 30)
