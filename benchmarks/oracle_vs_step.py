@@ -7,7 +7,8 @@ each plan measures `cost.oracle.measure_plan` (padded per-device program + excha
 the full DLRM train step with that plan on D simulated devices (`train.step.setup_training` with
 a `ShardedEmbeddingStage`: what training runs). Prints both per plan and their Spearman rank
 correlation. On CPU both clocks are this process's CPU time on one pinned core (the oracle's
-protocol), so other processes on the host disturb neither much.
+protocol), so other processes on the host disturb neither much, and both are normalized by the
+oracle's reference step run in the same rounds (`timing.Reference`; `--raw` turns that off).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 
@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autoshard_jax.cost.collect import CollectConfig, plan_task  # noqa: E402
 from autoshard_jax.cost.fit import kendall_tau, spearman  # noqa: E402
-from autoshard_jax.cost.oracle import draw_batch, measure_plan  # noqa: E402
-from autoshard_jax.cost.timing import Protocol, trimmed  # noqa: E402
+from autoshard_jax.cost.oracle import draw_batch, measure_plan, reference_step  # noqa: E402
+from autoshard_jax.cost.timing import Protocol, time_programs  # noqa: E402
 from autoshard_jax.models.dlrm import DLRMDense  # noqa: E402
 from autoshard_jax.optim import sparse  # noqa: E402
 from autoshard_jax.sharding.stage import ShardedEmbeddingStage  # noqa: E402
@@ -54,15 +54,10 @@ def step_ms(specs, plan, batch: int, seed: int, protocol: Protocol) -> float:
                            optax.sgd(0.01), host)
     placed = setup.place(host)
     state = setup.init(jax.random.key(seed))
-    clock = time.process_time if protocol.clock == "cpu" else time.perf_counter
-    samples = []
-    for r in range(protocol.warmup + protocol.repeats):
-        t0 = clock()
-        state, metrics = setup.train_step(state, placed)
-        jax.block_until_ready((state, metrics))
-        if r >= protocol.warmup:
-            samples.append((clock() - t0) * 1e3)
-    return trimmed(samples, protocol.trim).ms
+    reference = reference_step(jax.devices()[0], protocol.clock) if protocol.normalize else None
+    timed = time_programs({"step": lambda st: setup.train_step(st, placed)[0]},
+                          {"step": state}, protocol, reference)
+    return timed["step"].ms
 
 
 def main() -> None:
@@ -74,13 +69,14 @@ def main() -> None:
     p.add_argument("--clock", default="cpu" if jax.default_backend() == "cpu" else "wall")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nopin", action="store_true", help="do not pin to one core")
+    p.add_argument("--raw", action="store_true", help="no reference normalization")
     args = p.parse_args()
     pool = synthetic_pool(120, seed=0, max_rows=100_000)
     config = CollectConfig(plan_tables=(args.tables, args.tables),
                            plan_devices=(args.devices,), seed=args.seed + 1000)
-    protocol = Protocol(clock=args.clock)
+    protocol = Protocol(clock=args.clock, normalize=not args.raw)
     print(f"backend={jax.default_backend()} D={args.devices} tables={args.tables} "
-          f"batch={args.batch} clock={args.clock}")
+          f"batch={args.batch} clock={args.clock} normalized={not args.raw}")
     print(f"{'plan':>4s} {'style':12s} {'oracle_ms':>10s} {'compute':>8s} {'exchange':>8s} "
           f"{'step_ms':>8s}")
     oracle, step = [], []

@@ -202,7 +202,7 @@ def measure_set(specs: Sequence[TableSpec], batch_size: int, *, row_optimizer: s
 def reference_ms(clock: str, device: jax.Device | None = None) -> float:
     """The reference step's calibrated time on `device`'s backend: the unit of normalized costs
     (calibrated on first use in this process unless `set_reference_ms` pinned it)."""
-    return _reference(device or jax.devices()[0], clock).nominal_ms
+    return reference_step(device or jax.devices()[0], clock).nominal_ms
 
 
 def set_reference_ms(ms: float, clock: str, platform: str | None = None) -> None:
@@ -222,7 +222,7 @@ def reference_tables() -> list[TableSpec]:
     return [pool[i] for i in REFERENCE_POOL_TABLES]
 
 
-def _reference(device: jax.Device, clock: str) -> Reference:
+def reference_step(device: jax.Device, clock: str) -> Reference:
     """The reference step on `device` (cached), with its backend's nominal time. Simulated CPU
     devices share the host's cores and memory, so CPU measurements share one reference."""
     if device.platform == "cpu":
@@ -242,7 +242,7 @@ def _reference(device: jax.Device, clock: str) -> Reference:
 
 def _timed(programs, carries, protocol: Protocol, device: jax.Device):
     """time_programs with the reference on `device` when the protocol normalizes."""
-    ref = _reference(device, protocol.clock) if protocol.normalize else None
+    ref = reference_step(device, protocol.clock) if protocol.normalize else None
     timed = time_programs(programs, carries, protocol, ref)
     return timed, (timed[REFERENCE].ms if ref is not None else 0.0)
 
