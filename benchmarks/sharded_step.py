@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/sharded_step.py                  # simulated CPU devices
   .venv/bin/python benchmarks/sharded_step.py --rows_scale=1   # full-size tables (accelerators)
+  .venv/bin/python benchmarks/sharded_step.py --parity          # sharded vs local, 1 device
 
 For a 100-table model (dims 4..128, rows 10..1e6 log-uniform, pooling 1..100), builds random,
 byte-balanced (greedy) and skewed plans, then times the full DLRM train step (small dense part,
@@ -69,6 +70,48 @@ def plans_for(specs, num_devices: int, seed: int) -> dict:
             "skewed": skewed_plan(specs, num_devices, fraction=0.5, seed=seed)}
 
 
+def step_program(specs, plan, args, devices, optimizer: str):
+    """(program, carry) of the compiled train step with `plan` over fixed batches (cycled);
+    plan=None is LocalEmbeddingStage, the single-device reference without routing or packing."""
+    opt = sparse.make_row_optimizer(optimizer, 0.01)
+    dense = DLRMDense((32, 16), (32, 1), interaction="cat")
+    rng = np.random.default_rng(args.seed)
+    host_batches = [make_batch(specs, args.batch, 13, rng) for _ in range(4)]
+    stage = (LocalEmbeddingStage(specs, opt) if plan is None
+             else ShardedEmbeddingStage(specs, plan, opt, devices=devices))
+    setup = setup_training(stage, dense, optax.adagrad(0.01), host_batches[0])
+    batches = [setup.place(b) for b in host_batches]
+
+    def program(carry):
+        state, i = carry
+        return setup.train_step(state, batches[i % len(batches)])[0], i + 1
+
+    return program, (setup.init(jax.random.key(args.seed)), 0)
+
+
+def parity(specs, args) -> None:
+    """Sharded step on one device against the local step, per row optimizer: both compiled,
+    then timed in interleaved rounds (wall clock, trimmed mean), so the machine's slow phases
+    hit both alike."""
+    from autoshard_jax.cost.timing import Protocol, time_programs
+
+    protocol = Protocol(warmup=3, repeats=max(args.steps, 10), trim=max(args.steps, 10) // 5,
+                        clock="wall", normalize=False)
+    device = jax.devices()[:1]
+    print(f"\nSharded step on 1 device vs the local step (trimmed mean of {protocol.repeats} "
+          "interleaved rounds)")
+    print(f"{'optimizer':16s} {'local_ms':>9s} {'sharded_ms':>10s} {'ratio':>6s}")
+    for optimizer in ("sgd", "rowwise_adagrad", "adagrad"):
+        plan = random_plan(specs, 1, seed=args.seed)
+        local = step_program(specs, None, args, device, optimizer)
+        sharded = step_program(specs, plan, args, device, optimizer)
+        timed = time_programs({"local": local[0], "sharded": sharded[0]},
+                              {"local": local[1], "sharded": sharded[1]}, protocol)
+        ratio = timed["sharded"].ms / timed["local"].ms
+        print(f"{optimizer:16s} {timed['local'].ms:9.2f} {timed['sharded'].ms:10.2f} "
+              f"{ratio:6.3f}", flush=True)
+
+
 def time_plan(specs, plan, args, devices) -> float:
     """Median step time of the train step with `plan`; plan=None times LocalEmbeddingStage, the
     single-device reference without routing or packing."""
@@ -107,7 +150,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plans", default="random,random_mixed,balanced,skewed",
                    help="plans to time at D > 1 (1 device: the local reference and one plan)")
+    p.add_argument("--parity", action="store_true",
+                   help="only the 1-device sharded vs local table, for every row optimizer")
     args = p.parse_args()
+    if args.parity:
+        parity(random_tables(args.num_tables, seed=args.seed, max_pooling=args.max_pooling,
+                             min_rows=10, max_rows=max(10, int(1e6 * args.rows_scale))), args)
+        return
 
     full = random_tables(args.num_tables, seed=args.seed, max_pooling=args.max_pooling)
     kinds = state_kinds(args.optimizer)
