@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from autoshard_jax.errors import USER_OS_ERRNOS, InputError, ResumeError
@@ -55,20 +54,6 @@ class CheckpointCorruptError(ResumeError):
     def __init__(self, step: int, where: str, reason: str):
         super().__init__(f"checkpoint step {step} ({where}) cannot be read: {reason}")
         self.step, self.where, self.reason = step, where, reason
-
-
-def _all_processes(ok: bool) -> bool:
-    """True if `ok` holds on every process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 class CheckpointWriteError(InputError):
@@ -307,27 +292,19 @@ class Checkpointer:
         self.wait_until_finished()
         bad: list[CheckpointCorruptError] = []
         for step in reversed(self.all_steps()):
-            error = None
             try:
                 meta = self.read_meta(step)
                 if check is not None:
                     check(meta)
                 state = self._restore_state(step, abstract_state)
             except CheckpointCorruptError as exc:
-                error = exc
-            # Processes read different shards: a step counts only if every one read it, so no
-            # two of them resume from different steps.
-            if not _all_processes(error is None):
-                bad.append(error or CheckpointCorruptError(
-                    step, self._step_dir(step), "another process could not read its shards"))
+                bad.append(exc)
                 continue
+            for exc in bad:
+                aside = self._move_aside(exc.step)
+                log.warning("%s; resuming from step %d instead (the bad step is kept in %s)",
+                            exc, step, aside)
             if bad:
-                if jax.process_index() == 0:  # one rename per bad step on a shared directory
-                    for exc in bad:
-                        aside = self._move_aside(exc.step)
-                        log.warning("%s; resuming from step %d instead (the bad step is kept "
-                                    "in %s)", exc, step, aside)
-                _barrier(f"checkpoint_fallback_{step}")
                 self._mngr.reload()
             return step, state, meta
         if bad:

@@ -1,8 +1,7 @@
 """Multi-process training: 2 processes on localhost (2 simulated CPU devices each, gloo
 collectives) train a planned model as 1 process with the same 4 devices, global batch and plan
 does (equal up to the order of the cross-process gradient sums); killed mid-run, they resume
-bit-identically, also past an unreadable newest checkpoint; a dead peer ends the run with an
-error instead of a hang."""
+bit-identically; a dead peer ends the run with an error instead of a hang."""
 
 import json
 import os
@@ -148,19 +147,6 @@ def test_two_processes_train_like_one_and_resume_bit_identically(tmp_path):
     done = _finish(_launch(args, split, 2))
     assert [rc for rc, _, _ in done] == [0, 0], done[0][2][-3000:] + done[1][2][-3000:]
     assert "Resumed from step" in done[0][2]
-    assert _curves(split) == _curves(two)
-    assert _final_eval(done[0][1]) == finals[0]
-
-    # The newest step unreadable (its largest file truncated; processes read different shards):
-    # both processes resume from the same older step, one moves the bad step aside, same bits.
-    last = split / "checkpoints" / str(STEPS)
-    victim = max((f for f in last.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[:16])
-    done = _finish(_launch(args, split, 2))
-    assert [rc for rc, _, _ in done] == [0, 0], done[0][2][-3000:] + done[1][2][-3000:]
-    assert f"resuming from step {STEPS - 1}" in done[0][2]
-    assert (split / "checkpoints" / f"corrupt.{STEPS}").is_dir()
-    assert not (split / "checkpoints" / f"corrupt.{STEPS}.1").exists()
     assert _curves(split) == _curves(two)
     assert _final_eval(done[0][1]) == finals[0]
 
