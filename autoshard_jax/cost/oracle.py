@@ -71,7 +71,7 @@ DEFAULT_PROTOCOL = Protocol()
 # before it, shrank big sets' costs against small ones.
 REFERENCE_POOL_TABLES = (3, 17, 40, 77, 101)  # of synthetic_pool(120, seed=0, max_rows=100_000)
 REFERENCE_BATCH = 512
-_references: dict[tuple[int, str], Reference] = {}  # (device id, clock) -> reference
+_references: dict[tuple[str, int, str], Reference] = {}  # (platform, device id, clock)
 _nominal_ms: dict[tuple[str, str], float] = {}  # (platform, clock) -> the unit, ms
 
 
@@ -211,9 +211,6 @@ def set_reference_ms(ms: float, clock: str, platform: str | None = None) -> None
         raise InputError(f"reference_ms must be positive, got {ms!r}")
     platform = platform or jax.devices()[0].platform
     _nominal_ms[(platform, clock)] = float(ms)
-    for (_, c), ref in _references.items():
-        if c == clock:
-            ref.nominal_ms = float(ms)
 
 
 def reference_tables() -> list[TableSpec]:
@@ -227,7 +224,7 @@ def reference_step(device: jax.Device, clock: str) -> Reference:
     devices share the host's cores and memory, so CPU measurements share one reference."""
     if device.platform == "cpu":
         device = jax.devices("cpu")[0]
-    key = (device.id, clock)
+    key = (device.platform, device.id, clock)
     if key not in _references:
         specs = reference_tables()
         layout = build_layout(specs, {s.name: {"type": "table_wise", "device": 0}
@@ -235,9 +232,11 @@ def reference_step(device: jax.Device, clock: str) -> Reference:
         ids, grads = draw_batch(specs, REFERENCE_BATCH, seed=0)
         programs, carries = _step_programs(layout, 0, ids, grads, "sgd", device, split=False)
         ref = calibrate(programs["total"], carries["total"], clock)
-        nominal = _nominal_ms.setdefault((device.platform, clock), ref.nominal_ms)
-        _references[key] = Reference(ref.program, ref.carry, nominal)
-    return _references[key]
+        _nominal_ms.setdefault((device.platform, clock), ref.nominal_ms)
+        _references[key] = ref
+    ref = _references[key]
+    ref.nominal_ms = _nominal_ms[(device.platform, clock)]  # the unit is kept in _nominal_ms alone
+    return ref
 
 
 def _timed(programs, carries, protocol: Protocol, device: jax.Device):

@@ -84,6 +84,8 @@ def test_reference_unit_is_calibrated_once_and_can_be_pinned(monkeypatch):
     spec = [TableSpec("t", 5000, 32, 4.0, HIST)]
     oracle.set_reference_ms(2 * calibrated, "wall")
     assert oracle.reference_ms("wall") == 2 * calibrated
+    oracle.set_reference_ms(5 * calibrated, "wall", platform="gpu")  # another backend's unit
+    assert oracle.reference_ms("wall") == 2 * calibrated
     doubled = measure_set(spec, 256, protocol=FAST)
     assert doubled.reference_ms > 0  # the raw reference time during the measurement
     raw = measure_set(spec, 256, protocol=Protocol(1, 5, 1, normalize=False))
