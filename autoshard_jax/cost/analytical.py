@@ -105,6 +105,18 @@ def _basic_feats(specs: Sequence[TableSpec]) -> np.ndarray:
     return np.asarray([[s.rows, s.dim, s.pooling_factor] for s in specs], np.float32)
 
 
+def exchange_terms(feats_TxF: jax.Array, assign_TxD: jax.Array, class_TxK: jax.Array
+                   ) -> jax.Array:
+    """[2]: id positions and output columns per sample that a plan's collectives carry, padded
+    as `sharding.layout` pads them (per width class the busiest device's positions, summed; the
+    widest device's columns). For table-wise plans 4 B (positions + 2 columns) (D-1)/D is
+    `cost.oracle.exchange_bytes`; row-wise and replicated tables count on every device."""
+    dim_T, slots_T = feats_TxF[:, _DIM], jnp.maximum(1.0, jnp.ceil(feats_TxF[:, _POOL]))
+    positions = jnp.einsum("td,tk,t->dk", assign_TxD, class_TxK, slots_T).max(0).sum()
+    columns = jnp.maximum(1.0, (dim_T @ assign_TxD).max())
+    return jnp.stack([positions, columns])
+
+
 def _cost(feats_TxF, assign_TxD, class_TxK, batch_size: int, bw: Bandwidth):
     dim_T, pool_T = feats_TxF[:, _DIM], feats_TxF[:, _POOL]
     pen_T = jnp.where(dim_T >= 128, 1.0, jnp.where(dim_T >= 64, 1.15, 1.75))
@@ -124,8 +136,8 @@ def _cost(feats_TxF, assign_TxD, class_TxK, batch_size: int, bw: Bandwidth):
                             + jnp.max(cols_D) * BYTES_PER_VALUE * 1.75)
     d = assign_TxD.shape[1]
     frac = (d - 1) / d
-    exchange = batch_size * frac * (jnp.sum(jnp.max(slots_KxD, axis=1)) * BYTES_PER_ID
-                                    + 2.0 * jnp.max(cols_D) * BYTES_PER_VALUE)
+    positions, columns = exchange_terms(feats_TxF, assign_TxD, class_TxK)
+    exchange = batch_size * frac * (positions * BYTES_PER_ID + 2.0 * columns * BYTES_PER_VALUE)
     spmd_ms = program * scale + exchange / (bw.a2a_gbps * 1e9) * 1e3
     return device_ms_D, spmd_ms
 

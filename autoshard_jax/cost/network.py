@@ -9,7 +9,8 @@ the set, which a sum of learned embeddings can represent).
 * spmd (this project's execution): every width class is padded to its most loaded device, so the
   plan's program is described by the element-wise *max over devices* of each class's per-device
   sum; a class head turns that into ms, summed over classes, plus an exchange head for the
-  all_to_all traffic (zero on one device).
+  collectives (zero on one device): their exact per-sample traffic (`exchange_terms`) times a
+  learned ms per unit.
 
 Heads output log-ms, so the sums stay positive and relative errors are what training minimises.
 `CostModel.cost_fn(feats_TxF, assign_TxD, class_TxK) -> (device_ms_D, spmd_ms)` is pure, jittable
@@ -29,12 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from autoshard_jax.cost.analytical import exchange_terms
 from autoshard_jax.errors import InputError
 from autoshard_jax.sharding.layout import padded_width
 from autoshard_jax.tables.features import FEATURE_NAMES, NUM_FEATURES
 from autoshard_jax.tables.spec import TableSpec
 
-MODEL_VERSION = 2
+MODEL_VERSION = 3
 _DIM = FEATURE_NAMES.index("dim")
 
 
@@ -111,7 +113,7 @@ class CostNet(nn.Module):
     embed: int = 32
 
     @nn.compact
-    def __call__(self, x_TxI, work_TxW, assign_TxD, class_TxK, logdim_T):
+    def __call__(self, x_TxI, work_TxW, assign_TxD, class_TxK, logdim_T, traffic_2):
         h_TxH = nn.relu(_MLP((self.hidden, self.hidden), name="encoder")(x_TxI))
         e_TxE = nn.relu(nn.Dense(self.embed, name="embed")(h_TxH))
         single_Tx2 = _exp(nn.Dense(2, name="single")(h_TxH))  # alone: forward, backward ms
@@ -131,15 +133,24 @@ class CostNet(nn.Module):
         base_K = base_DxK.max(axis=0)
         m_KxE = jnp.concatenate([z_DxKxE.max(axis=0), jnp.log1p(w_DxKxW.max(axis=0)),
                                  jnp.log(base_K + 1e-6)[:, None]], axis=1)
+        # The padded program is timed on the busiest device (most ids x width): its own tables
+        # are the real work, the rest of each class's padded size reads the spare zero row.
+        busiest = jnp.argmax(assign_TxD.T @ work_TxW[:, 0])
+        own_KxE = jnp.concatenate([z_DxKxE[busiest], jnp.log1p(w_DxKxW[busiest])], axis=1)
         n_K = class_TxK.sum(0)
         width_K = (class_TxK * logdim_T[:, None]).sum(0) / jnp.maximum(n_K, 1.0)
-        head_in = jnp.concatenate([m_KxE, width_K[:, None]], axis=1)
+        head_in = jnp.concatenate([m_KxE, own_KxE, width_K[:, None]], axis=1)
         class_ms_K = base_K * _exp(_MLP((64, 1), name="class_head")(head_in)[:, 0])
         compute = jnp.sum(jnp.where(n_K > 0, class_ms_K, 0.0))
+        # exchange: the collectives' traffic (values per sample leaving each device) times a
+        # learned time per value, which depends on the device count and the message sizes.
         num_devices = assign_TxD.shape[1]
+        share = 1.0 - 1.0 / num_devices
+        values = (traffic_2[0] + 2.0 * traffic_2[1]) * share
         ex_in = jnp.concatenate([m_KxE.sum(0), jnp.log(jnp.asarray([num_devices], jnp.float32)),
-                                 jnp.asarray([1.0 - 1.0 / num_devices], jnp.float32)])
-        exchange = _exp(_MLP((64, 1), name="exchange_head")(ex_in)[0])
+                                 jnp.asarray([share], jnp.float32), jnp.log1p(traffic_2),
+                                 jnp.log1p(values)[None]])
+        exchange = values / 256.0 * _exp(_MLP((64, 1), name="exchange_head")(ex_in)[0])
         exchange = jnp.where(num_devices > 1, exchange, 0.0)
         return dev_Dx2[:, 0], dev_Dx2[:, 1], compute, exchange
 
@@ -159,7 +170,8 @@ class CostModel:
         x_TxI = (encode_features(feats_TxF) - self.mean_I[None]) / self.std_I[None]
         logdim_T = jnp.log2(feats_TxF[:, _DIM])
         return self.net.apply({"params": params}, x_TxI, work_terms(feats_TxF), assign_TxD,
-                              class_TxK, logdim_T)
+                              class_TxK, logdim_T, exchange_terms(feats_TxF, assign_TxD,
+                                                                   class_TxK))
 
     def cost_fn(self, feats_TxF, assign_TxD, class_TxK):
         """(device_ms_D: each device's own tables, papers' cost; spmd_ms: the plan's step)."""
@@ -193,7 +205,7 @@ class CostModel:
 def init_params(net: CostNet, rng: jax.Array) -> dict:
     t, d, k = 3, 2, 2
     return net.init(rng, jnp.zeros((t, NUM_INPUTS)), jnp.ones((t, 4)), jnp.ones((t, d)),
-                    jnp.ones((t, k)), jnp.zeros((t,)))["params"]
+                    jnp.ones((t, k)), jnp.zeros((t,)), jnp.ones((2,)))["params"]
 
 
 def save_cost_model(workdir: str, model: CostModel) -> None:

@@ -52,3 +52,26 @@ def test_fit_device_gbps_recovers_the_bandwidth():
                                             TableSpec("c", 10, 8, 1.0)]]
     ms = [analytical.analytical_device_ms(s, 64, analytical.Bandwidth(7.5)) for s in sets]
     assert analytical.fit_device_gbps(sets, ms, 64) == pytest.approx(7.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("num_devices", [2, 4, 8])
+def test_exchange_terms_are_the_layouts_exchange_bytes(num_devices):
+    """The traffic the cost models see equals what the sharded stage's collectives carry."""
+    from autoshard_jax.cost.oracle import exchange_bytes
+    from autoshard_jax.sharding.layout import build_layout
+    from autoshard_jax.tables.pools import synthetic_pool
+
+    rng = np.random.default_rng(num_devices)
+    specs = synthetic_pool(24, seed=num_devices, max_rows=20_000)
+    device_T = rng.integers(0, num_devices, len(specs))
+    device_T[:num_devices] = np.arange(num_devices)  # every device holds a table
+    layout = build_layout(specs, {s.name: {"type": "table_wise", "device": int(d)}
+                                  for s, d in zip(specs, device_T, strict=True)}, num_devices)
+    assign_TxD = np.eye(num_devices, dtype=np.float32)[device_T]
+    positions, columns = analytical.exchange_terms(jnp.asarray(table_features(specs)),
+                                                   jnp.asarray(assign_TxD),
+                                                   jnp.asarray(class_onehot(specs)))
+    batch = 512
+    expected = exchange_bytes(layout, batch)
+    got = 4 * batch * (positions + 2 * columns) * (num_devices - 1) / num_devices
+    assert float(got) == pytest.approx(expected, rel=1e-6)
