@@ -9,6 +9,7 @@ and eval rows are gathered from every process for exact metrics (`train.distribu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -234,8 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return _already_finished(workdir, writer.final)
     final = None
     t_start, t_last, step_last = time.time(), time.time(), start
-    with ckpt, _Preemption() as preemption:
-        batches = prefetch(data.train(start, meta.get("data", {})), place)
+    train_batches = prefetch(data.train(start, meta.get("data", {})), place)
+    with ckpt, _Preemption() as preemption, contextlib.closing(train_batches) as batches:
         step = start
         for step in range(start + 1, num_steps + 1):
             try:
@@ -272,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.warning("SIGTERM: saved step %d, stopping", step)
                 _report_skipped_lines(data)
                 return {"preempted_at": step}
+        batches.close()  # the producer stops here, not when the garbage collector finds it
         ckpt.save(step, state, {"data_position": step, "run": identity,
                                 "data": data.position(step)}, force=True)
         final = evaluate(eval_step, state.params, data.eval(), place)

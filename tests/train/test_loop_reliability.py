@@ -4,6 +4,7 @@ step, mid-run evals, data running out, finished runs, and refusals before anythi
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -124,3 +125,22 @@ def test_checkpoint_past_num_train_steps_is_a_config_error(tmp_path):
     train_and_evaluate(tiny_config(num_train_steps=8), workdir)
     with pytest.raises(ConfigError, match="config.num_train_steps=4 but .* holds step 8"):
         train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+
+
+def test_the_prefetcher_is_closed_when_training_ends(tmp_path, monkeypatch):
+    """The loop closes its prefetch generator itself: left to the garbage collector (the frame
+    kept by a reference cycle, as after a checkpoint fallback), its finalizer ran inside a JAX
+    call under Python 3.13 and deadlocked with the producer thread."""
+    from autoshard_jax.train import loop
+
+    made = []
+
+    def kept(*args, **kwargs):  # holds a reference, as a cycle would
+        made.append(loop_prefetch(*args, **kwargs))
+        return made[-1]
+
+    loop_prefetch = loop.prefetch
+    monkeypatch.setattr(loop, "prefetch", kept)
+    train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "run"))
+    assert len(made) == 1 and made[0].gi_frame is None  # closed, not suspended
+    assert not [t for t in threading.enumerate() if t.name == "prefetch" and t.is_alive()]
