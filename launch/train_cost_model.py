@@ -39,15 +39,10 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     from autoshard_jax.cost import dataset, fit, report
     from autoshard_jax.cost.network import save_cost_model
     from autoshard_jax.errors import DataError, check_range
-    from autoshard_jax.tables.spec import load_tables
 
     check_range("steps", steps, low=1, integer=True)
     check_range("learning_rate", learning_rate, low=1e-7, high=1.0)
-    records, pool = [], {}
-    for d in data:
-        records += list(dataset.iter_files(d))
-        base = d if os.path.isdir(d) else os.path.dirname(d)
-        pool.update({s.name: s for s in load_tables(os.path.join(base, dataset.TABLES_FILE))})
+    records, pool = dataset.read_collections(data)
     if not records:
         raise DataError(f"no cost records in {data}")
     envs = {(r["backend"], r["batch_size"], r["row_optimizer"]) for r in records}

@@ -32,7 +32,9 @@ from autoshard_jax.sharding.synthetic_plans import (
 )
 from autoshard_jax.tables.spec import TableSpec, load_tables, save_tables
 
-PLAN_STYLES = ("random", "skewed", "balanced", "class_split")
+# class_balanced: every width class's lookups spread evenly (what the spmd placers aim at), then a
+# few random moves, so the data covers the near-optimal region that search and policy explore.
+PLAN_STYLES = ("random", "skewed", "balanced", "class_split", "class_balanced")
 _CLEAR_EVERY = 50
 
 
@@ -103,6 +105,10 @@ def plan_task(index: int, pool: Sequence[TableSpec], config: CollectConfig
                            memory_bytes_per_device=memory)
     elif style == "balanced":
         plan = greedy_bytes_plan(specs, d, memory_bytes_per_device=memory, row_wise_above=2.0)
+    elif style == "class_balanced":
+        mapping = _class_balanced(specs, d, rng)
+        plan = ShardingPlan(d, memory, {n: {"type": "table_wise", "device": v}
+                                        for n, v in mapping.items()}, {"placer": style})
     else:  # every width class on as few devices as possible: balanced totals, padded classes
         dims = sorted({s.dim for s in specs})
         home = {dim: int(rng.integers(d)) for dim in dims}
@@ -110,6 +116,22 @@ def plan_task(index: int, pool: Sequence[TableSpec], config: CollectConfig
         plan = ShardingPlan(d, memory, {n: {"type": "table_wise", "device": v}
                                         for n, v in mapping.items()}, {"placer": "class_split"})
     return specs, dataclasses.replace(plan, meta={**plan.meta, "style": style})
+
+
+def _class_balanced(specs: Sequence[TableSpec], num_devices: int, rng: np.random.Generator
+                    ) -> dict[str, int]:
+    """Longest-first per width class onto the device with the least lookups of that class, then
+    up to a fifth of the tables moved to random devices."""
+    load = {}  # (dim, device) -> lookups
+    mapping = {}
+    for s in sorted(specs, key=lambda s: (s.dim, -s.pooling_factor, s.name)):
+        dev = min(range(num_devices), key=lambda k: (load.get((s.dim, k), 0.0), k))
+        load[(s.dim, dev)] = load.get((s.dim, dev), 0.0) + s.pooling_factor
+        mapping[s.name] = dev
+    names = sorted(mapping)
+    for i in rng.choice(len(names), int(rng.integers(0, len(names) // 5 + 1)), replace=False):
+        mapping[names[i]] = int(rng.integers(num_devices))
+    return mapping
 
 
 def schedule(config: CollectConfig) -> list[tuple[str, int, bool]]:

@@ -16,9 +16,11 @@ import jax
 import numpy as np
 
 from autoshard_jax.errors import DataError
+from autoshard_jax.tables.spec import TableSpec, load_tables
 
 DATA_FILE = "costs.jsonl"
 TABLES_FILE = "tables.json"
+INDEX_STRIDE = 10_000_000  # index offset per collection when several are read together
 
 
 def environment() -> dict:
@@ -91,6 +93,26 @@ def iter_files(paths: str | list[str]) -> Iterator[dict]:
             raise FileNotFoundError(f"cost data {path!r} does not exist: run "
                                     "`python -m launch.collect_costs --workdir=DIR` first")
         yield from read_records(path)
+
+
+def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]]:
+    """(records, pool by name) of several collections trained on together.
+
+    Entry indices restart in every collection, so the k-th one's are offset by k x
+    INDEX_STRIDE: splits and noise pairs never mix two collections' entries, and the first
+    collection keeps its own split. A table name that means two specs is refused."""
+    records, pool = [], {}
+    for k, path in enumerate(paths):
+        shift = k * INDEX_STRIDE
+        records += [{**r, "index": r["index"] + shift,
+                     "repeat_of": None if r.get("repeat_of") is None else r["repeat_of"] + shift}
+                    for r in iter_files(path)]
+        base = path if os.path.isdir(path) else os.path.dirname(path)
+        for spec in load_tables(os.path.join(base, TABLES_FILE)):
+            if pool.setdefault(spec.name, spec) != spec:
+                raise DataError(f"table {spec.name!r} differs between the collections in "
+                                f"{paths}: train on collections of one pool")
+    return records, pool
 
 
 def noise_pairs(records: list[dict], kind: str, field: str = "total_ms") -> np.ndarray:

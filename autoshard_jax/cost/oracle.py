@@ -303,7 +303,8 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
       devices: the mesh's devices (default: the backend's first `plan.num_devices`).
     Returns:
       A PlanCost: total = compute (busiest device's padded program, timed on that device)
-      + exchange (the collectives on the mesh).
+      + exchange (the collectives on the mesh, per device: on simulated CPU devices the
+      summed time / D).
     """
     specs = _checked(specs, batch_size)
     if batch_size % plan.num_devices:
@@ -322,6 +323,11 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
     timed, ref_ms = _timed(programs, carries, protocol, dev_list[busiest])
     compute = timed["total"].ms
     exchange = timed["exchange"].ms if "exchange" in timed else 0.0
+    if dev_list[0].platform == "cpu":
+        # Simulated devices share this process's cores: the collectives' time is every device's
+        # share summed. One device's share (/ D) is what each waits on parallel hardware, and
+        # what the busiest device's compute above is comparable to.
+        exchange /= plan.num_devices
     return PlanCost(compute + exchange, compute, exchange, timed["total"].spread, busiest,
                     exchange_bytes(layout, batch_size) if plan.num_devices > 1 else 0, ref_ms)
 

@@ -136,6 +136,24 @@ def test_plan_cost_has_compute_and_exchange():
     assert cost.exchange_bytes_per_device == exchange_bytes(layout, 64) == want
 
 
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_simulated_devices_exchange_is_one_devices_share(monkeypatch, num_devices):
+    # The D simulated CPU devices run the collectives on shared cores, so the timed exchange
+    # is every device's share summed; the plan cost must hold one device's share, as compute
+    # does, or the exchange weighs D times too much against the step it stands for.
+    def fake_timed(programs, carries, protocol, device):
+        ms = {"total": 6.0, "exchange": 8.0}
+        return {k: timing.Timed(ms[k], 0.0, (ms[k],)) for k in programs if k in ms}, 0.0
+
+    monkeypatch.setattr(oracle, "_timed", fake_timed)
+    specs = [TableSpec(f"t{i}", 200, 8, 2.0, HIST) for i in range(num_devices)]
+    plan = plan_from_mapping({s.name: i for i, s in enumerate(specs)}, num_devices, 1 << 30)
+    cost = measure_plan(specs, plan, 64, protocol=FAST)
+    assert cost.compute_ms == 6.0
+    assert cost.exchange_ms == pytest.approx(8.0 / num_devices)
+    assert cost.total_ms == pytest.approx(6.0 + 8.0 / num_devices)
+
+
 def test_plan_over_memory_is_refused_before_measuring():
     specs = [TableSpec("a", 1000, 16), TableSpec("b", 1000, 16)]
     plan = plan_from_mapping({"a": 0, "b": 0}, 2, 1000)

@@ -1,0 +1,45 @@
+"""Several cost collections read together: indices kept apart, one pool required."""
+
+import json
+
+import numpy as np
+import pytest
+
+from autoshard_jax.cost import dataset
+from autoshard_jax.errors import DataError
+from autoshard_jax.tables.spec import TableSpec, save_tables
+
+
+def _collection(path, specs, totals):
+    """A collection dir: set entry i measures specs[0] with totals[i]; entry 1 re-measures 0."""
+    path.mkdir()
+    save_tables(str(path / dataset.TABLES_FILE), specs)
+    rows = [{"kind": "set", "index": i, "repeat_of": None, "tables": [specs[0].name],
+             "total_ms": t} for i, t in enumerate(totals)]
+    rows.append({"kind": "set", "index": 1, "repeat_of": 0, "tables": [specs[0].name],
+                 "total_ms": totals[0] + 0.5})
+    (path / dataset.DATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_collections_keep_their_indices_apart(tmp_path):
+    specs = [TableSpec("t0", 100, 8)]
+    a = _collection(tmp_path / "a", specs, [1.0, 2.0])
+    b = _collection(tmp_path / "b", specs, [10.0, 20.0])
+    records, pool = dataset.read_collections([a, b])
+    assert pool == {"t0": specs[0]}
+    assert [r["index"] for r in records] == [0, 1, 1, dataset.INDEX_STRIDE,
+                                             dataset.INDEX_STRIDE + 1, dataset.INDEX_STRIDE + 1]
+    # Each repeat pairs with its own collection's first measurement, never the other's.
+    np.testing.assert_allclose(dataset.noise_pairs(records, "set"), [[1.0, 1.5], [10.0, 10.5]])
+    # The first collection keeps the split it has alone.
+    alone, _ = dataset.read_collections([a])
+    assert [dataset.split_of(r["index"]) for r in alone] == \
+        [dataset.split_of(r["index"]) for r in records[:3]]
+
+
+def test_one_name_two_specs_is_refused(tmp_path):
+    a = _collection(tmp_path / "a", [TableSpec("t0", 100, 8)], [1.0])
+    b = _collection(tmp_path / "b", [TableSpec("t0", 100, 16)], [1.0])
+    with pytest.raises(DataError, match="table 't0' differs between the collections"):
+        dataset.read_collections([a, b])
