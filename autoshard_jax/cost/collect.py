@@ -153,7 +153,7 @@ def prepare_workdir(workdir: str, config: CollectConfig,
                     pool: Sequence[TableSpec] | None) -> list[TableSpec]:
     """Writes (or checks) the collection's config and pool; returns the pool."""
     os.makedirs(workdir, exist_ok=True)
-    cfg_path = os.path.join(workdir, "collection.json")
+    cfg_path = os.path.join(workdir, dataset.COLLECTION_FILE)
     tables_path = os.path.join(workdir, dataset.TABLES_FILE)
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
     if os.path.exists(cfg_path):
@@ -191,7 +191,7 @@ def prepare_workdir(workdir: str, config: CollectConfig,
 def _pin_reference_unit(workdir: str, clock: str, log: Callable[[str], None],
                         first_shard: bool) -> None:
     """Measures in the unit the collection started with, or stores this process's."""
-    cfg_path = os.path.join(workdir, "collection.json")
+    cfg_path = os.path.join(workdir, dataset.COLLECTION_FILE)
     with open(cfg_path) as f:
         saved = json.load(f)
     if "reference_ms" not in saved and not first_shard:

@@ -20,6 +20,8 @@ from autoshard_jax.tables.spec import TableSpec, load_tables
 
 DATA_FILE = "costs.jsonl"
 TABLES_FILE = "tables.json"
+COLLECTION_FILE = "collection.json"
+MS_FIELDS = ("total_ms", "forward_ms", "backward_ms", "compute_ms", "exchange_ms")
 INDEX_STRIDE = 10_000_000  # index offset per collection when several are read together
 
 
@@ -100,19 +102,35 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
 
     Entry indices restart in every collection, so the k-th one's are offset by k x
     INDEX_STRIDE: splits and noise pairs never mix two collections' entries, and the first
-    collection keeps its own split. A table name that means two specs is refused."""
-    records, pool = [], {}
+    collection keeps its own split. Each collection is normalized to its own calibration of the
+    reference step (`reference_ms` in its collection.json); times are rescaled to the first
+    collection's unit. A table name that means two specs is refused."""
+    records, pool, unit = [], {}, None
     for k, path in enumerate(paths):
         shift = k * INDEX_STRIDE
-        records += [{**r, "index": r["index"] + shift,
+        base = path if os.path.isdir(path) else os.path.dirname(path)
+        ref = _collection_unit(base)
+        unit = unit or ref
+        scale = unit / ref if unit and ref else 1.0
+        records += [{**r, **{f: r[f] * scale for f in MS_FIELDS if f in r},
+                     "index": r["index"] + shift,
                      "repeat_of": None if r.get("repeat_of") is None else r["repeat_of"] + shift}
                     for r in iter_files(path)]
-        base = path if os.path.isdir(path) else os.path.dirname(path)
         for spec in load_tables(os.path.join(base, TABLES_FILE)):
             if pool.setdefault(spec.name, spec) != spec:
                 raise DataError(f"table {spec.name!r} differs between the collections in "
                                 f"{paths}: train on collections of one pool")
     return records, pool
+
+
+def _collection_unit(base: str) -> float | None:
+    """The reference step's calibrated ms a collection is normalized to (None: raw times)."""
+    path = os.path.join(base, COLLECTION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved.get("reference_ms") if saved.get("normalize", True) else None
 
 
 def noise_pairs(records: list[dict], kind: str, field: str = "total_ms") -> np.ndarray:

@@ -10,10 +10,12 @@ from autoshard_jax.errors import DataError
 from autoshard_jax.tables.spec import TableSpec, save_tables
 
 
-def _collection(path, specs, totals):
+def _collection(path, specs, totals, reference_ms=None):
     """A collection dir: set entry i measures specs[0] with totals[i]; entry 1 re-measures 0."""
     path.mkdir()
     save_tables(str(path / dataset.TABLES_FILE), specs)
+    if reference_ms is not None:
+        (path / dataset.COLLECTION_FILE).write_text(json.dumps({"reference_ms": reference_ms}))
     rows = [{"kind": "set", "index": i, "repeat_of": None, "tables": [specs[0].name],
              "total_ms": t} for i, t in enumerate(totals)]
     rows.append({"kind": "set", "index": 1, "repeat_of": 0, "tables": [specs[0].name],
@@ -43,3 +45,13 @@ def test_one_name_two_specs_is_refused(tmp_path):
     b = _collection(tmp_path / "b", [TableSpec("t0", 100, 16)], [1.0])
     with pytest.raises(DataError, match="table 't0' differs between the collections"):
         dataset.read_collections([a, b])
+
+
+def test_collections_are_rescaled_to_the_first_ones_unit(tmp_path):
+    # Normalized times are reference-step multiples x that collection's calibration: the same
+    # program measured in a collection calibrated at 15 ms instead of 10 reads 1.5x larger.
+    specs = [TableSpec("t0", 100, 8)]
+    a = _collection(tmp_path / "a", specs, [2.0], reference_ms=10.0)
+    b = _collection(tmp_path / "b", specs, [3.0], reference_ms=15.0)
+    records, _ = dataset.read_collections([a, b])
+    np.testing.assert_allclose([r["total_ms"] for r in records], [2.0, 2.5, 2.0, 3.5 * 10 / 15])
