@@ -222,6 +222,7 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
                               c.mem_factor) for _ in range(c.num_eval_tasks)]
     eval_arrays = env_lib.stack_tasks([builder.build(t)[0] for t in eval_tasks])
     slg = _baseline_costs(eval_tasks, cost, c.objective, "size_lookup_greedy")
+    spg = _baseline_costs(eval_tasks, cost, c.objective, "spmd_greedy")
     train_step = _train_step_for(net, tx, cost, c)
     greedy = _greedy_batch(net, cost.fn)
     last = {}
@@ -252,7 +253,8 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
             out = greedy(state["params"], eval_arrays)
             pol = np.asarray(out["spmd_ms"] if c.objective == "spmd" else out["max_ms"])
             rec.update(eval_cost_ms=float(pol.mean()), eval_slg_ms=float(np.mean(slg)),
-                       eval_ratio_to_slg=float(np.mean(pol / np.asarray(slg))))
+                       eval_ratio_to_slg=float(np.mean(pol / np.asarray(slg))),
+                       eval_ratio_to_spmd_greedy=float(np.mean(pol / np.asarray(spg))))
             last = rec
         if rec is not None:
             log(json.dumps(rec))

@@ -40,7 +40,7 @@ def test_trains_resumes_and_shards(tmp_path):
     assert logs[0] == "resumed from iteration 2"
     its = [json.loads(line)["iteration"] for line in open(metrics)]
     assert its == [0, 1, 2, 3]
-    assert {"eval_cost_ms", "eval_ratio_to_slg"} <= set(last)
+    assert {"eval_cost_ms", "eval_ratio_to_slg", "eval_ratio_to_spmd_greedy"} <= set(last)
     for name in ("policy.json", "learning_curve.png", "checkpoints"):
         assert os.path.exists(os.path.join(work, name))
 
