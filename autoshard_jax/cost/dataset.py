@@ -110,7 +110,12 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
         shift = k * INDEX_STRIDE
         base = path if os.path.isdir(path) else os.path.dirname(path)
         ref = _collection_unit(base)
-        unit = unit or ref
+        if k == 0:
+            unit = ref
+        elif (unit is None) != (ref is None):
+            raise DataError(f"collections in {paths} mix raw and normalized times "
+                            f"({path}: {'raw' if ref is None else 'normalized'}): collect them "
+                            "with one protocol")
         scale = unit / ref if unit and ref else 1.0
         records += [{**r, **{f: r[f] * scale for f in MS_FIELDS if f in r},
                      "index": r["index"] + shift,
@@ -128,8 +133,11 @@ def _collection_unit(base: str) -> float | None:
     path = os.path.join(base, COLLECTION_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
     return saved.get("reference_ms") if saved.get("normalize", True) else None
 
 

@@ -55,3 +55,11 @@ def test_collections_are_rescaled_to_the_first_ones_unit(tmp_path):
     b = _collection(tmp_path / "b", specs, [3.0], reference_ms=15.0)
     records, _ = dataset.read_collections([a, b])
     np.testing.assert_allclose([r["total_ms"] for r in records], [2.0, 2.5, 2.0, 3.5 * 10 / 15])
+
+
+def test_raw_and_normalized_collections_are_not_mixed(tmp_path):
+    specs = [TableSpec("t0", 100, 8)]
+    a = _collection(tmp_path / "a", specs, [2.0], reference_ms=10.0)
+    b = _collection(tmp_path / "b", specs, [3.0])
+    with pytest.raises(DataError, match="mix raw and normalized times"):
+        dataset.read_collections([a, b])
