@@ -81,13 +81,15 @@ def _last_words(line: str, log: str | None) -> None:
     if threading.active_count() > 1:
         line = "\n" + line
     sys.stdout.flush()
-    sys.stderr.flush()
     real_stderr = os.dup(2)
     try:
         sink = os.open(log or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         os.dup2(sink, 2)
     except OSError:
         pass
+    # After the switch: a half line a finished thread left in sys.stderr's buffer (a traceback's
+    # indent) goes to the log, not in front of the line.
+    sys.stderr.flush()
     os.write(real_stderr, line.encode())
     os._exit(EXIT_USER_ERROR)
 
