@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 
@@ -74,12 +73,12 @@ def _last_words(line: str, log: str | None) -> None:
     Threads of half-finished library work (orbax / tensorstore reading a corrupt checkpoint)
     may still print tracebacks, also at interpreter shutdown; from here on fd 2 goes to the log
     (or /dev/null), the line goes to the real stderr, and the process exits without shutdown.
-    A thread may have left half a line on fd 2 before the switch (the traceback module writes
-    indent and text separately), so with other threads alive the line starts on a fresh one.
-    Everything the job writes is flushed by the time its error reaches here.
+    A thread may have left half a line on fd 2 before the switch (C++ threads of tensorstore
+    print asyncio tracebacks piece by piece, and `threading` does not see them), so the line
+    always starts on a fresh one. Everything the job writes is flushed by the time its error
+    reaches here.
     """
-    if threading.active_count() > 1:
-        line = "\n" + line
+    line = "\n" + line
     sys.stdout.flush()
     real_stderr = os.dup(2)
     try:
