@@ -54,6 +54,9 @@ def define_flags() -> None:
     flags.DEFINE_float("mem_factor", 1.5, "Memory cap: x max(balanced share, largest table).")
     flags.DEFINE_integer("reference_budget", 30, "Scored proposals of the reference search.")
     flags.DEFINE_float("search_time_s", 20.0, "Time budget of autoshard_search per task.")
+    flags.DEFINE_integer("rounds", 3, "With --measure=oracle: the final plans of a task are "
+                         "measured afresh this many times, interleaved, and report the median "
+                         "(0: the single measurement that chose them).")
     flags.DEFINE_float("tie_rel", 0.02, "Relative difference counted as a tie (the noise).")
     flags.DEFINE_integer("seed", 0, "Seed of the test tasks.")
 
@@ -63,7 +66,8 @@ def check_flags(f) -> None:
         raise InputError("--workdir is required")
     for name, low, high in (("num_tasks", 1, 10_000), ("base_tables", 1, 100_000),
                             ("base_devices", 1, 4096), ("batch_size", 1, 1 << 24),
-                            ("reference_budget", 0, 100_000), ("max_rows", 100, 1 << 31)):
+                            ("reference_budget", 0, 100_000), ("max_rows", 100, 1 << 31),
+                            ("rounds", 0, 1000)):
         check_range(name, getattr(f, name), low=low, high=high, integer=True)
     check_range("mem_factor", f.mem_factor, low=1.0, high=1000.0)
     check_range("search_time_s", f.search_time_s, low=0.0, high=86400.0)
@@ -126,7 +130,8 @@ def reproduce(f, log=print) -> str:
             recs = harness.run_setting(s, objective, train_pool, test_pool, f.num_tasks,
                                        f.mem_factor, f.seed, make_score, cost,
                                        policies.get(objective), results, f.reference_budget,
-                                       f.search_time_s, log)
+                                       f.search_time_s, log,
+                                       f.rounds if f.measure == "oracle" else 0)
             report.append(f"## {s.name} (T={s.num_tables}, D={s.num_devices}, "
                           f"unseen={s.unseen:.0%}), objective {objective}\n")
             report.append(harness.table(recs, objective, f.tie_rel) + "\n")

@@ -18,7 +18,7 @@ def args(workdir, **kw):
     f = dict(workdir=workdir, policy="", cost_model=None, tables=None, max_rows=5000,
              pool_seed=0, measure="predicted", clock="cpu", batch_size=512, num_tasks=2,
              base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
-             mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0)
+             mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0)
     f.update(kw)
     return types.SimpleNamespace(**f)
 
@@ -49,6 +49,7 @@ def test_reports_every_method_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("kw,err,culprit", [
     ({"num_tasks": 0}, ConfigError, "num_tasks"),
+    ({"rounds": -1}, ConfigError, "rounds"),
     ({"objectives": "speed"}, InputError, "speed"),
     ({"settings": "base,X=7"}, InputError, "X=7"),
     ({"settings": "T=900"}, InputError, "T=900"),

@@ -1,0 +1,46 @@
+"""placement.harness.remeasure: fresh interleaved measurements, medians, selection kept."""
+
+import numpy as np
+
+from autoshard_jax.placement.harness import remeasure
+
+
+def _methods():
+    return {"a": {"device_T": [0, 1], "spmd_ms": 1.0, "max_ms": 1.0, "device_ms": [1.0, 0.5],
+                  "time_s": 0.1},
+            "b": {"device_T": [1, 1], "spmd_ms": 9.0, "max_ms": 9.0, "device_ms": [0.0, 9.0],
+                  "time_s": 0.2},
+            "ref": {"device_T": [0, 1], "spmd_ms": 0.5, "max_ms": 0.5, "device_ms": [0.5, 0.5],
+                    "time_s": float("nan")},
+            "broken": {"failed": "does not fit", "time_s": 0.0}}
+
+
+def test_median_of_fresh_rounds_per_distinct_plan():
+    calls = []
+    values = {(0, 1): iter([3.0, 1.0, 2.0]), (1, 1): iter([7.0, 9.0, 8.0])}
+
+    def score(device_T):
+        key = tuple(int(d) for d in device_T)
+        calls.append(key)
+        v = next(values[key])
+        return {"spmd_ms": v, "device_ms": [v, v / 2], "max_ms": v}
+
+    out = remeasure(_methods(), score, rounds=3)
+    # Two distinct plans x 3 rounds; the order rotates so no plan is always first.
+    assert calls == [(0, 1), (1, 1), (1, 1), (0, 1), (0, 1), (1, 1)]
+    assert out["a"]["spmd_ms"] == out["ref"]["spmd_ms"] == 2.0  # same plan, same measurements
+    assert out["a"]["rounds_spmd_ms"] == [3.0, 1.0, 2.0]
+    assert out["b"]["spmd_ms"] == 8.0
+    assert out["b"]["device_ms"] == [8.0, 4.0] and out["b"]["max_ms"] == 8.0
+    assert out["b"]["rounds_max_ms"] == [7.0, 9.0, 8.0]
+    # What chose the plan stays on record; failures and timings pass through.
+    assert out["ref"]["first_spmd_ms"] == 0.5 and out["ref"]["time_s"] != out["ref"]["time_s"]
+    assert out["broken"] == {"failed": "does not fit", "time_s": 0.0}
+
+
+def test_spmd_only_scorer_leaves_device_fields():
+    methods = {"a": {"device_T": [0], "spmd_ms": 1.0, "max_ms": float("nan"), "device_ms": []}}
+    out = remeasure(methods, lambda t: {"spmd_ms": 4.0, "device_ms": [], "max_ms": np.nan},
+                    rounds=2)
+    assert out["a"]["spmd_ms"] == 4.0 and out["a"]["device_ms"] == []
+    assert np.isnan(out["a"]["max_ms"])
