@@ -149,9 +149,17 @@ def schedule(config: CollectConfig) -> list[tuple[str, int, bool]]:
     return [e for _, _, e in order]
 
 
-def prepare_workdir(workdir: str, config: CollectConfig,
-                    pool: Sequence[TableSpec] | None) -> list[TableSpec]:
-    """Writes (or checks) the collection's config and pool; returns the pool."""
+_RESUME_KEYS = ("seed", "batch_size", "max_tables", "plan_tables", "plan_devices",
+                "row_optimizer", "warmup", "repeats", "trim", "repeat_every", "clock",
+                "normalize")
+
+
+def prepare_workdir(workdir: str, config, pool: Sequence[TableSpec] | None,
+                    keys: Sequence[str] = _RESUME_KEYS) -> list[TableSpec]:
+    """Writes (or checks) the collection's config and pool; returns the pool.
+
+    `config` is a dataclass with `check(pool_size)` (a `CollectConfig` or another collector's);
+    a rerun must agree with the stored config on `keys`."""
     os.makedirs(workdir, exist_ok=True)
     cfg_path = os.path.join(workdir, dataset.COLLECTION_FILE)
     tables_path = os.path.join(workdir, dataset.TABLES_FILE)
@@ -163,9 +171,6 @@ def prepare_workdir(workdir: str, config: CollectConfig,
         except json.JSONDecodeError as e:
             raise ResumeError(f"{cfg_path}: not valid JSON ({e}); delete the workdir or fix "
                               "it") from e
-        keys = ("seed", "batch_size", "max_tables", "plan_tables", "plan_devices",
-                "row_optimizer", "warmup", "repeats", "trim", "repeat_every", "clock",
-                "normalize")
         diff = [f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in keys
                 if saved.get(k) != wanted[k]]
         if diff:
@@ -181,14 +186,15 @@ def prepare_workdir(workdir: str, config: CollectConfig,
     else:
         if pool is None:
             raise ConfigError("a new collection needs a pool of tables")
+        config.check(len(pool))  # before anything is written: a bad config leaves no trace
         save_tables(tables_path, pool)
+    config.check(len(pool))
     with open(cfg_path, "w") as f:
         json.dump(wanted, f, indent=1)
-    config.check(len(pool))
     return list(pool)
 
 
-def _pin_reference_unit(workdir: str, clock: str, log: Callable[[str], None],
+def pin_reference_unit(workdir: str, clock: str, log: Callable[[str], None],
                         first_shard: bool) -> None:
     """Measures in the unit the collection started with, or stores this process's."""
     cfg_path = os.path.join(workdir, dataset.COLLECTION_FILE)
@@ -228,7 +234,7 @@ def collect(workdir: str, config: CollectConfig, pool: Sequence[TableSpec] | Non
     protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock,
                         config.normalize)
     if config.normalize:
-        _pin_reference_unit(workdir, config.clock, log, first_shard=k == 0)
+        pin_reference_unit(workdir, config.clock, log, first_shard=k == 0)
     env = dataset.environment()
     todo = [t for t in schedule(config)[k::n] if t not in done]
     log(f"{len(done)} entries on disk, {len(todo)} to measure")
