@@ -60,7 +60,8 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
             raise InputError("method 'autoshard' needs a trained policy (--policy=DIR from "
                              "launch.train_sharder)")
         return policy_place(policy, specs, num_devices, mem, cost)
-    # autoshard_search: refine the best start the cost model sees
+    # autoshard_search: refine the best start the cost model sees (spmd: among the starts with
+    # the smallest padded program, which the search then never enlarges; see local_search)
     starts = [policy_place(policy, specs, num_devices, mem, cost)] if policy is not None else []
     failures = []  # a method that dead-ends on memory is no start
     for name in heuristics.HEURISTICS[1:]:  # all but random
@@ -76,6 +77,9 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         failures.append(e)
     if not starts:
         raise failures[0]  # names the table that does not fit
+    if objective == "spmd":  # the search never enlarges the padded program: start smallest
+        gather = search.padded_gather(specs, num_devices, np.stack(starts))
+        starts = [d for d, g in zip(starts, gather, strict=True) if g <= gather.min() * (1 + 1e-9)]
     start = min(starts, key=lambda d: objective_value(
         *plan_costs(cost, specs, d, num_devices), objective))
     return search.local_search(specs, num_devices, mem, cost, objective, start,

@@ -44,9 +44,43 @@ def test_search_predicts_no_worse_than_any_heuristic_or_the_policy():
                             cost=COST, search_rounds=0)
             return objective_value(*plan_costs(COST, specs, dev, 4), objective)
 
+        def gather(method, objective=objective):
+            dev = api.place(specs, 4, 1 << 30, method, objective=objective, policy=POLICY,
+                            cost=COST, search_rounds=0)
+            return search.padded_gather(specs, 4, dev)[0]
+
         best = predicted("autoshard_search")
-        for method in (*heuristics.HEURISTICS, "autoshard"):
+        methods = (*heuristics.HEURISTICS, "autoshard")
+        if objective == "spmd":  # the best predicted start among the smallest padded programs
+            smallest = min(gather(m) for m in methods)
+            assert gather("autoshard_search") <= smallest + 1e-9
+            methods = [m for m in methods if gather(m) <= smallest + 1e-9]
+        for method in methods:
             assert best <= predicted(method) + 1e-6, (objective, method)
+
+
+def test_padded_gather_is_the_layouts_padded_program():
+    rng = np.random.default_rng(1)
+    specs = [TableSpec(f"t{i}", 100, int(rng.choice([4, 8, 16, 64])), float(rng.uniform(0.3, 9)))
+             for i in range(15)]
+    plans = rng.integers(0, 4, size=(6, 15))
+    plans[0] = 0  # one device
+    got = search.padded_gather(specs, 4, plans)
+    for device_T, value in zip(plans, got, strict=True):
+        layout = api.plan_of(specs, device_T, 4, 1 << 30).validate(specs)
+        want = sum(c.pos.shape[-1] * c.width for c in layout.sh.classes)
+        assert value == want
+
+
+def test_spmd_search_never_enlarges_the_padded_program():
+    rng = np.random.default_rng(2)
+    specs = [TableSpec(f"t{i}", int(rng.integers(50, 3000)), int(rng.choice([8, 16, 32])),
+                     float(rng.uniform(0.5, 20))) for i in range(16)]
+    mem = memory_model(specs, 1 << 30)
+    for seed in range(3):
+        start = heuristics.random_placement(specs, 4, mem, seed)
+        out = search.local_search(specs, 4, mem, COST, "spmd", start)
+        assert search.padded_gather(specs, 4, out)[0] <= search.padded_gather(specs, 4, start)[0]
 
 
 def test_local_search_never_worsens_and_beats_a_bad_start():
