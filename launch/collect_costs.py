@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 from absl import flags, logging
 
-from launch.common import run
+from launch.common import define_clock_flag, int_list, run, timing_clock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Collection directory (costs.jsonl, tables.json).")
@@ -38,21 +38,11 @@ flags.DEFINE_integer("repeats", 10, "Timed repeats per measurement.")
 flags.DEFINE_integer("warmup", 5, "Warm-up runs per measurement.")
 flags.DEFINE_integer("trim", 2, "Fastest and slowest repeats dropped.")
 flags.DEFINE_integer("seed", 0, "Seed of the sets and plans.")
-flags.DEFINE_enum("clock", "auto", ["auto", "wall", "cpu"],
-                  "Timing clock; auto = cpu (process CPU time, pinned to one core) on the CPU "
-                  "backend, wall on accelerators.")
+define_clock_flag()
 flags.DEFINE_integer("num_shards", 1, "Processes filling this collection together (one core "
                      "each, e.g. `taskset -c K`); start shard 0 first.")
 flags.DEFINE_integer("shard_index", 0, "This process's shard, 0 <= shard_index < num_shards.")
 flags.mark_flags_as_required(["workdir"])
-
-
-def _ints(name: str, values: list[str]) -> tuple[int, ...]:
-    from autoshard_jax.errors import ConfigError
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError as e:
-        raise ConfigError(f"--{name} must be integers, got {values}") from e
 
 
 def main(argv):
@@ -62,8 +52,8 @@ def main(argv):
     from autoshard_jax.tables.pools import synthetic_pool
     from autoshard_jax.tables.spec import load_tables
 
-    devices = _ints("plan_devices", FLAGS.plan_devices)
-    plan_tables = _ints("plan_tables", FLAGS.plan_tables)
+    devices = int_list("plan_devices", FLAGS.plan_devices)
+    plan_tables = int_list("plan_tables", FLAGS.plan_tables)
     if len(plan_tables) != 2:
         raise ConfigError(f"--plan_tables takes MIN,MAX, got {FLAGS.plan_tables}")
     check_range("pool_size", FLAGS.pool_size, low=1, integer=True)
@@ -72,7 +62,7 @@ def main(argv):
         num_sets=FLAGS.num_sets, num_plans=FLAGS.num_plans, batch_size=FLAGS.batch_size,
         max_tables=FLAGS.max_tables, plan_tables=plan_tables, plan_devices=devices,
         row_optimizer=FLAGS.row_optimizer, repeat_every=FLAGS.repeat_every, seed=FLAGS.seed,
-        warmup=FLAGS.warmup, repeats=FLAGS.repeats, trim=FLAGS.trim, clock=clock())
+        warmup=FLAGS.warmup, repeats=FLAGS.repeats, trim=FLAGS.trim, clock=timing_clock())
     if FLAGS.row_optimizer not in ("sgd", "rowwise_adagrad", "adagrad"):
         raise ConfigError(f"--row_optimizer must be sgd, rowwise_adagrad or adagrad, got "
                           f"{FLAGS.row_optimizer!r}")
@@ -84,13 +74,6 @@ def main(argv):
           f"({counts['measured']} measured now)")
 
 
-def clock() -> str:
-    """The timing clock: on CPU, this process's CPU time on one pinned core (see cost/timing)."""
-    if FLAGS.clock != "auto":
-        return FLAGS.clock
-    return "cpu" if jax.default_backend() == "cpu" else "wall"
-
-
 def _configure_devices(argv):
     """Before JAX starts: simulated CPU devices (as many as the largest plan), the CPU runtime
     flags, and for the cpu clock one pinned core."""
@@ -98,9 +81,9 @@ def _configure_devices(argv):
     from autoshard_jax.train.runtime import configure_cpu_runtime
 
     configure_cpu_runtime()
-    wanted = max(_ints("plan_devices", FLAGS.plan_devices) or (1,))
+    wanted = max(int_list("plan_devices", FLAGS.plan_devices) or (1,))
     jax.config.update("jax_num_cpu_devices", max(wanted, 1))
-    if clock() == "cpu":
+    if timing_clock() == "cpu":
         pin_one_core()
     return main(argv)
 

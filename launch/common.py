@@ -134,3 +134,28 @@ def initialize_distributed() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     logging.info("JAX process %d of %d", jax.process_index(), jax.process_count())
+
+
+def define_clock_flag() -> None:
+    """--clock of the launchers that time programs with the cost oracle."""
+    flags.DEFINE_enum("clock", "auto", ["auto", "wall", "cpu"],
+                      "Timing clock; auto = cpu (process CPU time, pinned to one core) on the "
+                      "CPU backend, wall on accelerators.")
+
+
+def timing_clock() -> str:
+    """--clock resolved: on CPU, this process's CPU time on one pinned core (see cost/timing)."""
+    if FLAGS.clock != "auto":
+        return FLAGS.clock
+    import jax
+
+    return "cpu" if jax.default_backend() == "cpu" else "wall"
+
+
+def int_list(name: str, values: list[str]) -> tuple[int, ...]:
+    """A list flag's values as ints, or a ConfigError naming the flag."""
+    from autoshard_jax.errors import ConfigError
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError as e:
+        raise ConfigError(f"--{name} must be integers, got {values}") from e

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from launch.common import run
+from launch.common import define_clock_flag, int_list, run, timing_clock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Collection directory.")
@@ -39,26 +39,12 @@ flags.DEFINE_float("mem_factor", 1.5, "Memory cap: x max(balanced share, largest
 flags.DEFINE_float("search_time_s", 5.0, "Time budget of the searches per task.")
 flags.DEFINE_integer("batch_size", 512, "Samples per step.")
 flags.DEFINE_integer("seed", 0, "Seed of the tasks.")
-flags.DEFINE_enum("clock", "auto", ["auto", "wall", "cpu"],
-                  "Timing clock; auto = cpu (process CPU time, pinned to one core) on the CPU "
-                  "backend, wall on accelerators.")
+define_clock_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
 def _ints(name: str) -> tuple[int, ...]:
-    from autoshard_jax.errors import ConfigError
-    try:
-        return tuple(int(v) for v in FLAGS[name].value)
-    except ValueError as e:
-        raise ConfigError(f"--{name} must be integers, got {FLAGS[name].value}") from e
-
-
-def clock_flag() -> str:
-    """The timing clock: on CPU, this process's CPU time on one pinned core (see cost/timing)."""
-    if FLAGS.clock != "auto":
-        return FLAGS.clock
-    import jax
-    return "cpu" if jax.default_backend() == "cpu" else "wall"
+    return int_list(name, FLAGS[name].value)
 
 
 def main(argv):
@@ -77,7 +63,7 @@ def main(argv):
         objective=FLAGS.objective, num_tasks=FLAGS.num_tasks, table_counts=_ints("table_counts"),
         device_counts=_ints("device_counts"), methods=tuple(FLAGS.methods),
         mem_factor=FLAGS.mem_factor, search_time_s=FLAGS.search_time_s,
-        batch_size=FLAGS.batch_size, seed=FLAGS.seed, clock=clock_flag())
+        batch_size=FLAGS.batch_size, seed=FLAGS.seed, clock=timing_clock())
     if FLAGS.tables:
         pool = load_tables(FLAGS.tables)
     else:
@@ -115,7 +101,7 @@ def _configure_devices(argv):
 
     configure_cpu_runtime()
     jax.config.update("jax_num_cpu_devices", max(_ints("device_counts") or (1,)))
-    if clock_flag() == "cpu":
+    if timing_clock() == "cpu":
         pin_one_core()
     return main(argv)
 
