@@ -257,28 +257,40 @@ def read_results(path: str) -> list[dict]:
 
 def table(records: Sequence[dict], objective: str, tie_rel: float) -> str:
     """Markdown: mean cost, mean ratios to size-lookup greedy / spmd_greedy / reference,
-    win / tie / loss against size-lookup greedy (tie: within tie_rel), sharding time."""
+    win / tie / loss against size-lookup greedy and against spmd_greedy (tie: within tie_rel),
+    sharding time; with re-measured rounds (`remeasure`), the noise they showed."""
     if not records:
         raise InputError("no results to tabulate")
     methods = list(records[0]["methods"])
     lines = [f"| method | mean {objective} ms | / size_lookup_greedy | / spmd_greedy | "
-             "/ reference | W/T/L vs SLG | shard time s |", "|---" * 7 + "|"]
+             "/ reference | W/T/L vs SLG | W/T/L vs spmd_greedy | shard time s |",
+             "|---" * 8 + "|"]
+
+    def wtl(cost, other):
+        base = np.asarray([objective_of(r["methods"][other], objective) for r in records])
+        rel = cost / base - 1.0
+        out = f"{(rel < -tie_rel).sum()}/{(abs(rel) <= tie_rel).sum()}/{(rel > tie_rel).sum()}"
+        fails = int(np.isnan(cost).sum())
+        return out + (f" ({fails} failed)" if fails else "")
+
     for m in methods:
         cost = np.asarray([objective_of(r["methods"][m], objective) for r in records])
 
         def ratio(other, cost=cost):
             return np.nanmean(cost / np.asarray([objective_of(r["methods"][other], objective)
                                                   for r in records]))
-        slg = np.asarray([objective_of(r["methods"]["size_lookup_greedy"], objective)
-                          for r in records])
-        rel = cost / slg - 1.0
-        fails = int(np.isnan(cost).sum())
-        wtl = f"{(rel < -tie_rel).sum()}/{(abs(rel) <= tie_rel).sum()}/{(rel > tie_rel).sum()}"
-        wtl += f" ({fails} failed)" if fails else ""
         times = [r["methods"][m]["time_s"] for r in records]
         t = "-" if m == "reference" else f"{np.mean(times):.4f}"
         lines.append(f"| {m} | {np.nanmean(cost):.3f} | {ratio('size_lookup_greedy'):.3f} | "
-                     f"{ratio('spmd_greedy'):.3f} | {ratio('reference'):.3f} | {wtl} | {t} |")
+                     f"{ratio('spmd_greedy'):.3f} | {ratio('reference'):.3f} | "
+                     f"{wtl(cost, 'size_lookup_greedy')} | {wtl(cost, 'spmd_greedy')} | {t} |")
+    field = "rounds_spmd_ms" if objective == "spmd" else "rounds_max_ms"
+    spreads = [(max(x) - min(x)) / np.median(x) for r in records for x in
+               {tuple(rec[field]) for rec in r["methods"].values() if field in rec}]
+    if spreads:
+        lines.append(f"\nRe-measured plans: median relative spread of a plan's rounds "
+                     f"{np.median(spreads):.1%} (90th percentile {np.quantile(spreads, 0.9):.1%}); "
+                     f"ties are within {tie_rel:.0%}.")
     return "\n".join(lines)
 
 

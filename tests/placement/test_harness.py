@@ -44,3 +44,19 @@ def test_spmd_only_scorer_leaves_device_fields():
                     rounds=2)
     assert out["a"]["spmd_ms"] == 4.0 and out["a"]["device_ms"] == []
     assert np.isnan(out["a"]["max_ms"])
+
+
+def test_table_counts_wins_against_both_baselines_and_states_the_noise():
+    from autoshard_jax.placement.harness import table
+
+    def rec(slg, sg, mine):
+        methods = {"size_lookup_greedy": slg, "spmd_greedy": sg, "autoshard": mine,
+                   "reference": min(slg, sg, mine)}
+        return {"methods": {m: {"spmd_ms": v, "max_ms": float("nan"), "time_s": 0.1,
+                                "rounds_spmd_ms": [v, v * 1.1, v * 0.9]}
+                            for m, v in methods.items()}}
+
+    text = table([rec(10.0, 8.0, 7.0), rec(10.0, 8.0, 8.1)], "spmd", tie_rel=0.02)
+    row = next(line for line in text.splitlines() if line.startswith("| autoshard |"))
+    assert "| 2/0/0 | 1/1/0 |" in row  # vs size_lookup_greedy, vs spmd_greedy
+    assert "median relative spread of a plan's rounds 20.0%" in text
