@@ -143,9 +143,10 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
     For spmd with `keep_padding`, a candidate must not enlarge the padded program
     (`padded_gather`): the cost network ranks a task's near-optimal plans poorly (within-task
     Kendall tau 0.39 on planners' plans of held-out training tasks, where the padded gather
-    alone reaches 0.48), and a search that trusts it walks into plans it underrates, most
-    often by piling a width class onto one device. The exact part of the cost bounds the
-    search; the network chooses among the plans it allows.
+    alone reaches 0.48), and a search that trusts it walks into plans it underrates (on
+    100-table tasks, plans with a padded gather 1-15% above spmd_greedy's). The exact part of
+    the cost bounds the search; the network chooses among the plans it allows, which still
+    measured 8-25% above spmd_greedy's on some tasks (README, session 7).
     """
     feats, cls = _inputs(specs)
     cls_np = np.asarray(cls)
