@@ -26,8 +26,12 @@ CPU_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 # interaction) page-faults all of it in again each step: ~10k faults, a third of the dense
 # forward+backward on a 2-core AMD EPYC. Fixed thresholds keep such buffers in the heap for reuse;
 # tables (bigger) are still mapped, and `release_host_memory` still returns freed memory.
+# XLA:CPU runs programs on its worker threads, whose glibc arenas grow in heaps of at most
+# 64 MiB: a larger buffer is mapped afresh on every call whatever the threshold (a 100-table
+# embedding step with a 66 MB temporary: 16k faults, 122 instead of 84 ms per call), so all
+# threads share the main arena (M_ARENA_MAX = 1), which has no such cap.
 MALLOC_REUSE_BYTES = 256 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 
 
 def _cache_path() -> str:
@@ -103,12 +107,14 @@ def configure_cpu_runtime() -> None:
 
 
 def reuse_step_buffers() -> bool:
-    """Keeps freed buffers below MALLOC_REUSE_BYTES in glibc's heap (see MALLOC_REUSE_BYTES);
-    False where the C library is not glibc (nothing changed)."""
+    """Keeps freed buffers below MALLOC_REUSE_BYTES in glibc's heap, one arena for all threads
+    (see MALLOC_REUSE_BYTES); False where the C library is not glibc (nothing changed). Call
+    before JAX starts its threads: a thread keeps the arena it first allocated from."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_REUSE_BYTES)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_REUSE_BYTES))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_REUSE_BYTES)
+                    and libc.mallopt(_M_ARENA_MAX, 1))
     except (OSError, AttributeError):
         return False
 
