@@ -145,8 +145,8 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
     Kendall tau 0.39 on planners' plans of held-out training tasks, where the padded gather
     alone reaches 0.48), and a search that trusts it walks into plans it underrates (on
     100-table tasks, plans with a padded gather 1-15% above spmd_greedy's). The exact part of
-    the cost bounds the search; the network chooses among the plans it allows, which still
-    measured 8-25% above spmd_greedy's on some tasks (README, session 7).
+    the cost bounds the search; the network chooses among the plans it allows, which on two
+    8-device tasks still measured 8-25% above spmd_greedy's (README, session 7).
     """
     feats, cls = _inputs(specs)
     cls_np = np.asarray(cls)
