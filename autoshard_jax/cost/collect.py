@@ -181,6 +181,7 @@ def prepare_workdir(workdir: str, config, pool: Sequence[TableSpec] | None,
             raise ResumeError(f"{tables_path} differs from the pool given now; use a new "
                               "--workdir or the same --tables")
         pool = stored
+        config.check(len(pool))
         if "reference_ms" in saved:
             wanted["reference_ms"] = saved["reference_ms"]
     else:
@@ -188,7 +189,6 @@ def prepare_workdir(workdir: str, config, pool: Sequence[TableSpec] | None,
             raise ConfigError("a new collection needs a pool of tables")
         config.check(len(pool))  # before anything is written: a bad config leaves no trace
         save_tables(tables_path, pool)
-    config.check(len(pool))
     with open(cfg_path, "w") as f:
         json.dump(wanted, f, indent=1)
     return list(pool)
