@@ -73,18 +73,13 @@ def main(argv):
     if policy is None and any(m.startswith("autoshard") for m in config.methods):
         raise InputError("--methods has autoshard / autoshard_search: give --policy=DIR "
                          "(launch.train_sharder), or leave them out")
-    cost_dir = FLAGS.cost_model
-    if not cost_dir and policy is not None:
-        name = policy.meta.get("cost_model", "analytical")
-        cost_dir = name.split(":", 1)[1] if name.startswith("learned:") else None
+    cost_dir = FLAGS.cost_model or (policy.cost_model_dir if policy is not None else None)
     cost = get_cost(config.batch_size, cost_dir)
 
     def place(task, method):
-        cli = "autoshard_search" if method == "greedy_search" else method
-        pol = policy if method in ("autoshard", "autoshard_search") else None
-        return api.place(task.specs, task.num_devices, task.memory_bytes, cli,
-                         objective=config.objective, policy=pol, cost=cost,
-                         search_time_s=config.search_time_s)
+        return api.place_method(task.specs, task.num_devices, task.memory_bytes, method,
+                                objective=config.objective, policy=policy, cost=cost,
+                                search_time_s=config.search_time_s)
 
     counts = mine(FLAGS.workdir, config, pool, place, log=logging.info)
     print(f"{FLAGS.workdir}: {counts['records']} records ({counts['measured_plans']} plans "

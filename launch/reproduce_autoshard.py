@@ -109,10 +109,8 @@ def reproduce(f, log=print) -> str:
     for path in [p for p in f.policy.split(",") if p]:
         pol = load_policy(path)
         policies[pol.meta["objective"]] = pol
-    cost_dir = f.cost_model
-    if not cost_dir and policies:
-        name = next(iter(policies.values())).meta.get("cost_model", "analytical")
-        cost_dir = name.split(":", 1)[1] if name.startswith("learned:") else None
+    cost_dir = f.cost_model or (next(iter(policies.values())).cost_model_dir
+                                if policies else None)
     cost = get_cost(f.batch_size, cost_dir)
     os.makedirs(f.workdir, exist_ok=True)
     results = os.path.join(f.workdir, "results.jsonl")

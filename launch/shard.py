@@ -71,8 +71,7 @@ def shard_main(f: dict, out=sys.stdout) -> dict:
     cost_dir = f["cost_model"]
     if not cost_dir and f["policy"]:
         from autoshard_jax.placement.inference import load_policy
-        name = load_policy(f["policy"]).meta.get("cost_model", "analytical")
-        cost_dir = name.split(":", 1)[1] if name.startswith("learned:") else None
+        cost_dir = load_policy(f["policy"]).cost_model_dir
     cost = get_cost(f["batch_size"], cost_dir)
     plan = shard(specs, f["num_devices"], int(f["memory_gb"] * 2**30), f["method"],
                  objective=f["objective"], policy_dir=f["policy"], cost=cost, seed=f["seed"],

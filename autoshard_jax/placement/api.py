@@ -34,6 +34,10 @@ from autoshard_jax.sharding.plan import ShardingPlan, plan_from_mapping
 from autoshard_jax.tables.spec import TableSpec
 
 METHODS = heuristics.HEURISTICS + ("autoshard", "autoshard_search")
+# The evaluation's extra row: autoshard_search without a policy (cost-model greedy + swaps),
+# which tells how much of autoshard_search the policy's start contributes.
+GREEDY_SEARCH = "greedy_search"
+EVAL_METHODS = METHODS + (GREEDY_SEARCH,)
 DEFAULT_BATCH_SIZE = 512
 
 
@@ -84,6 +88,16 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         *plan_costs(cost, specs, d, num_devices), objective))
     return search.local_search(specs, num_devices, mem, cost, objective, start,
                                max_rounds=search_rounds, time_budget_s=search_time_s)
+
+
+def place_method(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str,
+                 *, policy: LoadedPolicy | None = None, **kw) -> np.ndarray:
+    """`place` for any of EVAL_METHODS; the policy reaches only the methods that use one."""
+    if method == GREEDY_SEARCH:
+        return place(specs, num_devices, memory_bytes, "autoshard_search", **kw)
+    uses_policy = method in ("autoshard", "autoshard_search")
+    return place(specs, num_devices, memory_bytes, method, policy=policy if uses_policy else None,
+                 **kw)
 
 
 def shard(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str, *,

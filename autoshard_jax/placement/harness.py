@@ -28,9 +28,9 @@ from autoshard_jax.placement.tasks import Task, sample_task
 
 HEURISTIC_ROWS = ("random", "dim_greedy", "size_greedy", "lookup_greedy", "size_lookup_greedy",
                   "torchrec_greedy", "spmd_greedy")
-# greedy_search: autoshard_search without a policy (cost-model greedy + swaps);
-# autoshard_search: the policy's plan + the same local search ("policy + refinement").
-SEARCH_ROWS = ("autoshard", "autoshard_search", "greedy_search")
+# autoshard_search: the policy's plan + local search ("policy + refinement"); greedy_search:
+# the same search without the policy's start (api.GREEDY_SEARCH).
+SEARCH_ROWS = ("autoshard", "autoshard_search", api.GREEDY_SEARCH)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,20 +109,18 @@ def run_task(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | None
              search_time_s: float) -> dict:
     """Every method's plan on one task, scored; returns {method: record}."""
     out = {}
-    rows = list(HEURISTIC_ROWS) + ["greedy_search"]
+    rows = list(HEURISTIC_ROWS) + [api.GREEDY_SEARCH]
     if policy is not None:
         rows += ["autoshard", "autoshard_search"]
     for method in rows:
-        cli = "autoshard_search" if method == "greedy_search" else method
-        pol = None if method == "greedy_search" else policy
         if method == "autoshard":  # compile outside the timed call
-            api.place(task.specs, task.num_devices, task.memory_bytes, cli, objective=objective,
-                      policy=pol, cost=cost)
+            api.place_method(task.specs, task.num_devices, task.memory_bytes, method,
+                             objective=objective, policy=policy, cost=cost)
         t0 = time.perf_counter()
         try:
-            device_T = api.place(task.specs, task.num_devices, task.memory_bytes, cli,
-                                 objective=objective, policy=pol, cost=cost,
-                                 search_time_s=search_time_s)
+            device_T = api.place_method(task.specs, task.num_devices, task.memory_bytes, method,
+                                        objective=objective, policy=policy, cost=cost,
+                                        search_time_s=search_time_s)
         except InputError as e:  # e.g. a dead end on memory: reported, not hidden
             out[method] = {"failed": str(e), "time_s": time.perf_counter() - t0}
             continue

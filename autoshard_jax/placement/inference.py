@@ -35,6 +35,12 @@ class LoadedPolicy:
     meta: dict
     step: int
 
+    @property
+    def cost_model_dir(self) -> str | None:
+        """Workdir of the cost network the policy trained against (None: analytical)."""
+        name = self.meta.get("cost_model", "analytical")
+        return name.split(":", 1)[1] if name.startswith("learned:") else None
+
 
 def load_policy(workdir: str) -> LoadedPolicy:
     """The newest checkpoint of a `launch.train_sharder` workdir; errors name what is missing."""

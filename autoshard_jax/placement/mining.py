@@ -28,7 +28,7 @@ from autoshard_jax.cost.collect import pin_reference_unit, prepare_workdir
 from autoshard_jax.cost.oracle import measure_plan, measure_set
 from autoshard_jax.cost.timing import Protocol
 from autoshard_jax.errors import ConfigError, InputError, check_range
-from autoshard_jax.placement.api import METHODS, plan_of
+from autoshard_jax.placement.api import EVAL_METHODS, plan_of
 from autoshard_jax.placement.costs import check_objective
 from autoshard_jax.placement.evaluate import device_tables
 from autoshard_jax.placement.tasks import Task, sample_task
@@ -76,9 +76,9 @@ class MineConfig:
             if self.batch_size % d:
                 raise ConfigError(f"batch_size {self.batch_size} is not divisible by "
                                   f"device_counts entry {d}")
-        unknown = [m for m in self.methods if m not in METHODS and m != "greedy_search"]
+        unknown = [m for m in self.methods if m not in EVAL_METHODS]
         if unknown or not self.methods:
-            raise ConfigError(f"methods must be among {[*METHODS, 'greedy_search']}, got "
+            raise ConfigError(f"methods must be among {list(EVAL_METHODS)}, got "
                               f"{list(self.methods)}")
         if self.num_tasks * len(self.methods) * _PER_PLAN >= dataset.INDEX_STRIDE:
             raise ConfigError(f"{self.num_tasks} tasks x {len(self.methods)} methods is more "
@@ -110,11 +110,14 @@ def mine(workdir: str, config: MineConfig, pool: Sequence[TableSpec] | None, pla
 
     `place(task, method) -> device_T` runs a planner (`launch.mine_plan_costs` binds the policy,
     cost model and search budget); a method that fails on a task is logged and skipped, a plan
-    another method already produced for the task is measured once.
+    another method already produced for the task is measured once. Records keep their plan
+    (`device_T`), so a resumed run re-plans only what it has not measured.
     """
     pool = prepare_workdir(workdir, config, pool, keys=MineConfig.RESUME_KEYS)
     path = os.path.join(workdir, dataset.DATA_FILE)
-    done = {(r["task"], r["method"]) for r in dataset.read_records(path, repair=True)}
+    # (task, method) on disk -> its plan (None in collections written before plans were kept)
+    done = {(r["task"], r["method"]): tuple(r["device_T"]) if "device_T" in r else None
+            for r in dataset.read_records(path, repair=True)}
     protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock,
                         config.normalize)
     if config.normalize:
@@ -125,6 +128,9 @@ def mine(workdir: str, config: MineConfig, pool: Sequence[TableSpec] | None, pla
         for i, task in enumerate(tasks(config, pool)):
             seen = set()
             for m, method in enumerate(config.methods):
+                if done.get((i, method)) is not None:  # measured: no need to re-plan
+                    seen.add(done[i, method])
+                    continue
                 try:
                     device_T = np.asarray(place(task, method))
                 except InputError as e:
@@ -138,6 +144,7 @@ def mine(workdir: str, config: MineConfig, pool: Sequence[TableSpec] | None, pla
                 index = (i * len(config.methods) + m) * _PER_PLAN
                 for record in _measure(task, device_T, config, protocol, index):
                     writer.write({**record, **env, "task": i, "method": method,
+                                  "device_T": list(key),
                                   "style": f"mined:{method}", "batch_size": config.batch_size,
                                   "row_optimizer": config.row_optimizer, "repeat_of": None})
                 plans += 1

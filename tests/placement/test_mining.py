@@ -45,8 +45,17 @@ def test_mines_each_distinct_plan_once_and_resumes(tmp_path, monkeypatch, object
     if objective == "spmd":
         assert first["measured_plans"] == sum(per_task.values()) == len(records)
     assert len({dataset.entry_key(r) for r in records}) == len(records)
-    again = mine(work, config, POOL, place, log=lambda _: None)
+    planned = []
+
+    def counting_place(task, method):
+        planned.append(method)
+        return place(task, method)
+
+    again = mine(work, config, POOL, counting_place, log=lambda _: None)
     assert again["measured_plans"] == 0 and again["records"] == len(records)
+    # a resume re-plans only the (task, method) pairs without a record: failures, duplicates
+    recorded = {(r["task"], r["method"]) for r in records}
+    assert len(planned) == config.num_tasks * len(config.methods) - len(recorded)
     read, pool = dataset.read_collections([work])
     assert len(read) == len(records) and set(pool) == names
 
