@@ -34,7 +34,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath  # orbax's path type (an orbax dependency)
 
 from autoshard_jax.errors import USER_OS_ERRNOS, InputError, ResumeError
 
@@ -97,6 +99,24 @@ def _os_error(exc: BaseException) -> tuple[int, str | None] | None:
             return int(code.group(1)), path.group(1) if path else None
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _processes_failing(failed: bool) -> list[int]:
+    """Indices of the processes that passed ``failed=True``; a collective in multi-process
+    runs (every process must call it), trivial in one process."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    from jax.experimental import multihost_utils
+
+    flags_P = np.asarray(multihost_utils.process_allgather(np.int32(failed))).reshape(-1)
+    return [int(p) for p in np.flatnonzero(flags_P)]
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def abstract_state(state: Any) -> Any:
@@ -245,17 +265,39 @@ class Checkpointer:
         return dict(meta)
 
     def _restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The step's arrays, read by this process alone.
+
+        The item handler is called directly, without the manager's restore barrier: in a
+        multi-process run a process whose read fails would never reach that barrier and leave
+        the others waiting in it. ``restore`` and ``restore_latest`` agree on the outcome
+        afterwards instead (``_agreed``).
+        """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        where = os.path.join(self._step_dir(step), "state")
         try:
-            restored = self._mngr.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+            return ocp.StandardCheckpointHandler().restore(
+                epath.Path(where), args=ocp.args.StandardRestore(target))
         except Exception as exc:  # noqa: BLE001 - reported with the step and orbax's cause
             reason = _first_line(_innermost(exc))
             del exc
             _collect_failed_reads()
+            raise CheckpointCorruptError(step, where, reason) from None
+
+    def _restore_agreed(self, step: int, abstract_state: Any) -> Any:
+        """``_restore_state`` on every process, then an agreement: if any process could not
+        read the step, every process raises CheckpointCorruptError for it (naming the first
+        process that failed), so all of them fall back to the same step."""
+        try:
+            state, error = self._restore_state(step, abstract_state), None
+        except CheckpointCorruptError as exc:
+            state, error = None, exc
+        failed = _processes_failing(error is not None)
+        if error is not None:
+            raise error
+        if failed:
             raise CheckpointCorruptError(step, os.path.join(self._step_dir(step), "state"),
-                                         reason) from None
-        return restored.state
+                                         f"process {failed[0]} could not read it")
+        return state
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Returns (state, meta) of ``step`` (None: the latest), laid out like ``abstract_state``.
@@ -277,7 +319,7 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self.directory} (available: {steps})"
             )
         meta = self.read_meta(step)
-        return self._restore_state(step, abstract_state), meta
+        return self._restore_agreed(step, abstract_state), meta
 
     def restore_latest(
         self, abstract_state: Any, check: Callable[[dict[str, Any]], None] | None = None
@@ -296,7 +338,7 @@ class Checkpointer:
                 meta = self.read_meta(step)
                 if check is not None:
                     check(meta)
-                state = self._restore_state(step, abstract_state)
+                state = self._restore_agreed(step, abstract_state)
             except CheckpointCorruptError as exc:
                 bad.append(exc)
                 continue
@@ -305,6 +347,7 @@ class Checkpointer:
                 log.warning("%s; resuming from step %d instead (the bad step is kept in %s)",
                             exc, step, aside)
             if bad:
+                _sync_processes("checkpoint_moved_aside")  # before anyone lists the steps again
                 self._mngr.reload()
             return step, state, meta
         if bad:
@@ -314,10 +357,12 @@ class Checkpointer:
         return None
 
     def _move_aside(self, step: int) -> str:
+        """Renames a bad step to ``corrupt.<step>`` (process 0 alone: the directory is shared)."""
         aside, n = os.path.join(self.directory, f"corrupt.{step}"), 1
         while os.path.exists(aside):
             aside, n = os.path.join(self.directory, f"corrupt.{step}.{n}"), n + 1
-        os.rename(self._step_dir(step), aside)
+        if jax.process_index() == 0:
+            os.rename(self._step_dir(step), aside)
         return aside
 
     def wait_until_finished(self) -> None:

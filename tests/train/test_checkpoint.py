@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from autoshard_jax.errors import ResumeError
+from autoshard_jax.train import checkpoint
 from autoshard_jax.train.checkpoint import Checkpointer, CheckpointWriteError, abstract_state
 
 
@@ -234,6 +235,26 @@ def test_corrupt_latest_step_falls_back_to_the_newest_intact_one(tmp_path, damag
         ckpt.save(3, states[3], {"data_position": 3}, force=True)  # the run can write it again
         ckpt.wait_until_finished()
         assert_bit_identical(ckpt.restore(3, abstract_state(big_state(0)))[0], states[3])
+
+
+def test_a_step_another_process_cannot_read_is_skipped_by_all(tmp_path, monkeypatch, caplog):
+    # Multi-process agreement, seen from a process whose own read succeeds: a peer reports step
+    # 3 unreadable, so this process falls back with it instead of waiting in a barrier.
+    states = _saved(tmp_path)
+    seen = []
+
+    def peers_failing(failed):
+        seen.append(failed)
+        return [1] if len(seen) == 1 else ([0] if failed else [])
+
+    monkeypatch.setattr(checkpoint, "_processes_failing", peers_failing)
+    with Checkpointer(tmp_path) as ckpt, caplog.at_level("WARNING"):
+        step, state, _ = ckpt.restore_latest(abstract_state(big_state(0)))
+    assert seen == [False, False]  # this process read both steps; the agreement said no to 3
+    assert step == 2
+    assert_bit_identical(state, states[2])
+    assert "process 1 could not read it; resuming from step 2" in caplog.text
+    assert (tmp_path / "corrupt.3").is_dir()
 
 
 def test_broken_meta_json_names_the_file(tmp_path):

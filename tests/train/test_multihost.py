@@ -1,7 +1,8 @@
 """Multi-process training: 2 processes on localhost (2 simulated CPU devices each, gloo
 collectives) train a planned model as 1 process with the same 4 devices, global batch and plan
 does (equal up to the order of the cross-process gradient sums); killed mid-run, they resume
-bit-identically; a dead peer ends the run with an error instead of a hang."""
+bit-identically; when the newest checkpoint cannot be read, both fall back to the same earlier
+step; a dead peer ends the run with an error instead of a hang."""
 
 import json
 import os
@@ -149,6 +150,22 @@ def test_two_processes_train_like_one_and_resume_bit_identically(tmp_path):
     assert "Resumed from step" in done[0][2]
     assert _curves(split) == _curves(two)
     assert _final_eval(done[0][1]) == finals[0]
+
+    # The largest array file process 1 wrote for the last step truncated: both processes fall
+    # back to the step before, together, and redo the last step (a process that alone fails is
+    # tests/train/test_checkpoint.py's agreement test).
+    last = _checkpoint_steps(two)[-1]
+    victim = max((two / "checkpoints" / str(last) / "state" / "ocdbt.process_1" / "d").iterdir(),
+                 key=lambda f: f.stat().st_size)  # an array data file (the others are index)
+    with open(victim, "r+b") as f:
+        f.truncate(10)
+    done = _finish(_launch(args, two, 2))
+    assert [rc for rc, _, _ in done] == [0, 0], done[0][2][-3000:] + done[1][2][-3000:]
+    for _, _, stderr in done:
+        assert f"resuming from step {last - 1}" in stderr, stderr[-3000:]
+    assert _curves(two) == _curves(split)
+    assert _final_eval(done[0][1]) == finals[0]
+    assert (two / "checkpoints" / f"corrupt.{last}").is_dir()
 
 
 def test_dead_peer_ends_the_run_with_an_error(tmp_path):
