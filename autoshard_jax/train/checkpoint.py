@@ -270,7 +270,7 @@ class Checkpointer:
         The item handler is called directly, without the manager's restore barrier: in a
         multi-process run a process whose read fails would never reach that barrier and leave
         the others waiting in it. ``restore`` and ``restore_latest`` agree on the outcome
-        afterwards instead (``_agreed``).
+        afterwards instead (``_restore_agreed``).
         """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         where = os.path.join(self._step_dir(step), "state")
@@ -342,13 +342,10 @@ class Checkpointer:
             except CheckpointCorruptError as exc:
                 bad.append(exc)
                 continue
+            asides = self._move_aside([exc.step for exc in bad]) if bad else {}
             for exc in bad:
-                aside = self._move_aside(exc.step)
                 log.warning("%s; resuming from step %d instead (the bad step is kept in %s)",
-                            exc, step, aside)
-            if bad:
-                _sync_processes("checkpoint_moved_aside")  # before anyone lists the steps again
-                self._mngr.reload()
+                            exc, step, asides[exc.step])
             return step, state, meta
         if bad:
             raise ResumeError(f"no intact checkpoint in {self.directory}: "
@@ -356,14 +353,26 @@ class Checkpointer:
                               + " (move the checkpoints directory away to start over)")
         return None
 
-    def _move_aside(self, step: int) -> str:
-        """Renames a bad step to ``corrupt.<step>`` (process 0 alone: the directory is shared)."""
-        aside, n = os.path.join(self.directory, f"corrupt.{step}"), 1
-        while os.path.exists(aside):
-            aside, n = os.path.join(self.directory, f"corrupt.{step}.{n}"), n + 1
+    def _move_aside(self, steps: list[int]) -> dict[int, str]:
+        """Renames bad steps to ``corrupt.<step>[.n]`` so the run can write them again.
+
+        The directory is shared: every process picks the same names before any rename, process
+        0 alone renames, and no process lists the steps again before it is done. Returns
+        {step: its new path}.
+        """
+        asides = {}
+        for step in steps:
+            aside, n = os.path.join(self.directory, f"corrupt.{step}"), 1
+            while os.path.exists(aside):
+                aside, n = os.path.join(self.directory, f"corrupt.{step}.{n}"), n + 1
+            asides[step] = aside
+        _sync_processes("checkpoint_names_chosen")
         if jax.process_index() == 0:
-            os.rename(self._step_dir(step), aside)
-        return aside
+            for step, aside in asides.items():
+                os.rename(self._step_dir(step), aside)
+        _sync_processes("checkpoint_moved_aside")
+        self._mngr.reload()
+        return asides
 
     def wait_until_finished(self) -> None:
         """Blocks until in-flight async saves are on disk; raises if one failed."""
