@@ -60,3 +60,27 @@ def test_table_counts_wins_against_both_baselines_and_states_the_noise():
     row = next(line for line in text.splitlines() if line.startswith("| autoshard |"))
     assert "| 2/0/0 | 1/1/0 |" in row  # vs size_lookup_greedy, vs spmd_greedy
     assert "median relative spread of a plan's rounds 20.0%" in text
+
+
+def test_reference_keeps_its_start_when_rounds_show_the_search_ended_above_it():
+    from autoshard_jax.placement.harness import settled_reference, table
+
+    def rec(first, median):  # first measurement (selection), re-measured median
+        return {"spmd_ms": median, "first_spmd_ms": first, "max_ms": float("nan"),
+                "time_s": 0.1, "rounds_spmd_ms": [median] * 3}
+
+    # spmd_greedy measured lowest first, so the search started from it; noise carried the
+    # search to a plan whose rounds say 10% worse than its start.
+    methods = {"size_lookup_greedy": rec(12.0, 12.0), "spmd_greedy": rec(9.9, 10.0),
+               "autoshard": rec(10.5, 10.4), "reference": rec(9.5, 11.0)}
+    settled = settled_reference(methods, "spmd")
+    assert settled["spmd_ms"] == 10.0 and settled["kept_start"]
+    row = next(line for line in table([{"methods": methods}], "spmd", 0.02).splitlines()
+               if line.startswith("| reference |"))
+    assert row.startswith("| reference | 10.000 |")
+    # A search that ended below its start stays as it is.
+    methods["reference"] = rec(9.0, 9.5)
+    assert settled_reference(methods, "spmd") is methods["reference"]
+    # Without rounds (predicted scores) there is nothing to settle.
+    plain = {"spmd_greedy": {"spmd_ms": 1.0}, "reference": {"spmd_ms": 2.0}}
+    assert settled_reference(plain, "spmd") is plain["reference"]
