@@ -36,7 +36,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath  # orbax's path type (an orbax dependency)
 
 from autoshard_jax.errors import USER_OS_ERRNOS, InputError, ResumeError
 
@@ -276,7 +275,7 @@ class Checkpointer:
         where = os.path.join(self._step_dir(step), "state")
         try:
             return ocp.StandardCheckpointHandler().restore(
-                epath.Path(where), args=ocp.args.StandardRestore(target))
+                self._mngr.directory / str(step) / "state", args=ocp.args.StandardRestore(target))
         except Exception as exc:  # noqa: BLE001 - reported with the step and orbax's cause
             reason = _first_line(_innermost(exc))
             del exc
