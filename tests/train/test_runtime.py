@@ -71,14 +71,18 @@ x = w = jnp.ones(n)
 assert f.lower(x, w).compile().memory_analysis().temp_size_in_bytes > 4 * n * n - 1
 for _ in range(30):  # the heap settles (with 8 simulated devices: after 10-20 calls)
     jax.block_until_ready(f(x, w))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(11):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(f(x, w))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[len(faults) // 2])
 """
 
 
 def _faults_per_call(mode: str, n: int) -> float:
+    """The median call's page faults: a rare call that grows the heap once more (CI saw one in
+    ten fault in the whole buffer after 30 warm-up calls) is not the steady state."""
     child = subprocess.run([sys.executable, "-c", _FAULTS_CHILD, mode, str(n)], capture_output=True,
                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert child.returncode == 0, child.stderr[-2000:]
