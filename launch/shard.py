@@ -6,9 +6,10 @@ python -m launch.shard --tables=tables.json --num_devices=8 --memory_gb=4 --meth
     --policy=/tmp/sharder --out=plan.json
 
 Methods: random, dim_greedy, size_greedy, lookup_greedy, size_lookup_greedy, torchrec_greedy,
-spmd_greedy, autoshard (needs --policy), autoshard_search (local search on the cost model,
-from the policy's plan when --policy is given). Prints the sharding time; the plan's `meta`
-records method, objective and time.
+spmd_greedy, autoshard (needs --policy), autoshard_search (with --policy: the policy's plan
+refined by local search on the cost model, moves predicted to gain >= 1% only; without: local
+search from the plan the cost model predicts best among the heuristics' and its own greedy's).
+Prints the sharding time; the plan's `meta` records method, objective and time.
 """
 
 from __future__ import annotations

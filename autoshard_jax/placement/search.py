@@ -3,10 +3,10 @@
 `cost_greedy` places tables by descending predicted single cost, each on the legal device that
 minimises the predicted objective after placing it (max_device: one cost_fn call gives every
 device's what-if cost; spmd: the plan cost with the table on each device, vmapped).
-`local_search` then improves any start plan (a heuristic's or the policy's: "policy +
-refinement") by the best legal single-table move or two-table swap among tables on the
-critical devices, all candidates scored in batched cost_fn calls, until no candidate improves
-or the round budget is spent.
+`local_search` then improves any start plan (a heuristic's, or the policy's: "policy +
+refinement", which takes only moves with a clear predicted gain) by the best legal
+single-table move or two-table swap among tables on the critical devices, all candidates
+scored in batched cost_fn calls, until no candidate improves or the round budget is spent.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _apply(device_T: np.ndarray, cand_Cx4: np.ndarray) -> np.ndarray:
 def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, cost: Cost,
                  objective: str, device_T: np.ndarray, max_rounds: int = 200,
                  time_budget_s: float = 60.0, max_candidates: int = 4096,
-                 keep_padding: bool = True) -> np.ndarray:
+                 keep_padding: bool = True, min_gain: float = 0.0) -> np.ndarray:
     """Best-improvement moves and swaps of tables on the critical devices (the slowest device;
     for spmd also each width class's busiest device by predicted class cost) until none
     improves, `max_rounds` moves, or `time_budget_s`.
@@ -147,6 +147,10 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
     100-table tasks, plans with a padded gather 1-15% above spmd_greedy's). The exact part of
     the cost bounds the search; the network chooses among the plans it allows, which on two
     8-device tasks still measured 8-25% above spmd_greedy's (README, session 7).
+
+    With `min_gain` > 0 a move must lower the predicted objective by that fraction, and moves
+    that only even out the devices (the secondary objective) are not made: a refinement of a
+    good plan should not follow differences the network cannot resolve.
     """
     feats, cls = _inputs(specs)
     cls_np = np.asarray(cls)
@@ -202,8 +206,8 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
             second.append(np.asarray(s)[:_CHUNK - pad])
         main, second = np.concatenate(main), np.concatenate(second)
         best = int(np.lexsort((second, main))[0])
-        better = main[best] < cur[0] * (1 - 1e-6) or (
-            main[best] <= cur[0] * (1 + 1e-9) and second[best] < cur[1] - 1e-9)
+        better = main[best] < cur[0] * (1 - max(min_gain, 1e-6)) or (
+            min_gain == 0 and main[best] <= cur[0] * (1 + 1e-9) and second[best] < cur[1] - 1e-9)
         if not better:
             break
         t1, d1, t2, d2 = cand[best]

@@ -1,5 +1,8 @@
 """Cost-guided search and the policy: legal plans only (property test), search never worsens."""
 
+import functools
+import itertools
+
 import jax
 import numpy as np
 from hypothesis import given, settings
@@ -33,30 +36,55 @@ def test_policy_and_search_plans_are_memory_legal(tables, budget_kb, method, obj
     api.plan_of(specs, dev, 3, budget_kb * 1024).validate(specs)
 
 
-def test_search_predicts_no_worse_than_any_heuristic_or_the_policy():
+def test_search_predicts_no_worse_than_its_start():
+    """autoshard_search refines the policy's plan; without a policy it starts from the best
+    predicted of the heuristics' plans (spmd: among the smallest padded programs)."""
     rng = np.random.default_rng(0)
     specs = [TableSpec(f"t{i}", int(rng.integers(50, 3000)), int(rng.choice([8, 16, 32])),
                        float(rng.uniform(0.5, 20))) for i in range(20)]
     for objective in ("spmd", "max_device"):
-        def predicted(method, objective=objective):
-            # no search rounds: the start alone must already be the best of them
-            dev = api.place(specs, 4, 1 << 30, method, objective=objective, policy=POLICY,
-                            cost=COST, search_rounds=0)
+        def plan(method, policy=POLICY, rounds=0, objective=objective):
+            return api.place(specs, 4, 1 << 30, method, objective=objective, policy=policy,
+                             cost=COST, search_rounds=rounds)
+
+        def predicted(dev, objective=objective):
             return objective_value(*plan_costs(COST, specs, dev, 4), objective)
 
-        def gather(method, objective=objective):
-            dev = api.place(specs, 4, 1 << 30, method, objective=objective, policy=POLICY,
-                            cost=COST, search_rounds=0)
-            return search.padded_gather(specs, 4, dev)[0]
-
-        best = predicted("autoshard_search")
-        methods = (*heuristics.HEURISTICS, "autoshard")
-        if objective == "spmd":  # the best predicted start among the smallest padded programs
-            smallest = min(gather(m) for m in methods)
-            assert gather("autoshard_search") <= smallest + 1e-9
-            methods = [m for m in methods if gather(m) <= smallest + 1e-9]
+        gather = functools.partial(search.padded_gather, specs, 4)
+        assert (plan("autoshard_search") == plan("autoshard")).all()  # no rounds: the start
+        refined = plan("autoshard_search", rounds=50)
+        assert predicted(refined) <= predicted(plan("autoshard")) + 1e-6
+        if objective == "spmd":
+            assert gather(refined)[0] <= gather(plan("autoshard"))[0] + 1e-9
+        best = predicted(plan("autoshard_search", policy=None))  # greedy_search's start
+        methods = heuristics.HEURISTICS
+        if objective == "spmd":
+            smallest = min(gather(plan(m))[0] for m in methods)
+            assert gather(plan("autoshard_search", policy=None))[0] <= smallest + 1e-9
+            methods = [m for m in methods if gather(plan(m))[0] <= smallest + 1e-9]
         for method in methods:
-            assert best <= predicted(method) + 1e-6, (objective, method)
+            assert best <= predicted(plan(method)) + 1e-6, (objective, method)
+
+
+def test_a_refinement_takes_only_moves_with_the_gain_it_asks_for():
+    rng = np.random.default_rng(3)
+    specs = [TableSpec(f"t{i}", int(rng.integers(50, 3000)), int(rng.choice([8, 16, 32])),
+                       float(rng.uniform(0.5, 20))) for i in range(16)]
+    mem = memory_model(specs, 1 << 30)
+    start = heuristics.random_placement(specs, 4, mem, 0)
+    for objective in ("spmd", "max_device"):
+        def value(dev, objective=objective):
+            return objective_value(*plan_costs(COST, specs, dev, 4), objective)
+        steps = [start]
+        for rounds in range(1, 30):
+            out = search.local_search(specs, 4, mem, COST, objective, start, max_rounds=rounds,
+                                      min_gain=0.05)
+            if (out == steps[-1]).all():
+                break
+            steps.append(out)
+        assert len(steps) > 1  # a random start leaves gains of 5% to take
+        for before, after in itertools.pairwise(steps):
+            assert value(after) < 0.95 * value(before) + 1e-6
 
 
 def test_padded_gather_is_the_layouts_padded_program():
