@@ -272,15 +272,16 @@ class Checkpointer:
         afterwards instead (``_restore_agreed``).
         """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        where = os.path.join(self._step_dir(step), "state")
+        where = self._mngr.directory / str(step) / "state"
         try:
             return ocp.StandardCheckpointHandler().restore(
-                self._mngr.directory / str(step) / "state", args=ocp.args.StandardRestore(target))
+                where, args=ocp.args.StandardRestore(target))
         except Exception as exc:  # noqa: BLE001 - reported with the step and orbax's cause
             reason = _first_line(_innermost(exc))
-            del exc
-            _collect_failed_reads()
-            raise CheckpointCorruptError(step, where, reason) from None
+        # Outside the except block: while it runs, the traceback keeps the failed read's
+        # coroutines alive, and they would print when collected later.
+        _collect_failed_reads()
+        raise CheckpointCorruptError(step, str(where), reason)
 
     def _restore_agreed(self, step: int, abstract_state: Any) -> Any:
         """``_restore_state`` on every process, then an agreement: if any process could not

@@ -2,9 +2,11 @@
 corrupt steps fall back, failed writes leave the earlier steps intact."""
 
 import errno
+import gc
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +277,20 @@ def test_no_intact_step_names_each_one(tmp_path):
         assert ckpt.all_steps() == [1, 2]  # nothing moved when there is nothing to fall back to
     with Checkpointer(tmp_path / "empty") as ckpt:
         assert ckpt.restore_latest(abstract_state(big_state(0))) is None
+
+
+def test_a_failed_read_leaves_nothing_to_print_when_collected_later(tmp_path, monkeypatch):
+    """orbax's failed read leaves coroutines behind; collected later, they would print
+    "Exception ignored in: <coroutine ...>" tracebacks into the user's log (seen in CI)."""
+    _saved(tmp_path, steps=(1,))
+    _truncate_largest_array_file(tmp_path / "1")
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CheckpointCorruptError):
+            ckpt.restore(1, abstract_state(big_state(0)))
+    gc.collect()
+    assert [str(u.object) for u in printed] == []
 
 
 def test_check_runs_on_the_record_before_any_array_is_read(tmp_path, monkeypatch):
