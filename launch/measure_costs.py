@@ -68,7 +68,7 @@ def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | Non
     import numpy as np
 
     from autoshard_jax.cost.network import class_onehot, load_cost_model
-    from autoshard_jax.cost.oracle import measure_plan, measure_set
+    from autoshard_jax.cost.oracle import measure_plan, measure_set, use_model_unit
     from autoshard_jax.cost.timing import Protocol
     from autoshard_jax.errors import ConfigError, check_range
     from autoshard_jax.sharding.plan import load_plan
@@ -88,6 +88,8 @@ def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | Non
         raise ConfigError(f"--cost_model was trained at batch size {model.meta.get('batch_size')}"
                           f", --batch_size is {batch_size}: measure at the model's batch size")
     protocol = Protocol(repeats=repeats, trim=2, clock=clock)
+    if model is not None:  # measured and predicted ms in one unit
+        use_model_unit(model.meta, clock)
     out = []
     if sets_path is not None:
         for names in load_sets(sets_path, set(specs)):

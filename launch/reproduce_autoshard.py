@@ -57,6 +57,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 3, "With --measure=oracle: the final plans of a task are "
                          "measured afresh this many times, interleaved, and report the median "
                          "(0: the single measurement that chose them).")
+    flags.DEFINE_float("reference_ms", 0.0, "With --measure=oracle: the unit measured ms are "
+                       "normalized to (the oracle's reference step, ms). 0: the cost model's "
+                       "unit when its cost_model.json records one (for older models pass the "
+                       "collection.json `reference_ms` of its first --data), else "
+                       "calibrated in this process, which makes ms of separate runs "
+                       "incomparable (ratios still hold).")
     flags.DEFINE_float("tie_rel", 0.02, "Relative difference counted as a tie (the noise).")
     flags.DEFINE_integer("seed", 0, "Seed of the test tasks.")
 
@@ -72,10 +78,23 @@ def check_flags(f) -> None:
     check_range("mem_factor", f.mem_factor, low=1.0, high=1000.0)
     check_range("search_time_s", f.search_time_s, low=0.0, high=86400.0)
     check_range("tie_rel", f.tie_rel, low=0.0, high=1.0)
+    check_range("reference_ms", f.reference_ms, low=0.0, high=1e6)
     for obj in f.objectives.split(","):
         if obj not in OBJECTIVES:
             raise InputError(f"--objectives: unknown objective {obj!r}; choose from "
                              f"{list(OBJECTIVES)}")
+
+
+def oracle_unit(f, cost) -> str:
+    """Pins the oracle's unit (--reference_ms, else the cost model's) and says which it is."""
+    from autoshard_jax.cost import oracle
+    if f.reference_ms:
+        oracle.set_reference_ms(f.reference_ms, f.clock)
+        return f"{f.reference_ms:.3f} ms (--reference_ms)"
+    model_ms = oracle.use_model_unit(cost.model.meta, f.clock) if cost.model else None
+    if model_ms:
+        return f"{model_ms:.3f} ms (the cost model's)"
+    return f"{oracle.reference_ms(f.clock):.3f} ms (calibrated in this process)"
 
 
 def reproduce(f, log=print) -> str:
@@ -115,6 +134,12 @@ def reproduce(f, log=print) -> str:
     os.makedirs(f.workdir, exist_ok=True)
     results = os.path.join(f.workdir, "results.jsonl")
 
+    unit = ""
+    if f.measure == "oracle":
+        where = oracle_unit(f, cost)
+        log(f"measured ms are normalized to the reference step at {where}")
+        unit = f"; oracle unit {where}"
+
     def make_score(task, objective):
         if f.measure == "oracle":
             from autoshard_jax.cost.timing import Protocol
@@ -122,7 +147,7 @@ def reproduce(f, log=print) -> str:
         return harness.predicted_scorer(task, cost)
 
     report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
-              f"{f.num_tasks} tasks per setting)\n"]
+              f"{f.num_tasks} tasks per setting{unit})\n"]
     for objective in f.objectives.split(","):
         for s in chosen:
             recs = harness.run_setting(s, objective, train_pool, test_pool, f.num_tasks,

@@ -55,7 +55,9 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     plans = fit.plan_data(records, pool)
     meta = {"backend": backend, "batch_size": batch_size, "row_optimizer": row_optimizer,
             "num_sets": 0 if sets is None else len(sets.index),
-            "num_plans": sum(len(p.index) for p in plans.values()), "data": list(data)}
+            "num_plans": sum(len(p.index) for p in plans.values()), "data": list(data),
+            # the unit predictions are in (oracle.use_model_unit pins measurements to it)
+            "reference_ms": dataset.collections_unit(list(data))}
     log(f"training on {meta['num_sets']} sets and {meta['num_plans']} plans ({backend}, "
         f"batch {batch_size})")
     model, history = fit.fit_cost_model(

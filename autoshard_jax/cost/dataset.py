@@ -128,6 +128,12 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
     return records, pool
 
 
+def collections_unit(paths: list[str]) -> float | None:
+    """The unit `read_collections(paths)` rescales every time to: the first collection's."""
+    first = paths[0]
+    return _collection_unit(first if os.path.isdir(first) else os.path.dirname(first))
+
+
 def _collection_unit(base: str) -> float | None:
     """The reference step's calibrated ms a collection is normalized to (None: raw times)."""
     path = os.path.join(base, COLLECTION_FILE)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +211,18 @@ def set_reference_ms(ms: float, clock: str, platform: str | None = None) -> None
         raise InputError(f"reference_ms must be positive, got {ms!r}")
     platform = platform or jax.devices()[0].platform
     _nominal_ms[(platform, clock)] = float(ms)
+
+
+def use_model_unit(model_meta: Mapping, clock: str) -> float | None:
+    """Pins the unit of normalized costs to the one a cost model predicts in (its
+    cost_model.json `reference_ms`: its first collection's calibration), so this process's
+    measurements compare with its predictions, and with other processes' measurements (the
+    unit calibrated per process moved 10-16 ms on one machine in one week). Returns the unit,
+    or None where the model records none (older models): then it is calibrated here."""
+    ms = model_meta.get("reference_ms")
+    if ms is not None:
+        set_reference_ms(ms, clock)
+    return ms
 
 
 def reference_tables() -> list[TableSpec]:

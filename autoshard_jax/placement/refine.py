@@ -69,6 +69,9 @@ def make_refine_fn(workdir: str, log=print, **measure_kw) -> Callable:
         if cost.model is None or not hasattr(cost.model, "update"):
             log("refine: the cost model is not a refinable learned model; skipped")
             return cost
+        if not measure_kw:  # the oracle's measurements go in the unit the model predicts in
+            from autoshard_jax.cost.oracle import DEFAULT_PROTOCOL, use_model_unit
+            use_model_unit(cost.model.meta, DEFAULT_PROTOCOL.clock)
         records = []
         for task, device_T in plans_of_batch(tasks, built, assign, c.refine_plans):
             records += measure_records(task, device_T, c.objective, c.batch_size, **measure_kw)

@@ -70,6 +70,9 @@ def test_train_then_measure_with_the_model(collection, tmp_path):
     assert {"network", "linear", "analytical"} <= set(report["test"].get("max_device", {})) \
         or report["meta"]["num_sets"] > 0
     assert (model_dir / "report.md").exists() and (model_dir / "cost_model.json").exists()
+    unit = json.loads((model_dir / "cost_model.json").read_text())["reference_ms"]
+    assert unit == json.loads(open(os.path.join(collection, "collection.json")).read())[
+        "reference_ms"]  # the unit its predictions are in
 
     tables = tmp_path / "tables.json"
     save_tables(tables, POOL)

@@ -18,7 +18,8 @@ def args(workdir, **kw):
     f = dict(workdir=workdir, policy="", cost_model=None, tables=None, max_rows=5000,
              pool_seed=0, measure="predicted", clock="cpu", batch_size=512, num_tasks=2,
              base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
-             mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0)
+             mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0,
+             reference_ms=0.0)
     f.update(kw)
     return types.SimpleNamespace(**f)
 
@@ -62,3 +63,21 @@ def test_bad_flags(tmp_path, kw, err, culprit):
 def test_cli_bad_flag_exits_2(tmp_path):
     proc = cli("launch.reproduce_autoshard", f"--workdir={tmp_path}", "--mem_factor=0.1")
     assert "mem_factor" in last_error(proc)
+
+
+def test_oracle_ms_are_in_the_flags_unit_else_the_cost_models(tmp_path, monkeypatch):
+    from autoshard_jax.cost import oracle
+    from launch.reproduce_autoshard import oracle_unit
+
+    monkeypatch.setattr(oracle, "_nominal_ms", {})  # this test's pins stay in this test
+    monkeypatch.setattr(oracle, "reference_ms", lambda clock: 99.0)  # "calibrated here"
+    model = types.SimpleNamespace(meta={"reference_ms": 12.5})
+    cost = types.SimpleNamespace(model=model)
+    f = args(str(tmp_path), measure="oracle")
+    assert oracle_unit(f, cost) == "12.500 ms (the cost model's)"
+    assert oracle._nominal_ms[(oracle.jax.devices()[0].platform, "cpu")] == 12.5
+    f.reference_ms = 9.0
+    assert oracle_unit(f, cost) == "9.000 ms (--reference_ms)"
+    assert oracle._nominal_ms[(oracle.jax.devices()[0].platform, "cpu")] == 9.0
+    f.reference_ms, model.meta = 0.0, {}  # an older model records no unit
+    assert oracle_unit(f, cost) == "99.000 ms (calibrated in this process)"
