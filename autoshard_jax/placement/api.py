@@ -42,7 +42,9 @@ GREEDY_SEARCH = "greedy_search"
 # A refinement move must be predicted to lower the objective by 1%. The network's held-out
 # error is 6-7% MAPE (session 8), and within one task it ranks near-optimal plans poorly
 # (see search.local_search), so smaller predicted gains are not evidence; session 8 measured
-# the search's own plans 3-14% above the policy's on max_device tasks.
+# the search's own plans 3-14% above the policy's on max_device tasks. Even so, in session 9
+# the refinement's moves measured worse more often than better (README), so for now the
+# policy alone (`autoshard`) is the learned method to use.
 REFINE_MIN_GAIN = 0.01
 EVAL_METHODS = METHODS + (GREEDY_SEARCH,)
 DEFAULT_BATCH_SIZE = 512
