@@ -177,9 +177,9 @@ def remeasure(methods: dict, score: Callable[[np.ndarray], dict], rounds: int) -
     median.
 
     The plans were chosen with one measurement each, and the reference search keeps the
-    proposal whose single measurement came out lowest, a winner's curse that flatters it by
-    the noise (between rounds on this CPU a plan's measurements spread by 4-5% at the median,
-    8% at the 90th percentile, for either objective). Fresh
+    proposals whose measurements came out lowest, a winner's curse that flatters it by the
+    noise (between rounds on this CPU a plan's measurements spread by 3-6% at the median,
+    7-10% at the 90th percentile, for either objective). Fresh
     measurements in rounds over all plans are unbiased, and drift of the machine hits every
     plan of a round alike. Fields: `spmd_ms`,
     `device_ms` and `max_ms` become medians over rounds (per device for `device_ms`),
