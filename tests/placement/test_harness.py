@@ -110,11 +110,34 @@ def test_a_lucky_measurement_alone_does_not_move_the_reference():
     end_T, end = reference_search(task, start_T, cost, "spmd", score, 5, start=start,
                                   confirm=True)
     assert (end_T == start_T).all() and end is start
-    # The model proposes the same move each time: lucky once, then confirmed worse.
-    assert readings[0] == readings[1] and len(readings) == 6
+    # The model proposes the same move each time: lucky once, then worse in the pair with the
+    # incumbent (measured in between), then screened out.
+    assert readings[0] == readings[2] != readings[1] == tuple(start_T) and len(readings) == 7
     readings.clear()
     end_T, end = reference_search(task, start_T, cost, "spmd", score, 5, start=start)
     assert not (end_T == start_T).all() and end["spmd_ms"] == 1.0  # unconfirmed: it moves
+
+
+def test_the_reference_confirms_a_proposal_against_the_incumbent_measured_beside_it():
+    """A machine that slows down after the first measurements: the proposal's second reading
+    is above the incumbent's old value, yet below the incumbent measured beside it."""
+    from autoshard_jax.placement.costs import get_cost
+    from autoshard_jax.placement.harness import reference_search
+
+    task, start_T = _task(), np.zeros(6, np.int64)
+    readings = []
+
+    def score(device_T):  # true cost: tables on the busiest device; +2 after the first reading
+        v = float(np.bincount(device_T, minlength=2).max()) + (2.0 if readings else 0.0)
+        readings.append(tuple(int(d) for d in device_T))
+        return {"spmd_ms": v, "max_ms": v, "device_ms": [v, v]}
+
+    start = {"spmd_ms": 6.0, "max_ms": 6.0, "device_ms": [6.0, 6.0]}
+    end_T, end = reference_search(task, start_T, get_cost(128), "spmd", score, 1, start=start,
+                                  confirm=True)
+    assert readings[1] == tuple(start_T) and readings[2] == readings[0] != readings[1]
+    moved = float(np.bincount(end_T, minlength=2).max())
+    assert moved < 6.0 and end["spmd_ms"] == moved + 1.0  # mean of its readings (+0, +2)
 
 
 def test_run_task_starts_the_reference_from_the_best_re_measured_plan():
