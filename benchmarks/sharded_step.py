@@ -101,7 +101,7 @@ def parity(specs, args) -> None:
     print(f"\nSharded step on 1 device vs the local step (trimmed mean of {protocol.repeats} "
           "interleaved rounds)")
     print(f"{'optimizer':16s} {'local_ms':>9s} {'sharded_ms':>10s} {'ratio':>6s}")
-    for optimizer in ("sgd", "rowwise_adagrad", "adagrad"):
+    for optimizer in args.optimizers.split(","):
         plan = random_plan(specs, 1, seed=args.seed)
         local = step_program(specs, None, args, device, optimizer)
         sharded = step_program(specs, plan, args, device, optimizer)
@@ -151,7 +151,9 @@ def main() -> None:
     p.add_argument("--plans", default="random,random_mixed,balanced,skewed",
                    help="plans to time at D > 1 (1 device: the local reference and one plan)")
     p.add_argument("--parity", action="store_true",
-                   help="only the 1-device sharded vs local table, for every row optimizer")
+                   help="only the 1-device sharded vs local table, for each of --optimizers")
+    p.add_argument("--optimizers", default="sgd,rowwise_adagrad,adagrad",
+                   help="row optimizers of --parity")
     args = p.parse_args()
     if args.parity:
         parity(random_tables(args.num_tables, seed=args.seed, max_pooling=args.max_pooling,

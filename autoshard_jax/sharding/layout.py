@@ -23,9 +23,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from autoshard_jax.errors import InputError
 from autoshard_jax.optim.sparse import BYTES_PER_VALUE, ELEMENT, StateKinds
 from autoshard_jax.sharding.lookup_meta import GroupMeta, concat_meta, group_meta
 from autoshard_jax.tables.spec import TableSpec
+
+
+class PlanError(InputError):
+    """A plan that cannot run; the message names the table, device or field at fault."""
 
 
 def padded_width(dim: int, width: int) -> int:
@@ -279,6 +284,20 @@ def _local_rows_of(table: np.ndarray, p: Placed, num_devices: int) -> np.ndarray
     return table[p.device::num_devices] if p.kind == "row_wise" else table
 
 
+def _check_int32_indexing(phys_rows: int, width: int, keys: int, members) -> None:
+    """Ids, row keys and chunk numbers are int32 on device; refuse layouts beyond that.
+
+    The narrowest packed width c addresses the slab as [R * W / c, c] rows, so a device slab of
+    2**31 * c values or more (8 GiB of fp32 for c = 1) would index past int32.
+    """
+    min_wpad = min((p.wpad for m in members for p in m), default=width)
+    if phys_rows * (width // min_wpad) >= 2**31 - 1 or keys >= 2**31 - 1:
+        raise PlanError(
+            f"a device slab of {phys_rows} x {width} values ({keys} logical rows) is too large "
+            "for int32 indexing: spread the largest tables over more devices (row_wise) or use "
+            "more devices")
+
+
 def build_layout(specs: Sequence[TableSpec], placements: Mapping[str, Mapping],
                  num_devices: int, width: int | None = None) -> Layout:
     """The static layout of structurally valid placements (see `ShardingPlan.validate`).
@@ -291,6 +310,9 @@ def build_layout(specs: Sequence[TableSpec], placements: Mapping[str, Mapping],
 
     Returns:
       The Layout: slab shape, where each table lives, lookup metadata per group.
+
+    Raises:
+      PlanError: if a device slab is too large for int32 indexing.
     """
     specs = tuple(specs)
     width = width or max(s.dim for s in specs)
@@ -316,6 +338,7 @@ def build_layout(specs: Sequence[TableSpec], placements: Mapping[str, Mapping],
     # +1: a spare row that stays zero; padding ids (-1) read it instead of being masked.
     phys_rows = 1 + max(sum(-(-p.local_rows // p.pack) for p in m) for m in members)
     keys = max(1, max(sum(p.local_rows for p in m) for m in members))
+    _check_int32_indexing(phys_rows, width, keys, members)
     sh_members = [[p for p in m if p.kind != "replicated"] for m in members]
     rep_members = [[p for p in m if p.kind == "replicated"] for m in members]
     sh = group_meta(sh_members, specs)

@@ -32,29 +32,28 @@ class ClassMeta:
     aux field), so jit keeps it a Python int even when the metadata is a traced argument.
 
     Attributes:
-      pos: [D, L_c] the class's positions in the group's ids (ascending).
-      row_off: [D, L_c] physical slab row where each position's table starts.
-      pack: [D, L_c] logical rows per physical row of each position's table.
+      chunk_off: [D, L_c] index of each position's table's first c-wide chunk in the slab viewed
+        as [R * W / c, c]; a table packs W / c logical rows per physical row, so logical row i
+        is chunk chunk_off + i.
       slot: [D, L_c] slot of each position (ascending; padding positions -> S_c - 1).
       slot_key_off: [D, S_c] first logical row (dedup key) of each slot's table, ascending;
         NO_KEY on padding slots.
-      slot_row_off: [D, S_c] physical row where each slot's table starts.
-      slot_pack: [D, S_c] logical rows per physical row of each slot's table.
+      slot_chunk_off: [D, S_c] `chunk_off` of each slot's table.
       slot_dim: [D, S_c] real dim of each slot's table (0 on padding slots).
       in_src: [D, S_c, c] group output column feeding (slot, value); O (the zero column) if none.
       max_rows: most logical rows of this class on any device: a bound on its unique ids.
+      first_pos: the class's first position in the group's ids; its L_c positions follow (static,
+        so a class's ids are a slice, not a gather).
     """
 
-    pos: np.ndarray
-    row_off: np.ndarray
-    pack: np.ndarray
+    chunk_off: np.ndarray
     slot: np.ndarray
     slot_key_off: np.ndarray
-    slot_row_off: np.ndarray
-    slot_pack: np.ndarray
+    slot_chunk_off: np.ndarray
     slot_dim: np.ndarray
     in_src: np.ndarray
     max_rows: int = flax.struct.field(pytree_node=False)
+    first_pos: int = flax.struct.field(pytree_node=False)
 
     @property
     def width(self) -> int:
@@ -65,6 +64,11 @@ class ClassMeta:
     def num_slots(self) -> int:
         """S_c."""
         return self.in_src.shape[-2]
+
+    @property
+    def num_positions(self) -> int:
+        """L_c."""
+        return self.slot.shape[-1]
 
 
 @flax.struct.dataclass
@@ -132,30 +136,26 @@ def group_meta(members, specs) -> GroupMeta:
         mine = [[p for p in m if p.wpad == c] for m in members]
         n_pos = max(sum(specs[p.table].hotness for p in m) for m in mine)
         n_slots = max(len(m) for m in mine)
-        arr = {k: np.zeros((d_count, n_pos), np.int32) for k in ("row_off", "pack", "slot")}
-        arr["pack"][:] = 1
+        arr = {k: np.zeros((d_count, n_pos), np.int32) for k in ("chunk_off", "slot")}
         arr["slot"][:] = n_slots - 1
         sl = {k: np.zeros((d_count, n_slots), np.int32)
-              for k in ("slot_key_off", "slot_row_off", "slot_pack", "slot_dim")}
+              for k in ("slot_key_off", "slot_chunk_off", "slot_dim")}
         sl["slot_key_off"][:] = NO_KEY
-        sl["slot_pack"][:] = 1
         for d, m in enumerate(mine):
             p0 = 0
             for s, p in enumerate(m):
                 h = specs[p.table].hotness
-                arr["row_off"][d, p0:p0 + h], arr["pack"][d, p0:p0 + h] = p.row_off, p.pack
-                arr["slot"][d, p0:p0 + h] = s
-                sl["slot_key_off"][d, s], sl["slot_row_off"][d, s] = p.key_off, p.row_off
-                sl["slot_pack"][d, s], sl["slot_dim"][d, s] = p.pack, specs[p.table].dim
+                chunk_off = p.row_off * p.pack  # pack = W / c rows of c values per slab row
+                arr["chunk_off"][d, p0:p0 + h], arr["slot"][d, p0:p0 + h] = chunk_off, s
+                sl["slot_key_off"][d, s], sl["slot_chunk_off"][d, s] = p.key_off, chunk_off
+                sl["slot_dim"][d, s] = specs[p.table].dim
                 pos[d, p.table] = pos0 + p0
                 slot_of[d, p.table] = (len(classes), s, flat0 + s * c)
                 p0 += h
         max_rows = max(1, max(sum(p.local_rows for p in m) for m in mine))
-        pos_DxL = np.broadcast_to(np.arange(pos0, pos0 + n_pos, dtype=np.int32),
-                                  (d_count, n_pos)).copy()
-        classes.append(ClassMeta(pos=pos_DxL, **arr, **sl,
+        classes.append(ClassMeta(**arr, **sl,
                                  in_src=np.full((d_count, n_slots, c), n_col, np.int32),
-                                 max_rows=max_rows))
+                                 max_rows=max_rows, first_pos=pos0))
         pos0 += n_pos
         flat0 += n_slots * c
     out_src = np.full((d_count, n_col), flat0, np.int32)
@@ -189,7 +189,7 @@ def concat_meta(sh: GroupMeta, rep: GroupMeta) -> GroupMeta:
     classes = [c.replace(in_src=np.where(c.in_src == sh.num_cols, n_col, c.in_src))
                for c in sh.classes]
     classes += [c.replace(
-        pos=c.pos + n_sh,
+        first_pos=c.first_pos + n_sh,
         in_src=np.where(c.in_src == rep.num_cols, n_col, c.in_src + sh.num_cols))
         for c in rep.classes]
     out_src = np.concatenate([np.where(sh.meta.out_src == f_sh, f_sh + f_rep, sh.meta.out_src),

@@ -14,17 +14,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from autoshard_jax.errors import InputError
 from autoshard_jax.optim.sparse import RowOptimizer, StateKinds, state_kinds
 from autoshard_jax.sharding import layout as layout_lib
+from autoshard_jax.sharding.layout import PlanError
 from autoshard_jax.tables.spec import TableSpec, load_versioned_json
 
 PLAN_VERSION = 1
 PLACEMENT_TYPES = ("table_wise", "row_wise", "replicated")
-
-
-class PlanError(InputError):
-    """A plan that cannot run; the message names the table, device or field at fault."""
 
 
 def _is_int(x: Any) -> bool:
@@ -120,29 +116,7 @@ class ShardingPlan:
             raise PlanError("table specs have duplicate names")
         layout = layout_lib.build_layout(specs, self.placements, self.num_devices)
         check_memory(layout, self.memory_bytes_per_device, state_kinds(row_optimizer))
-        check_int32_indexing(layout)
         return layout
-
-
-def check_int32_indexing(layout: layout_lib.Layout) -> None:
-    """Ids, row keys and packed-row indices are int32 on device; refuse layouts beyond that.
-
-    The narrowest packed width c addresses the slab as [R * W / c, c] rows, so a device slab of
-    2**31 * c values or more (8 GiB of fp32 for c = 1) would index past int32.
-
-    Args:
-      layout: a plan's layout.
-
-    Raises:
-      PlanError: if a device slab is too large.
-    """
-    min_wpad = min((p.wpad for m in layout.placed for p in m), default=layout.width)
-    rows_viewed = layout.phys_rows * (layout.width // min_wpad)
-    if rows_viewed >= 2**31 - 1 or layout.keys >= 2**31 - 1:
-        raise PlanError(
-            f"a device slab of {layout.phys_rows} x {layout.width} values ({layout.keys} logical "
-            "rows) is too large for int32 indexing: spread the largest tables over more devices "
-            "(row_wise) or use more devices")
 
 
 def _check_placement(name: Any, p: Any, num_devices: int) -> None:

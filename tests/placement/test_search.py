@@ -96,7 +96,7 @@ def test_padded_gather_is_the_layouts_padded_program():
     got = search.padded_gather(specs, 4, plans)
     for device_T, value in zip(plans, got, strict=True):
         layout = api.plan_of(specs, device_T, 4, 1 << 30).validate(specs)
-        want = sum(c.pos.shape[-1] * c.width for c in layout.sh.classes)
+        want = sum(c.num_positions * c.width for c in layout.sh.classes)
         assert value == want
 
 

@@ -60,7 +60,7 @@ def test_lookups_are_grouped_by_packed_width():
     lay = layout_lib.build_layout(specs, {s.name: {"type": "table_wise", "device": 0}
                                           for s in specs}, 1)
     assert [c.width for c in lay.sh.classes] == [4, 16, 64]
-    assert [c.row_off.shape[1] for c in lay.sh.classes] == [3, 1, 2]
+    assert [c.num_positions for c in lay.sh.classes] == [3, 1, 2]
     assert [c.max_rows for c in lay.sh.classes] == [1000, 30, 10]
     assert (lay.sh.pos[0, 1], lay.sh.pos[0, 2], lay.sh.pos[0, 0]) == (0, 3, 4)
     assert lay.sh.num_positions == 6 and lay.sh.num_cols == 64 + 4 + 12
