@@ -34,15 +34,20 @@ def device_meta(group: GroupMeta, device: int) -> LookupMeta:
     return jax.tree.map(lambda x: jnp.asarray(x[device]), group.arrays())
 
 
+def _class_ids(ids_NxL: jax.Array, cls: ClassMeta) -> jax.Array:
+    """A class's ids [L_c, N], position-major (a static slice: its positions are contiguous).
+
+    Position-major order makes pooling and its backward move whole [N, c] blocks per position
+    instead of N * L_c c-wide rows: on XLA:CPU the parity benchmark's lookup took 5.8 instead
+    of 8.6 ms, and its sharded SGD step went from 1.45-1.65x to 1.07-1.11x the local one.
+    """
+    return ids_NxL[:, cls.first_pos:cls.first_pos + cls.num_positions].T
+
+
 def _class_chunks(ids_NxL: jax.Array, cls: ClassMeta, padding: int) -> jax.Array:
     """Chunk numbers [L_c, N] of a class's ids in the slab viewed as [R * W / c, c]
-    (`_chunks`), position-major; padding ids (-1) become `padding`.
-
-    Position-major order makes pooling and its backward move whole [N, c] blocks per position:
-    on XLA:CPU, scattering L_c blocks into S_c slots (and gathering them back) is several times
-    faster than N * L_c c-wide rows.
-    """
-    ids_LxN = ids_NxL[:, cls.first_pos:cls.first_pos + cls.num_positions].T
+    (`_chunks`); padding ids (-1) become `padding`."""
+    ids_LxN = _class_ids(ids_NxL, cls)
     return jnp.where(ids_LxN >= 0, cls.chunk_off[:, None] + ids_LxN, padding)
 
 
@@ -183,7 +188,7 @@ def device_update(slab_RxW: jax.Array, state: Mapping[str, jax.Array], ids_NxL: 
             new_rows, _ = row_optimizer.update(_chunks(slab_F, c), {}, chunk_M, g_MxC, step)
             slab_F = new_rows.reshape(-1)
             continue
-        ids_LxN = ids_NxL[:, cls.first_pos:cls.first_pos + cls.num_positions].T
+        ids_LxN = _class_ids(ids_NxL, cls)
         m = ids_LxN.size
         key_off_L = cls.slot_key_off[cls.slot]
         keys_M = jnp.where(ids_LxN >= 0, key_off_L[:, None] + ids_LxN, NO_KEY).reshape(-1)
