@@ -21,8 +21,8 @@ partial step directory removed and the earlier steps untouched.
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import gc
 import glob
 import logging
 import os
@@ -44,6 +44,7 @@ __all__ = ["CheckpointCorruptError", "CheckpointWriteError", "Checkpointer", "ab
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_ORBAX_DIR = os.path.dirname(ocp.__file__)
 # How tensorstore reports an OS error inside an orbax write.
 _TS_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
 _TS_FAILED_PATH = re.compile(r'Failed (?:writing|to open|to create)[^"]*"([^"]+)"')
@@ -75,14 +76,39 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _collect_failed_reads() -> None:
-    """A failed orbax restore leaves coroutines behind whose collection prints "Event loop is
-    closed" tracebacks, possibly after the job's own error line; collect them quietly now."""
-    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+def _quiet_stranded_reads() -> None:
+    """Keep what a failed orbax restore leaves behind out of the user's log.
+
+    orbax runs a restore on an event loop that it closes without cancelling the other shards'
+    reads. Those reads then print "Exception ignored in: ..." tracebacks whenever tensorstore's
+    threads let go of them, possibly after the job's own error line (seen in CI): a read that
+    completes calls back into the closed loop, and its coroutine, once collected, turns the
+    GeneratorExit into the read's error. This wraps the unraisable hook (once) so that exactly
+    those two are skipped; every other unraisable error reaches the hook as before.
+    """
+    if not getattr(sys.unraisablehook, "skips_stranded_reads", False):
+        sys.unraisablehook = _skipping_stranded_reads(sys.unraisablehook)
+
+
+def _is_stranded_read(unraisable: Any) -> bool:
+    """A collected orbax coroutine, or a native thread's call into a closed event loop."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None:
+        return code.co_filename.startswith(_ORBAX_DIR)
+    tb = unraisable.exc_traceback
+    if tb is None or tb.tb_frame.f_code.co_name != "call_soon_threadsafe":
+        return False
+    loop = tb.tb_frame.f_locals.get("self")
+    return isinstance(loop, asyncio.AbstractEventLoop) and loop.is_closed()
+
+
+def _skipping_stranded_reads(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    def skip(unraisable: Any) -> None:
+        if not _is_stranded_read(unraisable):
+            hook(unraisable)
+
+    skip.skips_stranded_reads = True
+    return skip
 
 
 def _os_error(exc: BaseException) -> tuple[int, str | None] | None:
@@ -273,14 +299,14 @@ class Checkpointer:
         """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         where = self._mngr.directory / str(step) / "state"
+        _quiet_stranded_reads()  # before the read: its leftovers can print while it fails
         try:
             return ocp.StandardCheckpointHandler().restore(
                 where, args=ocp.args.StandardRestore(target))
         except Exception as exc:  # noqa: BLE001 - reported with the step and orbax's cause
             reason = _first_line(_innermost(exc))
-        # Outside the except block: while it runs, the traceback keeps the failed read's
-        # coroutines alive, and they would print when collected later.
-        _collect_failed_reads()
+        # Outside the except block, so the error does not carry orbax's traceback (and the
+        # failed read's coroutines with it) up to the caller.
         raise CheckpointCorruptError(step, str(where), reason)
 
     def _restore_agreed(self, step: int, abstract_state: Any) -> Any:
