@@ -1,5 +1,8 @@
 """The cost oracle times the training code path, grows with lookups, refuses what cannot fit."""
 
+import collections
+
+import jax
 import numpy as np
 import pytest
 
@@ -152,6 +155,47 @@ def test_simulated_devices_exchange_is_one_devices_share(monkeypatch, num_device
     assert cost.compute_ms == 6.0
     assert cost.exchange_ms == pytest.approx(8.0 / num_devices)
     assert cost.total_ms == pytest.approx(6.0 + 8.0 / num_devices)
+
+
+def test_repeated_measurements_reuse_their_programs(monkeypatch):
+    # An evaluation measures the same sets and plans in rounds: their programs are built once
+    # per key, and the key holds everything they depend on (tables, seed, plan), within a
+    # bounded number of recent keys.
+    monkeypatch.setattr(oracle, "_programs", collections.OrderedDict())
+    monkeypatch.setattr(oracle, "_PROGRAM_CACHE_SIZE", 3)
+    oracle.reference_step(jax.devices()[0], FAST.clock)  # built once per process, not counted
+    built = []
+    real = oracle._step_programs
+    monkeypatch.setattr(oracle, "_step_programs",
+                        lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    specs = [TableSpec(f"t{i}", 300, (8, 16)[i % 2], 2.0, HIST) for i in range(4)]
+    for seed in (0, 0, 1, 0, 1):
+        measure_set(specs, 64, protocol=FAST, seed=seed)
+    assert len(built) == 2
+    split = plan_from_mapping({s.name: i % 2 for i, s in enumerate(specs)}, 2, 1 << 30)
+    lopsided = plan_from_mapping({s.name: int(i == 3) for i, s in enumerate(specs)}, 2, 1 << 30)
+    for plan in (split, split, lopsided, split):
+        measure_plan(specs, plan, 64, protocol=FAST)
+    assert len(built) == 4 and len(oracle._programs) == 3
+    measure_set(specs, 64, protocol=FAST, seed=0)  # the least recently used key, evicted
+    assert len(built) == 5
+
+
+def test_a_reused_program_runs_what_a_fresh_one_would(monkeypatch):
+    monkeypatch.setattr(oracle, "_programs", collections.OrderedDict())
+    specs = [TableSpec(f"t{i}", 300, (8, 16)[i % 2], 2.0, HIST) for i in range(3)]
+    measure_set(specs, 64, protocol=FAST, seed=3, row_optimizer="rowwise_adagrad")
+    (programs, carries), = oracle._programs.values()
+    layout = oracle.build_layout(specs, {s.name: {"type": "table_wise", "device": 0}
+                                         for s in specs}, 1)
+    fresh, fresh_carries = oracle._step_programs(
+        layout, 0, *oracle.draw_batch(specs, 64, 3), "rowwise_adagrad", jax.devices()[0],
+        split=True)
+    slab, state = programs["backward"](carries()["backward"])
+    want_slab, want_state = fresh["backward"](fresh_carries()["backward"])
+    assert np.abs(np.asarray(want_slab)).sum() > 0  # the update wrote the drawn ids' rows
+    np.testing.assert_array_equal(np.asarray(slab), np.asarray(want_slab))
+    jax.tree.map(np.testing.assert_array_equal, state, want_state)
 
 
 def test_plan_over_memory_is_refused_before_measuring():
