@@ -124,10 +124,14 @@ def reproduce(f, log=print) -> str:
     if f.measure == "oracle":  # plans are timed on D (simulated, on CPU) devices
         from autoshard_jax.placement.evaluate import ensure_devices
         ensure_devices(max(s.num_devices for s in chosen))
-    policies = {}
+    policies, paths = {}, {}
     for path in [p for p in f.policy.split(",") if p]:
         pol = load_policy(path)
-        policies[pol.meta["objective"]] = pol
+        objective = pol.meta["objective"]
+        if objective in policies:
+            raise InputError(f"--policy: {paths[objective]} and {path} are both trained for "
+                             f"objective {objective}; give one policy per objective")
+        policies[objective], paths[objective] = pol, path
     cost_dir = f.cost_model or (next(iter(policies.values())).cost_model_dir
                                 if policies else None)
     cost = get_cost(f.batch_size, cost_dir)
@@ -149,6 +153,9 @@ def reproduce(f, log=print) -> str:
     report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
               f"{f.num_tasks} tasks per setting{unit})\n"]
     for objective in f.objectives.split(","):
+        if f.policy and objective not in policies:
+            log(f"no --policy was trained for objective {objective}: its tables have no "
+                "autoshard rows")
         for s in chosen:
             recs = harness.run_setting(s, objective, train_pool, test_pool, f.num_tasks,
                                        f.mem_factor, f.seed, make_score, cost,

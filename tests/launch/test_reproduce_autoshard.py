@@ -28,7 +28,9 @@ def test_reports_every_method_and_resumes(tmp_path):
     policy = str(tmp_path / "policy")
     train(tiny_config(num_iterations=2), policy, log=lambda *_: None)
     work = str(tmp_path / "out")
-    text = reproduce(args(work, policy=policy), log=lambda *_: None)
+    logged = []
+    text = reproduce(args(work, policy=policy), log=logged.append)
+    assert "no --policy was trained for objective max_device" in "\n".join(logged)
     for heading in ("## base (T=8, D=2", "## D=3 (T=8, D=3"):
         assert heading in text
     for method in ("| random | ", "| size_lookup_greedy | ", "| spmd_greedy | ",
@@ -46,6 +48,8 @@ def test_reports_every_method_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(work, "bars_spmd.png"))
     reproduce(args(work, policy=policy), log=lambda *_: None)  # finished tasks are skipped
     assert open(os.path.join(work, "results.jsonl")).read().splitlines() == lines
+    with pytest.raises(InputError, match="both trained for objective spmd"):
+        reproduce(args(work, policy=f"{policy},{policy}"), log=lambda *_: None)
 
 
 @pytest.mark.parametrize("kw,err,culprit", [
