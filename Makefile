@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint install bench clean fgd scaling costs
+.PHONY: demo test lint install bench clean fgd scaling costs autoshard
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ costs: $(STAMP)
 	$(PY) -m launch.collect_costs --workdir=runs/costs
 	$(PY) -m launch.train_cost_model --workdir=runs/cost_model --data=runs/costs
 
+# AutoShard end to end: cost data, cost network, policies, mined plans, retraining, evaluation
+# (hours; resumable: re-run to continue). See launch/autoshard_pipeline.sh.
+AUTOSHARD_DIR ?= runs/autoshard
+autoshard: $(STAMP)
+	bash launch/autoshard_pipeline.sh $(AUTOSHARD_DIR) $(PY)
 scaling: $(STAMP)
 	$(PY) -m launch.scaling_sweep --config=launch/configs/scaling_cpu.py --workdir=runs/scaling
 	$(PY) -m launch.fit_scaling --workdir=runs/scaling --allow_unfit

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# AutoShard end to end on this machine, the way the README's figures are made:
+#   1. cost data: random sets and plans timed by the oracle (two shards);
+#   2. the cost network on it;
+#   3. one policy per objective against that network;
+#   4. the planners' own plans (heuristics, policy, searches) on training tasks, timed;
+#   5. the network retrained on all of it, 6. the policies retrained on that network;
+#   7. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
+# Each step resumes, or is skipped when its output is complete, so re-running the same command
+# continues where it stopped. Two processes at a time, one pinned core each.
+#
+#   bash launch/autoshard_pipeline.sh [DIR] [PYTHON]   # default: runs/autoshard .venv/bin/python
+#   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
+#
+# STOP_AFTER (costs, cost_model, policies, mined, cost_model_2, policies_2) ends the run after
+# that step. Hours on 2 CPU cores: ~0.75 for the costs, ~0.5 for mining, then each evaluation
+# task takes 2-8 min (spmd) or 5-15 min (max_device).
+set -euo pipefail
+
+DIR=${1:-runs/autoshard}
+PY=${2:-.venv/bin/python}
+SETTINGS=${SETTINGS:-base,T=10,T=100,T=200,D=2,D=8,D=16,unseen=0%,unseen=50%}
+NUM_TASKS=${NUM_TASKS:-4}
+EVAL_SEED=${EVAL_SEED:-2}
+STOP_AFTER=${STOP_AFTER:-}
+OBJECTIVES=(spmd max_device)
+MINED_TASKS=(30 15)  # a max_device task times every device's tables: fewer tasks
+mkdir -p "$DIR"
+
+pin() {  # pin CORE CMD...: CMD on one core where taskset and a second core exist
+  if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then taskset -c "$1" "${@:2}"
+  else "${@:2}"; fi
+}
+
+side_by_side() {  # side_by_side FN: FN 0 and FN 1 at once; fails if either fails
+  local first second rc=0
+  "$1" 0 & first=$!
+  sleep 20  # shard 0 of a collection writes its header first
+  "$1" 1 & second=$!
+  wait "$first" || rc=$?
+  wait "$second" || rc=$?
+  return "$rc"
+}
+
+done_with() {
+  echo "== $1 done ($(date -u +%H:%M:%S))"
+  if [ "$STOP_AFTER" = "$1" ]; then exit 0; fi
+}
+
+costs() {
+  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs" --num_shards=2 --shard_index="$1" \
+    --num_sets=1600 --num_plans=400 --plan_devices=2,4,8,16 --plan_tables=8,120 --max_tables=30
+}
+side_by_side costs
+done_with costs
+
+cost_model() {  # cost_model WORKDIR DATA
+  if [ ! -f "$1/report.md" ]; then  # written last
+    pin 0 "$PY" -m launch.train_cost_model --workdir="$1" --data="$2"
+  fi
+}
+cost_model "$DIR/cost_model" "$DIR/costs"
+done_with cost_model
+
+policy() {  # policy K [SUFFIX]: the objective K's policy against cost_model$SUFFIX
+  local objective=${OBJECTIVES[$1]}
+  pin "$1" "$PY" -m launch.train_sharder --config=launch/configs/sharder_runlocal.py \
+    --workdir="$DIR/sharder${SUFFIX:-}_$objective" --config.objective="$objective" \
+    --config.cost_model="$DIR/cost_model${SUFFIX:-}" --config.pool.max_rows=100000
+}
+side_by_side policy
+done_with policies
+
+mined() {
+  local objective=${OBJECTIVES[$1]}
+  pin "$1" "$PY" -m launch.mine_plan_costs --workdir="$DIR/mined_$objective" \
+    --policy="$DIR/sharder_$objective" --objective="$objective" --num_tasks="${MINED_TASKS[$1]}"
+}
+side_by_side mined
+done_with mined
+
+cost_model "$DIR/cost_model_2" "$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device"
+done_with cost_model_2
+
+SUFFIX=_2 side_by_side policy
+done_with policies_2
+
+evaluate() {
+  local objective=${OBJECTIVES[$1]}
+  pin "$1" "$PY" -m launch.reproduce_autoshard --workdir="$DIR/repro_$objective" \
+    --measure=oracle --rounds=3 --num_tasks="$NUM_TASKS" --max_rows=100000 --seed="$EVAL_SEED" \
+    --policy="$DIR/sharder_2_$objective" --objectives="$objective" --settings="$SETTINGS"
+}
+side_by_side evaluate
+done_with evaluation
