@@ -8,6 +8,7 @@ Table specs live beside the data in the collection's `tables.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -104,7 +105,9 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
     INDEX_STRIDE: splits and noise pairs never mix two collections' entries, and the first
     collection keeps its own split. Each collection is normalized to its own calibration of the
     reference step (`reference_ms` in its collection.json); times are rescaled to the first
-    collection's unit. A table name that means two specs is refused."""
+    collection's unit. Collections may come from different pools (random sets from the cost
+    pool, planners' plans from the evaluation pool's train half): a name that an earlier
+    collection gave another spec is renamed `<name>@<k>` in the k-th collection's records."""
     records, pool, unit = [], {}, None
     for k, path in enumerate(paths):
         shift = k * INDEX_STRIDE
@@ -117,15 +120,27 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
                             f"({path}: {'raw' if ref is None else 'normalized'}): collect them "
                             "with one protocol")
         scale = unit / ref if unit and ref else 1.0
-        records += [{**r, **{f: r[f] * scale for f in MS_FIELDS if f in r},
-                     "index": r["index"] + shift,
-                     "repeat_of": None if r.get("repeat_of") is None else r["repeat_of"] + shift}
-                    for r in iter_files(path)]
+        renamed = {}
         for spec in load_tables(os.path.join(base, TABLES_FILE)):
             if pool.setdefault(spec.name, spec) != spec:
-                raise DataError(f"table {spec.name!r} differs between the collections in "
-                                f"{paths}: train on collections of one pool")
+                renamed[spec.name] = name = f"{spec.name}@{k}"
+                pool[name] = dataclasses.replace(spec, name=name)
+        records += [{**r, **{f: r[f] * scale for f in MS_FIELDS if f in r},
+                     "index": r["index"] + shift,
+                     "repeat_of": None if r.get("repeat_of") is None else r["repeat_of"] + shift,
+                     **_renamed_tables(r, renamed)}
+                    for r in iter_files(path)]
     return records, pool
+
+
+def _renamed_tables(record: dict, renamed: dict[str, str]) -> dict:
+    """The record's table-name fields with `renamed` applied (nothing when it is empty)."""
+    if not renamed:
+        return {}
+    out = {"tables": [renamed.get(n, n) for n in record["tables"]]}
+    if "placements" in record:
+        out["placements"] = {renamed.get(n, n): p for n, p in record["placements"].items()}
+    return out
 
 
 def collections_unit(paths: list[str]) -> float | None:

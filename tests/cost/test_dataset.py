@@ -1,4 +1,4 @@
-"""Several cost collections read together: indices kept apart, one pool required."""
+"""Several cost collections read together: indices kept apart, clashing names renamed."""
 
 import json
 
@@ -40,11 +40,21 @@ def test_collections_keep_their_indices_apart(tmp_path):
         [dataset.split_of(r["index"]) for r in records[:3]]
 
 
-def test_one_name_two_specs_is_refused(tmp_path):
+def test_a_name_meaning_another_spec_is_renamed_in_its_collection(tmp_path):
+    # Random sets from the cost pool and mined plans from the evaluation pool share names
+    # (t000 ...) for different tables; each record must keep meaning its own table.
     a = _collection(tmp_path / "a", [TableSpec("t0", 100, 8)], [1.0])
-    b = _collection(tmp_path / "b", [TableSpec("t0", 100, 16)], [1.0])
-    with pytest.raises(DataError, match="table 't0' differs between the collections"):
-        dataset.read_collections([a, b])
+    b = _collection(tmp_path / "b", [TableSpec("t0", 100, 16), TableSpec("t1", 50, 4)], [2.0])
+    c = _collection(tmp_path / "c", [TableSpec("t0", 100, 8)], [3.0])  # a's t0 again: kept
+    records, pool = dataset.read_collections([a, b, c])
+    assert pool == {"t0": TableSpec("t0", 100, 8), "t0@1": TableSpec("t0@1", 100, 16),
+                    "t1": TableSpec("t1", 50, 4)}
+    assert [r["tables"] for r in records] == [["t0"]] * 2 + [["t0@1"]] * 2 + [["t0"]] * 2
+    plan = {"kind": "plan", "tables": ["t0", "t1"],
+            "placements": {"t0": {"type": "table_wise", "device": 1}, "t1": {"type": "row_wise"}}}
+    assert dataset._renamed_tables(plan, {"t0": "t0@1"}) == {
+        "tables": ["t0@1", "t1"],
+        "placements": {"t0@1": {"type": "table_wise", "device": 1}, "t1": {"type": "row_wise"}}}
 
 
 def test_collections_are_rescaled_to_the_first_ones_unit(tmp_path):
