@@ -120,6 +120,7 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
                             f"({path}: {'raw' if ref is None else 'normalized'}): collect them "
                             "with one protocol")
         scale = unit / ref if unit and ref else 1.0
+        raw = list(iter_files(path))  # first: a missing collection is named as such
         renamed = {}
         for spec in load_tables(os.path.join(base, TABLES_FILE)):
             if pool.setdefault(spec.name, spec) != spec:
@@ -129,7 +130,7 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
                      "index": r["index"] + shift,
                      "repeat_of": None if r.get("repeat_of") is None else r["repeat_of"] + shift,
                      **_renamed_tables(r, renamed)}
-                    for r in iter_files(path)]
+                    for r in raw]
     return records, pool
 
 
