@@ -13,8 +13,9 @@
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
 # STOP_AFTER (costs, cost_model, policies, mined, cost_model_2, policies_2) ends the run after
-# that step. Hours on 2 CPU cores: ~0.75 for the costs, ~0.5 for mining, then each evaluation
-# task takes 2-8 min (spmd) or 5-15 min (max_device).
+# that step. Measured on 2 AMD EPYC cores (session 11): costs 34 min, first network 8 min,
+# policies 2 min, mining 16 min, second network 22 min; then an evaluation task takes ~2.5 min
+# (spmd, D=4) or 4.5-10 min (max_device, D=4-8).
 set -euo pipefail
 
 DIR=${1:-runs/autoshard}
@@ -62,7 +63,7 @@ cost_model() {  # cost_model WORKDIR DATA
 cost_model "$DIR/cost_model" "$DIR/costs"
 done_with cost_model
 
-policy() {  # policy K [SUFFIX]: the objective K's policy against cost_model$SUFFIX
+policy() {  # policy K: objective K's policy against cost_model$SUFFIX (SUFFIX from the env)
   local objective=${OBJECTIVES[$1]}
   pin "$1" "$PY" -m launch.train_sharder --config=launch/configs/sharder_runlocal.py \
     --workdir="$DIR/sharder${SUFFIX:-}_$objective" --config.objective="$objective" \
