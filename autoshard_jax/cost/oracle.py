@@ -156,7 +156,10 @@ def _step_programs(layout: Layout, device_index: int, ids, grads, row_optimizer:
             slab, state, ids, g, step, meta, **static)[1:], donate_argnums=(0, 1))
         return ({"total": lambda c: whole(*c, *inputs)},
                 lambda: {"total": _device_buffers(layout, kinds, fills, device)})
-    forward = jax.jit(device_lookup)
+    # A fresh function per build: jax caches traces and executables per function, so a jit of
+    # module-level device_lookup kept every set's compiled forward alive after this module's
+    # cache let it go (12 memory maps per set; an evaluation died at the kernel's 65,530 maps).
+    forward = jax.jit(lambda slab, ids, meta: device_lookup(slab, ids, meta))
     update = jax.jit(lambda slab, state, ids, g, step, meta: device_update(
         slab, state, ids, g, step, meta, **static), donate_argnums=(0, 1))
     programs = {"forward": lambda c: (c[0], forward(c[0], ids_BxL, meta)),

@@ -1,6 +1,8 @@
 """The cost oracle times the training code path, grows with lookups, refuses what cannot fit."""
 
 import collections
+import gc
+import os
 
 import jax
 import numpy as np
@@ -179,6 +181,30 @@ def test_repeated_measurements_reuse_their_programs(monkeypatch):
     assert len(built) == 4 and len(oracle._programs) == 3
     measure_set(specs, 64, protocol=FAST, seed=0)  # the least recently used key, evicted
     assert len(built) == 5
+
+
+def _memory_maps() -> int:
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts Linux memory maps")
+def test_evicted_programs_release_their_compiled_code(monkeypatch):
+    # Each compiled program holds ~12 memory maps. When jax kept every set's forward alive, a
+    # long evaluation died at the kernel's map limit; evicted programs must be freed.
+    monkeypatch.setattr(oracle, "_programs", collections.OrderedDict())
+    monkeypatch.setattr(oracle, "_PROGRAM_CACHE_SIZE", 2)
+    quick = Protocol(warmup=0, repeats=1, trim=0, normalize=False)
+
+    def distinct_sets(first, count):  # each a new shape: a new compiled program
+        for i in range(first, first + count):
+            measure_set([TableSpec(f"s{i}", 100 + 7 * i, 16, 2.0, HIST)], 64, protocol=quick)
+
+    distinct_sets(0, 6)
+    before = _memory_maps()
+    distinct_sets(6, 24)
+    assert _memory_maps() - before < 100  # ~290 when every forward was kept
 
 
 def test_a_reused_program_runs_what_a_fresh_one_would(monkeypatch):
