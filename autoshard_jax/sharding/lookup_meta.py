@@ -8,8 +8,8 @@ updating [.., w'] arrays. A device's work is then proportional to its ids x thei
 
 Within a group, positions are ordered class by class; each table owns `hotness` consecutive
 positions of its class and one *slot* (a pooled [w'] vector) of that class. The class sizes
-(positions, slots) are the maxima over devices, so every device runs the same shapes. All
-arrays are numpy [D, ...] int32 built once per plan.
+(positions, slots) are the maxima over devices, so every device runs the same shapes; a class
+has at least MIN_SLOTS slots (see there). All arrays are numpy [D, ...] int32 built once per plan.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ import numpy as np
 
 # Padding slots get this key offset so that no real key ever maps to them.
 NO_KEY = np.iinfo(np.int32).max
+# Every class has at least this many slots, padding ones included. With one slot, XLA:CPU turns
+# the backward's per-position gather of slot gradients ([1, N, c] -> [L, N, c]) into a broadcast
+# whose layout copy reads the gradient transposed, inside the scatter's input: a dim-128 table of
+# 100 ids per sample alone in its class took 21 ms per SGD backward at batch 512 instead of 8
+# with a second (empty) slot, on AMD EPYC. Spreading a class one table per device, as a
+# class-balancing plan does, hit this on every device.
+MIN_SLOTS = 2
 
 
 @flax.struct.dataclass
@@ -135,7 +142,7 @@ def group_meta(members, specs) -> GroupMeta:
     for c in widths:
         mine = [[p for p in m if p.wpad == c] for m in members]
         n_pos = max(sum(specs[p.table].hotness for p in m) for m in mine)
-        n_slots = max(len(m) for m in mine)
+        n_slots = max(MIN_SLOTS, max(len(m) for m in mine))
         arr = {k: np.zeros((d_count, n_pos), np.int32) for k in ("chunk_off", "slot")}
         arr["slot"][:] = n_slots - 1
         sl = {k: np.zeros((d_count, n_slots), np.int32)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from autoshard_jax.sharding import layout as layout_lib
+from autoshard_jax.sharding import lookup_meta
 from autoshard_jax.sharding.plan import plan_from_mapping
 from autoshard_jax.sharding.synthetic_plans import greedy_bytes_plan, random_tables
 from autoshard_jax.tables.spec import TableSpec
@@ -64,3 +65,15 @@ def test_lookups_are_grouped_by_packed_width():
     assert [c.max_rows for c in lay.sh.classes] == [1000, 30, 10]
     assert (lay.sh.pos[0, 1], lay.sh.pos[0, 2], lay.sh.pos[0, 0]) == (0, 3, 4)
     assert lay.sh.num_positions == 6 and lay.sh.num_cols == 64 + 4 + 12
+
+
+def test_a_class_of_one_table_per_device_gets_an_empty_second_slot():
+    """MIN_SLOTS: a lone table's class has a padding slot (no key, no dim, zero columns)."""
+    specs = [TableSpec("a", 50, 128, 4.0), TableSpec("b", 60, 128, 2.0), TableSpec("c", 9, 8)]
+    plan = {"a": {"type": "table_wise", "device": 0}, "b": {"type": "table_wise", "device": 1},
+            "c": {"type": "table_wise", "device": 1}}
+    lay = layout_lib.build_layout(specs, plan, 2)
+    assert [c.num_slots for c in lay.sh.classes] == [2, 2]
+    wide = lay.sh.classes[1]
+    assert (wide.slot_key_off[:, 1] == lookup_meta.NO_KEY).all()
+    assert (wide.slot_dim[:, 1] == 0).all() and (wide.in_src[:, 1] == lay.sh.num_cols).all()
