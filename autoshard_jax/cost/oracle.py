@@ -177,7 +177,23 @@ def _step_programs(layout: Layout, device_index: int, ids, grads, row_optimizer:
 # ids and gradients, never the donated tables: ~10 MB each (RSS grew 609 MB over 60 sets of 4
 # tables at batch 512). 160 entries hold a round of a 16-device max_device task (10 plans).
 _PROGRAM_CACHE_SIZE = 160
+# Compiled code also takes memory maps: ~100 per entry for a 12-table set (AMD EPYC, jax
+# 0.10.2), and the kernel stops a process at vm.max_map_count (65,530 by default) with
+# "LLVM compilation error: Cannot allocate memory" and a segfault. Past this fraction of the
+# limit the older half of the cache is dropped.
+_MAP_BUDGET = 0.5
 _programs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+
+
+def _memory_maps() -> tuple[int, int] | None:
+    """(this process's memory maps, the kernel's limit), or None where /proc has neither."""
+    try:
+        with open("/proc/self/maps") as f:
+            count = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return count, int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _cached_programs(key: tuple, build: Callable[[], tuple]) -> tuple:
@@ -185,6 +201,11 @@ def _cached_programs(key: tuple, build: Callable[[], tuple]) -> tuple:
     if key in _programs:
         _programs.move_to_end(key)
         return _programs[key]
+    maps = _memory_maps()  # ~10 ms at 30k maps, against ~1 s to build
+    if maps is not None and maps[0] > _MAP_BUDGET * maps[1]:
+        for _ in range(len(_programs) // 2 + 1):
+            if _programs:
+                _programs.popitem(last=False)
     _programs[key] = built = build()
     if len(_programs) > _PROGRAM_CACHE_SIZE:
         _programs.popitem(last=False)

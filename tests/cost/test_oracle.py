@@ -183,6 +183,21 @@ def test_repeated_measurements_reuse_their_programs(monkeypatch):
     assert len(built) == 5
 
 
+def test_the_cache_drops_its_older_half_near_the_memory_map_limit(monkeypatch):
+    real = oracle._memory_maps()
+    assert real is None or 0 < real[0] < real[1]  # None only where /proc has no maps
+    monkeypatch.setattr(oracle, "_programs", collections.OrderedDict())
+    pressure = {"maps": (100, 1000)}
+    monkeypatch.setattr(oracle, "_memory_maps", lambda: pressure["maps"])
+    specs = [TableSpec("t", 300, 8, 2.0, HIST)]
+    for seed in range(5):
+        measure_set(specs, 64, protocol=FAST, seed=seed)
+    assert len(oracle._programs) == 5
+    pressure["maps"] = (501, 1000)  # over half the limit: 3 of 5 dropped, then the new one
+    measure_set(specs, 64, protocol=FAST, seed=5)
+    assert [k[-2] for k in oracle._programs] == [3, 4, 5]  # the key's seed
+
+
 def _memory_maps() -> int:
     gc.collect()
     with open("/proc/self/maps") as f:
