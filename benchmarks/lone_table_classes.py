@@ -3,8 +3,8 @@
   .venv/bin/python benchmarks/lone_table_classes.py [--rounds=3] [--batch=512]
 
 `lookup_meta.MIN_SLOTS` pads every width class to two slots: with one, XLA:CPU lowered the
-backward's gather of slot gradients into a broadcast whose layout copy reads the gradient
-transposed inside the scatter's input. This times both layouts (MIN_SLOTS 1 and 2) with the
+backward's gather of slot gradients into a broadcast with a transposing layout copy feeding the
+scatter, and the step took up to twice as long. This times both layouts (MIN_SLOTS 1 and 2) with the
 cost oracle's programs, alternating them over rounds (compiled afresh each time, CPU clock,
 this process pinned to one core):
   * sets: one table alone on a device (its class has one real slot), by dim and ids per sample,

@@ -21,12 +21,13 @@ import numpy as np
 
 # Padding slots get this key offset so that no real key ever maps to them.
 NO_KEY = np.iinfo(np.int32).max
-# Every class has at least this many slots, padding ones included. With one slot, XLA:CPU turns
-# the backward's per-position gather of slot gradients ([1, N, c] -> [L, N, c]) into a broadcast
-# whose layout copy reads the gradient transposed, inside the scatter's input: a dim-128 table of
-# 100 ids per sample alone in its class took 21 ms per SGD backward at batch 512 instead of 8
-# with a second (empty) slot, on AMD EPYC. Spreading a class one table per device, as a
-# class-balancing plan does, hit this on every device.
+# Every class has at least this many slots, padding ones included. With one slot, XLA:CPU
+# turns the backward's per-position gather of slot gradients ([1, N, c] -> [L, N, c]) into a
+# broadcast with a transposing layout copy feeding the scatter (optimized HLO; an optimization
+# barrier there did not help, a second slot does): a dim-128 table of 100 ids per sample alone
+# in its class took 21 ms per SGD backward at batch 512 instead of 8 with a second (empty) slot,
+# on AMD EPYC (benchmarks/lone_table_classes.py). A plan that spreads a class one table per
+# device, as class balancing does, hit this on every device.
 MIN_SLOTS = 2
 
 
