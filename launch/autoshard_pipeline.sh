@@ -86,19 +86,20 @@ done_with cost_model_2
 SUFFIX=_2 side_by_side policy
 done_with policies_2
 
+reproduce() {  # reproduce K SETTINGS: objective K's evaluation of SETTINGS
+  local objective=${OBJECTIVES[$1]}
+  pin "$1" "$PY" -m launch.reproduce_autoshard --workdir="$DIR/repro_$objective" \
+    --measure=oracle --rounds=3 --num_tasks="$NUM_TASKS" --max_rows=100000 \
+    --seed="$EVAL_SEED" --policy="$DIR/sharder_2_$objective" --objectives="$objective" \
+    --settings="$2"
+}
+
 evaluate() {  # one process per setting: a process's memory maps grow with the plans it
   # measures (session 12: 48k of the kernel's 65,530 after 9 spmd settings), so a long
   # evaluation in one process can die; finished tasks are kept, so a rerun resumes either way
-  local objective=${OBJECTIVES[$1]} setting
-  for setting in ${SETTINGS//,/ }; do
-    pin "$1" "$PY" -m launch.reproduce_autoshard --workdir="$DIR/repro_$objective" \
-      --measure=oracle --rounds=3 --num_tasks="$NUM_TASKS" --max_rows=100000 \
-      --seed="$EVAL_SEED" --policy="$DIR/sharder_2_$objective" --objectives="$objective" \
-      --settings="$setting"
-  done  # then all at once: every task is on disk, so this only writes results.md
-  pin "$1" "$PY" -m launch.reproduce_autoshard --workdir="$DIR/repro_$objective" \
-    --measure=oracle --rounds=3 --num_tasks="$NUM_TASKS" --max_rows=100000 --seed="$EVAL_SEED" \
-    --policy="$DIR/sharder_2_$objective" --objectives="$objective" --settings="$SETTINGS"
+  local setting
+  for setting in ${SETTINGS//,/ }; do reproduce "$1" "$setting"; done
+  reproduce "$1" "$SETTINGS"  # every task is on disk: this only writes results.md
 }
 side_by_side evaluate
 done_with evaluation

@@ -203,9 +203,8 @@ def _cached_programs(key: tuple, build: Callable[[], tuple]) -> tuple:
         return _programs[key]
     maps = _memory_maps()  # ~10 ms at 30k maps, against ~1 s to build
     if maps is not None and maps[0] > _MAP_BUDGET * maps[1]:
-        for _ in range(len(_programs) // 2 + 1):
-            if _programs:
-                _programs.popitem(last=False)
+        for _ in range(min(len(_programs), len(_programs) // 2 + 1)):
+            _programs.popitem(last=False)
     _programs[key] = built = build()
     if len(_programs) > _PROGRAM_CACHE_SIZE:
         _programs.popitem(last=False)
