@@ -230,7 +230,9 @@ def collect(workdir: str, config: CollectConfig, pool: Sequence[TableSpec] | Non
     check_range("shard_index", k, low=0, high=n - 1, integer=True)
     pool = prepare_workdir(workdir, config, pool)
     path = os.path.join(workdir, dataset.DATA_FILE)
-    done = {dataset.entry_key(r) for r in dataset.read_records(path, repair=True)}
+    on_disk = dataset.read_records(path, repair=True)
+    dataset.check_program(on_disk, path)
+    done = {dataset.entry_key(r) for r in on_disk}
     protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock,
                         config.normalize)
     if config.normalize:

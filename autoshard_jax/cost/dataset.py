@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from autoshard_jax.errors import DataError
+from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.tables.spec import TableSpec, load_tables
 
 DATA_FILE = "costs.jsonl"
@@ -30,7 +31,21 @@ def environment() -> dict:
     """Backend and versions stamped on every record (costs are only comparable within one)."""
     device = jax.devices()[0]
     return {"backend": jax.default_backend(), "device_kind": device.device_kind,
-            "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__)}
+            "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
+            "program": PROGRAM_VERSION}
+
+
+def check_program(records: list[dict], where: str) -> None:
+    """Raises unless every record timed this code's SPMD program (unstamped records: version 1).
+
+    A collection resumed, or a network trained, across a program change would silently mix
+    costs of two programs."""
+    stale = sorted({r.get("program", 1) for r in records} - {PROGRAM_VERSION})
+    if stale:
+        raise DataError(f"{where}: costs measured on SPMD program version {stale}, but this "
+                        f"code runs version {PROGRAM_VERSION} (sharding.device_step."
+                        "PROGRAM_VERSION), whose steps cost differently: collect afresh in a "
+                        "new workdir")
 
 
 def entry_key(record: dict) -> tuple[str, int, bool]:
@@ -121,6 +136,7 @@ def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]
                             "with one protocol")
         scale = unit / ref if unit and ref else 1.0
         raw = list(iter_files(path))  # first: a missing collection is named as such
+        check_program(raw, path)
         renamed = {}
         for spec in load_tables(os.path.join(base, TABLES_FILE)):
             if pool.setdefault(spec.name, spec) != spec:

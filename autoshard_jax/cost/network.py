@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from autoshard_jax.cost.analytical import exchange_terms
 from autoshard_jax.errors import InputError
+from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.sharding.layout import padded_width
 from autoshard_jax.tables.features import FEATURE_NAMES, NUM_FEATURES
 from autoshard_jax.tables.spec import TableSpec
@@ -217,7 +218,9 @@ def save_cost_model(workdir: str, model: CostModel) -> None:
     checkpointer.save(path, jax.tree.map(np.asarray, tree), force=True)
     checkpointer.wait_until_finished()
     with open(os.path.join(workdir, "cost_model.json"), "w") as f:
-        json.dump({"version": MODEL_VERSION, **model.meta}, f, indent=1)
+        # fitted to costs of this program (cost.dataset refuses others' data)
+        json.dump({"version": MODEL_VERSION, **model.meta, "program": PROGRAM_VERSION}, f,
+                  indent=1)
 
 
 def load_cost_model(workdir: str) -> CostModel:
@@ -235,6 +238,11 @@ def load_cost_model(workdir: str) -> CostModel:
     if meta.get("version") != MODEL_VERSION:
         raise InputError(f"{meta_path}: cost model version {meta.get('version')!r}, this code "
                          f"reads version {MODEL_VERSION}")
+    if meta.get("program", 1) != PROGRAM_VERSION:
+        raise InputError(f"{meta_path}: the network predicts costs of SPMD program version "
+                         f"{meta.get('program', 1)}, but this code runs version "
+                         f"{PROGRAM_VERSION} (sharding.device_step.PROGRAM_VERSION): retrain it "
+                         "on costs collected afresh")
     tree = ocp.StandardCheckpointer().restore(path)
     params = jax.tree.map(jnp.asarray, tree["params"])
     return CostModel(params, np.asarray(tree["mean_I"]), np.asarray(tree["std_I"]), meta)

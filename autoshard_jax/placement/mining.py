@@ -115,9 +115,11 @@ def mine(workdir: str, config: MineConfig, pool: Sequence[TableSpec] | None, pla
     """
     pool = prepare_workdir(workdir, config, pool, keys=MineConfig.RESUME_KEYS)
     path = os.path.join(workdir, dataset.DATA_FILE)
+    on_disk = dataset.read_records(path, repair=True)
+    dataset.check_program(on_disk, path)
     # (task, method) on disk -> its plan (None in collections written before plans were kept)
     done = {(r["task"], r["method"]): tuple(r["device_T"]) if "device_T" in r else None
-            for r in dataset.read_records(path, repair=True)}
+            for r in on_disk}
     protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock,
                         config.normalize)
     if config.normalize:

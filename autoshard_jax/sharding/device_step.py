@@ -20,6 +20,12 @@ import jax.numpy as jnp
 from autoshard_jax.optim.sparse import ELEMENT, ROW, RowOptimizer, StateKinds
 from autoshard_jax.sharding.lookup_meta import NO_KEY, ClassMeta, GroupMeta, LookupMeta
 
+# What a step of a given plan costs depends on this program, so measured costs and the networks
+# fitted to them are stamped with its version (`cost.dataset.environment`) and refused by a later
+# one. Bump it with any change that alters the cost of the same plan. 1: a width class could
+# have one slot; 2: at least `lookup_meta.MIN_SLOTS` (a lone class's backward 2x faster on CPU).
+PROGRAM_VERSION = 2
+
 
 def device_meta(group: GroupMeta, device: int) -> LookupMeta:
     """One device's view of a group's metadata, to run that device's step alone.

@@ -7,6 +7,7 @@ import pytest
 from autoshard_jax.cost import dataset, oracle
 from autoshard_jax.cost.collect import CollectConfig, collect, plan_task, schedule, set_task
 from autoshard_jax.errors import ConfigError, DataError, ResumeError
+from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.tables.pools import synthetic_pool
 
 POOL = synthetic_pool(6, seed=3, max_rows=2000)
@@ -59,6 +60,14 @@ def test_collect_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
 def test_resume_with_other_settings_is_refused(tmp_path):
     work = str(tmp_path / "c")
     collect(work, CONFIG, POOL, log=lambda _: None, stop_after=1)
+    path = tmp_path / "c" / dataset.DATA_FILE
+    records = dataset.read_records(path)
+    assert {r["program"] for r in records} == {PROGRAM_VERSION}
+    # records another version of the program measured: resuming would mix two programs' costs
+    path.write_text("".join(json.dumps({**r, "program": 1}) + "\n" for r in records))
+    with pytest.raises(DataError, match="program version \\[1\\]"):
+        collect(work, CONFIG, None, log=lambda _: None)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     other = CollectConfig(**{**CONFIG.__dict__, "batch_size": 64})
     with pytest.raises(ResumeError, match="batch_size: 32 -> 64"):
         collect(work, other, None, log=lambda _: None)

@@ -7,11 +7,13 @@ import pytest
 
 from autoshard_jax.cost import dataset
 from autoshard_jax.errors import DataError
+from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.tables.spec import TableSpec, save_tables
 
 
-def _collection(path, specs, totals, reference_ms=None):
-    """A collection dir: set entry i measures specs[0] with totals[i]; entry 1 re-measures 0."""
+def _collection(path, specs, totals, reference_ms=None, program=PROGRAM_VERSION):
+    """A collection dir: set entry i measures specs[0] with totals[i]; entry 1 re-measures 0
+    (records stamped with `program`; None: unstamped, as before the stamp)."""
     path.mkdir()
     save_tables(str(path / dataset.TABLES_FILE), specs)
     if reference_ms is not None:
@@ -20,6 +22,8 @@ def _collection(path, specs, totals, reference_ms=None):
              "total_ms": t} for i, t in enumerate(totals)]
     rows.append({"kind": "set", "index": 1, "repeat_of": 0, "tables": [specs[0].name],
                  "total_ms": totals[0] + 0.5})
+    if program is not None:
+        rows = [{**r, "program": program} for r in rows]
     (path / dataset.DATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -73,3 +77,16 @@ def test_raw_and_normalized_collections_are_not_mixed(tmp_path):
     b = _collection(tmp_path / "b", specs, [3.0])
     with pytest.raises(DataError, match="mix raw and normalized times"):
         dataset.read_collections([a, b])
+
+
+@pytest.mark.parametrize("program, shown", [(None, "\\[1\\]"), (PROGRAM_VERSION + 1,
+                                                                  f"\\[{PROGRAM_VERSION + 1}\\]")])
+def test_costs_of_another_program_are_refused(tmp_path, program, shown):
+    # Costs of another version of the SPMD program (unstamped ones predate the stamp: version
+    # 1) are not this program's costs, alone or beside current ones.
+    specs = [TableSpec("t0", 100, 8)]
+    current = _collection(tmp_path / "a", specs, [2.0])
+    other = _collection(tmp_path / "b", specs, [3.0], program=program)
+    for paths in ([other], [current, other]):
+        with pytest.raises(DataError, match=f"b.*program version {shown}.*collect afresh"):
+            dataset.read_collections(paths)

@@ -1,6 +1,7 @@
 """The cost network: fits a known non-additive cost, batched scoring, save/load, metrics."""
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from autoshard_jax.cost.network import (
     width_classes,
 )
 from autoshard_jax.errors import InputError
+from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.tables.features import table_features
 from autoshard_jax.tables.pools import synthetic_pool
 from autoshard_jax.tables.spec import TableSpec
@@ -79,6 +81,13 @@ def test_cost_fn_is_batched_and_device_count_agnostic(tmp_path):
     np.testing.assert_allclose(loaded.cost_fn(feats, assign, classes)[1],
                                model.cost_fn(feats, assign, classes)[1], rtol=1e-6)
     assert loaded.meta["x"] == 1
+    # a network of another program's costs predicts a program that no longer runs
+    meta = json.loads((tmp_path / "cost_model.json").read_text())
+    assert meta["program"] == PROGRAM_VERSION
+    del meta["program"]  # saved before the stamp: version 1
+    (tmp_path / "cost_model.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="SPMD program version 1.*retrain"):
+        load_cost_model(str(tmp_path))
 
 
 def test_load_names_what_is_missing(tmp_path):
