@@ -20,8 +20,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(PY) -m launch.train_dlrm --config=launch/configs/synthetic_small.py --workdir=$(DEMO_DIR)/dlrm
-	$(PY) -m launch.collect_costs --workdir=$(DEMO_DIR)/costs --pool_size=30 --num_sets=60 \
-	    --num_plans=12 --plan_tables=6,16
+	$(PY) -m launch.collect_costs --workdir=$(DEMO_DIR)/costs --pool=synthetic --pool_size=30 \
+	    --num_sets=60 --num_plans=12 --plan_tables=6,16
 	$(PY) -m launch.train_cost_model --workdir=$(DEMO_DIR)/cost_model --data=$(DEMO_DIR)/costs \
 	    --steps=1000
 	$(PY) -m launch.train_sharder --config=launch/configs/sharder_runlocal.py \

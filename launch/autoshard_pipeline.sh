@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # AutoShard end to end on this machine, the way the README's figures are made:
-#   1. cost data: random sets and plans timed by the oracle (two shards);
+#   1. cost data: random sets and plans of the training tables timed by the oracle (two shards);
 #   2. the cost network on it;
 #   3. one policy per objective against that network;
 #   4. the planners' own plans (heuristics, policy, searches) on training tasks, timed;
@@ -49,8 +49,9 @@ done_with() {
 }
 
 costs() {
-  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs" --num_shards=2 --shard_index="$1" \
-    --num_sets=1600 --num_plans=400 --plan_devices=2,4,8,16 --plan_tables=8,120 --max_tables=30
+  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs" --pool=train_half \
+    --num_shards=2 --shard_index="$1" --num_sets=1600 --num_plans=400 \
+    --plan_devices=2,4,8,16 --plan_tables=8,120 --max_tables=30
 }
 side_by_side costs
 done_with costs

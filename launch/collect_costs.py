@@ -8,8 +8,11 @@ the same command to resume: entries on disk are never measured again, a kill los
   python -m launch.collect_costs --workdir=/tmp/costs --num_sets=100 --num_plans=20   # quick
   python -m launch.collect_costs --workdir=/tmp/gpu --tables=tables.json --batch_size=65536
 
-Without --tables the pool is `synthetic_pool(--pool_size, --pool_seed, max_rows=--max_rows)`
-(dlrm_datasets-calibrated; rows capped so that CPU measurements fit in host memory).
+Without --tables the pool is the train half of the evaluation's synthetic pool (856 tables,
+`reproduce_autoshard`'s split by --pool_seed): the tables the policy's training tasks draw, so
+the network learns their costs and the test half stays unseen. `--pool=synthetic` draws
+`synthetic_pool(--pool_size, --pool_seed)` instead (small pools for quick runs). Both are
+dlrm_datasets-calibrated, rows capped at --max_rows so that CPU measurements fit in memory.
 On CPU, plans run on simulated devices (as many as the largest --plan_devices).
 """
 
@@ -23,7 +26,10 @@ from launch.common import define_clock_flag, int_list, run, timing_clock
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Collection directory (costs.jsonl, tables.json).")
 flags.DEFINE_string("tables", None, "Pool as tables.json (default: a synthetic pool).")
-flags.DEFINE_integer("pool_size", 120, "Tables in the synthetic pool.")
+flags.DEFINE_enum("pool", "train_half", ["train_half", "synthetic"], "Without --tables: the "
+                  "train half of the 856-table evaluation pool, or a synthetic pool of "
+                  "--pool_size tables.")
+flags.DEFINE_integer("pool_size", 120, "Tables in the synthetic pool (--pool=synthetic).")
 flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool.")
 flags.DEFINE_integer("max_rows", 100_000, "Row cap of the synthetic pool.")
 flags.DEFINE_integer("num_sets", 2000, "Table sets to measure (the first pool_size are singles).")
@@ -49,6 +55,7 @@ def main(argv):
     del argv
     from autoshard_jax.cost.collect import CollectConfig, collect
     from autoshard_jax.errors import ConfigError, check_range
+    from autoshard_jax.placement.tasks import evaluation_pool
     from autoshard_jax.tables.pools import synthetic_pool
     from autoshard_jax.tables.spec import load_tables
 
@@ -66,8 +73,12 @@ def main(argv):
     if FLAGS.row_optimizer not in ("sgd", "rowwise_adagrad", "adagrad"):
         raise ConfigError(f"--row_optimizer must be sgd, rowwise_adagrad or adagrad, got "
                           f"{FLAGS.row_optimizer!r}")
-    pool = load_tables(FLAGS.tables) if FLAGS.tables else synthetic_pool(
-        FLAGS.pool_size, seed=FLAGS.pool_seed, max_rows=FLAGS.max_rows)
+    if FLAGS.tables:
+        pool = load_tables(FLAGS.tables)
+    elif FLAGS.pool == "train_half":
+        pool = evaluation_pool(FLAGS.max_rows, FLAGS.pool_seed)[0]
+    else:
+        pool = synthetic_pool(FLAGS.pool_size, seed=FLAGS.pool_seed, max_rows=FLAGS.max_rows)
     counts = collect(FLAGS.workdir, config, pool, log=logging.info,
                      shard=(FLAGS.shard_index, FLAGS.num_shards))
     print(f"{FLAGS.workdir}: {counts['sets']} set records, {counts['plans']} plan records "

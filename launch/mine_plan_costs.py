@@ -53,8 +53,7 @@ def main(argv):
     from autoshard_jax.placement.costs import get_cost
     from autoshard_jax.placement.inference import load_policy
     from autoshard_jax.placement.mining import MineConfig, mine
-    from autoshard_jax.placement.tasks import split_pool
-    from autoshard_jax.tables.pools import synthetic_pool
+    from autoshard_jax.placement.tasks import evaluation_pool
     from autoshard_jax.tables.spec import load_tables
 
     if len(argv) > 1:
@@ -67,8 +66,7 @@ def main(argv):
     if FLAGS.tables:
         pool = load_tables(FLAGS.tables)
     else:
-        pool = split_pool(synthetic_pool(856, seed=FLAGS.pool_seed, max_rows=FLAGS.max_rows),
-                          FLAGS.pool_seed)[0]
+        pool = evaluation_pool(FLAGS.max_rows, FLAGS.pool_seed)[0]
     policy = load_policy(FLAGS.policy) if FLAGS.policy else None
     if policy is None and any(m.startswith("autoshard") for m in config.methods):
         raise InputError("--methods has autoshard / autoshard_search: give --policy=DIR "

@@ -24,7 +24,7 @@ from absl import flags
 from autoshard_jax.errors import InputError, check_range
 from autoshard_jax.placement import harness
 from autoshard_jax.placement.costs import OBJECTIVES, get_cost
-from autoshard_jax.placement.tasks import split_pool
+from autoshard_jax.placement.tasks import evaluation_pool, split_pool
 from launch.common import run
 
 FLAGS = flags.FLAGS
@@ -101,14 +101,12 @@ def reproduce(f, log=print) -> str:
     """The job; returns the Markdown report (also written to <workdir>/results.md)."""
     check_flags(f)
     from autoshard_jax.placement.inference import load_policy
-    from autoshard_jax.tables.pools import synthetic_pool
     from autoshard_jax.tables.spec import load_tables
 
     if f.tables and not os.path.isfile(f.tables):
         raise InputError(f"--tables: file {f.tables!r} does not exist")
-    pool = load_tables(f.tables) if f.tables else synthetic_pool(856, seed=f.pool_seed,
-                                                                 max_rows=f.max_rows)
-    train_pool, test_pool = split_pool(pool, f.pool_seed)
+    train_pool, test_pool = (split_pool(load_tables(f.tables), f.pool_seed) if f.tables
+                             else evaluation_pool(f.max_rows, f.pool_seed))
     if f.settings == "all":
         chosen = harness.settings(f.base_tables, f.base_devices)
     else:

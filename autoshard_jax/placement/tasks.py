@@ -11,6 +11,7 @@ import numpy as np
 
 from autoshard_jax.placement import heuristics
 from autoshard_jax.placement.memory import PlacementError, memory_model
+from autoshard_jax.tables.pools import synthetic_pool
 from autoshard_jax.tables.spec import TableSpec
 
 
@@ -27,6 +28,12 @@ def split_pool(pool: Sequence[TableSpec], seed: int = 0
     perm = np.random.default_rng(seed).permutation(len(pool))
     half = len(pool) // 2
     return [pool[i] for i in perm[:half]], [pool[i] for i in perm[half:]]
+
+
+def evaluation_pool(max_rows: int, seed: int = 0) -> tuple[list[TableSpec], list[TableSpec]]:
+    """(train, test) halves of the synthetic 856-table pool the evaluation draws from. Cost
+    data, mined plans and training tasks use the train half only, so test tables stay unseen."""
+    return split_pool(synthetic_pool(856, seed=seed, max_rows=max_rows), seed)
 
 
 def memory_for(specs: Sequence[TableSpec], num_devices: int, mem_factor: float,

@@ -38,9 +38,9 @@ def collection(tmp_path_factory):
 
 
 def test_collect_costs_runs_and_resumes(tmp_path):
-    args = [f"--workdir={tmp_path}", "--pool_size=4", "--max_rows=500", "--num_sets=5",
-            "--num_plans=1", "--batch_size=16", "--max_tables=2", "--plan_tables=2,3",
-            "--plan_devices=2", "--repeats=3", "--trim=0", "--warmup=1"]
+    args = [f"--workdir={tmp_path}", "--pool=synthetic", "--pool_size=4", "--max_rows=500",
+            "--num_sets=5", "--num_plans=1", "--batch_size=16", "--max_tables=2",
+            "--plan_tables=2,3", "--plan_devices=2", "--repeats=3", "--trim=0", "--warmup=1"]
     proc = _run("launch.collect_costs", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "5 set records, 1 plan records (6 measured now)" in proc.stdout
@@ -54,7 +54,7 @@ def test_collect_costs_runs_and_resumes(tmp_path):
     (["--batch_size=30", "--plan_devices=4"], "not divisible by plan_devices entry 4"),
     (["--plan_tables=3"], "--plan_tables takes MIN,MAX"),
     (["--plan_devices=two"], "--plan_devices must be integers"),
-    (["--max_tables=500"], "config.max_tables must be <= 120"),
+    (["--max_tables=500"], "config.max_tables must be <= 428"),
     (["--tables=/nonexistent/tables.json"], "/nonexistent/tables.json"),
 ])
 def test_collect_costs_bad_input(tmp_path, args, culprit):
