@@ -25,7 +25,8 @@ demo: $(STAMP)
 	$(PY) -m launch.train_cost_model --workdir=$(DEMO_DIR)/cost_model --data=$(DEMO_DIR)/costs \
 	    --steps=1000
 	$(PY) -m launch.train_sharder --config=launch/configs/sharder_runlocal.py \
-	    --workdir=$(DEMO_DIR)/sharder '--config.train_shapes=((50,4),)' \
+	    --workdir=$(DEMO_DIR)/sharder --config.cost_model=analytical \
+	    '--config.train_shapes=((50,4),)' \
 	    --config.num_iterations=60 --config.eval_every=20 --config.checkpoint_every=20
 	$(PY) -m launch.reproduce_autoshard --workdir=$(DEMO_DIR)/repro --policy=$(DEMO_DIR)/sharder \
 	    --num_tasks=3 --settings=base,T=100,D=8 --reference_budget=3 --search_time_s=3

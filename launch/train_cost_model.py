@@ -22,13 +22,18 @@ from absl import flags, logging
 from launch.common import run
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Output directory of the model and its report.")
-flags.DEFINE_list("data", None, "Cost collection directories or costs.jsonl files "
-                  "(default: --workdir).")
-flags.DEFINE_integer("steps", 3000, "Training steps.")
-flags.DEFINE_float("learning_rate", 1e-2, "Peak Adam learning rate (cosine decay).")
-flags.DEFINE_integer("seed", 0, "Initialisation and batch-order seed.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program: launch.train_sharder imports
+    `train_cost_model` to fit the network it measures for itself."""
+    flags.DEFINE_string("workdir", None, "Output directory of the model and its report.")
+    flags.DEFINE_list("data", None, "Cost collection directories or costs.jsonl files "
+                      "(default: --workdir).")
+    flags.DEFINE_integer("steps", 3000, "Training steps.")
+    flags.DEFINE_float("learning_rate", 1e-2, "Peak Adam learning rate (cosine decay).")
+    flags.DEFINE_integer("seed", 0, "Initialisation and batch-order seed.")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
@@ -101,4 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

@@ -189,7 +189,10 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
     """
     check_config(c)
     os.makedirs(workdir, exist_ok=True)
-    cost = cost or get_cost(c.batch_size, c.cost_model or None)
+    if cost is None and not c.cost_model:
+        raise ConfigError("config.cost_model is empty: give a cost network workdir or "
+                          "'analytical' (launch.train_sharder fills it by measuring one)")
+    cost = cost or get_cost(c.batch_size, None if c.cost_model == "analytical" else c.cost_model)
     if refine_fn is None and c.refine_every:
         refine_fn = make_refine_fn(workdir, log)
     pool = load_pool(c)

@@ -3,8 +3,10 @@
 python -m launch.train_sharder --config=launch/configs/sharder_runlocal.py --workdir=/tmp/sharder
 
 Trains on 50-table / 4-device and 30-table / 8-device tasks from the train half of an 856-table
-synthetic pool (dims 4..128, rows capped for CPU), objective `spmd`, against the analytical cost
-model unless `--config.cost_model=DIR` names a trained cost network (`launch.train_cost_model`).
+synthetic pool (dims 4..128, rows capped for CPU), objective `spmd`, against a cost network:
+`--config.cost_model=DIR` names a trained one (`launch.train_cost_model`); without it the
+launcher measures sets and plans of the training tables with the oracle and fits one first
+(`own_costs`), `--config.cost_model=analytical` takes the analytical estimator instead.
 The demo variant: `--config.num_iterations=60 --config.eval_every=20`.
 """
 
@@ -22,7 +24,11 @@ def get_config():
     c.unseen = 0.0  # fraction of training-task tables from the test half (0: protocol)
     c.objective = "spmd"  # or "max_device"
     c.reward = "cost"  # or "ratio" (AutoShard's min/max balance)
-    c.cost_model = ""  # cost network workdir; "" = analytical estimator
+    c.cost_model = ""  # cost network workdir; "analytical"; "" = measure and fit one first
+    # what "" measures: every training table alone, then random sets and plans (2 cores: ~7 min)
+    c.own_costs = ml_collections.ConfigDict({
+        "num_sets": 650, "num_plans": 60, "max_tables": 20, "plan_tables": (8, 60),
+        "plan_devices": (2, 4, 8), "steps": 1500, "max_processes": 8})
     c.batch_size = 512  # the batch size costs refer to
     c.num_iterations = 300
     c.tasks_per_batch = 16

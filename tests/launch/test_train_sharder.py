@@ -24,6 +24,7 @@ def tiny_config(**kw):
     c.num_iterations, c.tasks_per_batch, c.episodes_per_task = 4, 2, 2
     c.eval_every, c.num_eval_tasks, c.checkpoint_every, c.log_every = 2, 2, 2, 1
     c.hidden = 16
+    c.cost_model = "analytical"
     for k, v in kw.items():
         setattr(c, k, v)
     return c
@@ -68,3 +69,37 @@ def test_cli_bad_config_exits_2(tmp_path):
     proc = cli("launch.train_sharder", "--config=launch/configs/sharder_runlocal.py",
                f"--workdir={tmp_path / 'w'}", "--config.num_iterations=0")
     assert "config.num_iterations" in last_error(proc)
+
+
+def _own_costs_args(work, *extra):
+    return ("launch.train_sharder", "--config=launch/configs/sharder_runlocal.py",
+            f"--workdir={work}", "--config.pool.num_tables=16", "--config.pool.max_rows=2000",
+            "--config.train_shapes=((8,2),)", "--config.num_iterations=2",
+            "--config.tasks_per_batch=2", "--config.episodes_per_task=2",
+            "--config.eval_every=2", "--config.num_eval_tasks=2", "--config.hidden=16",
+            "--config.own_costs.num_sets=10", "--config.own_costs.num_plans=2",
+            "--config.own_costs.max_tables=3", "--config.own_costs.plan_tables=(4,8)",
+            "--config.own_costs.plan_devices=(2,)", "--config.own_costs.steps=20",
+            "--config.own_costs.max_processes=2", *extra)
+
+
+def test_without_a_cost_model_it_measures_and_fits_its_own(tmp_path):
+    # runlocal's contract: with no cost model given, the policy trains against a network fitted
+    # on oracle costs of its own training tables, measured by one collect_costs per core
+    work = tmp_path / "w"
+    proc = cli(*_own_costs_args(work))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(work / "costs" / "costs.jsonl")]
+    assert sorted((r["kind"], r["index"]) for r in records if r["repeat_of"] is None) == \
+        [("plan", 0), ("plan", 1)] + [("set", i) for i in range(10)]
+    train_tables = {t["name"] for t in json.load(open(work / "train_tables.json"))["tables"]}
+    assert set().union(*(r["tables"] for r in records)) <= train_tables  # no test table
+    assert json.load(open(work / "policy.json"))["cost_model"] == f"learned:{work}/cost_model"
+    again = cli(*_own_costs_args(work))
+    assert again.returncode == 0 and "reusing the cost network" in again.stderr
+
+
+def test_own_cost_settings_are_checked_before_measuring(tmp_path):
+    proc = cli(*_own_costs_args(tmp_path / "w", "--config.own_costs.max_tables=99"))
+    assert "config.own_costs" in last_error(proc) and "max_tables" in last_error(proc)
+    assert not (tmp_path / "w" / "costs").exists()
