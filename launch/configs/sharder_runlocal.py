@@ -25,7 +25,8 @@ def get_config():
     c.objective = "spmd"  # or "max_device"
     c.reward = "cost"  # or "ratio" (AutoShard's min/max balance)
     c.cost_model = ""  # cost network workdir; "analytical"; "" = measure and fit one first
-    # what "" measures: every training table alone, then random sets and plans (2 cores: ~7 min)
+    # what "" measures: every training table alone, then random sets and plans (2 cores: 11 min,
+    # then 1 min to fit; the whole runlocal run took 12.6 min, session 14)
     c.own_costs = ml_collections.ConfigDict({
         "num_sets": 650, "num_plans": 60, "max_tables": 20, "plan_tables": (8, 60),
         "plan_devices": (2, 4, 8), "steps": 1500, "max_processes": 8})
