@@ -1,12 +1,14 @@
 """Collects cost data for the cost models: `python -m launch.collect_costs --workdir=DIR`.
 
-Measures random table sets (1-15 tables, every pool table alone first) and random plans drawn
-from a pool, with the cost oracle, into DIR/costs.jsonl; DIR/tables.json holds the pool. Re-run
+Measures random table sets (2 to --max_tables tables, every pool table alone first unless
+--nosingles) and random plans drawn from a pool, with the cost oracle, into DIR/costs.jsonl; DIR/tables.json holds the pool. Re-run
 the same command to resume: entries on disk are never measured again, a kill loses nothing.
 
   python -m launch.collect_costs --workdir=/tmp/costs                     # CPU pool, 2000 + 500
   python -m launch.collect_costs --workdir=/tmp/costs --num_sets=100 --num_plans=20   # quick
   python -m launch.collect_costs --workdir=/tmp/gpu --tables=tables.json --batch_size=65536
+  python -m launch.collect_costs --workdir=/tmp/big --nosingles --min_tables=30 --max_tables=100 \
+      --num_plans=0                      # a top-up of large sets, read beside the first collection
 
 Without --tables the pool is the train half of the evaluation's synthetic pool (856 tables,
 `reproduce_autoshard`'s split by --pool_seed): the tables the policy's training tasks draw, so
@@ -36,6 +38,9 @@ flags.DEFINE_integer("num_sets", 2000, "Table sets to measure (the first pool_si
 flags.DEFINE_integer("num_plans", 500, "Plans to measure.")
 flags.DEFINE_integer("batch_size", 512, "Samples per step.")
 flags.DEFINE_integer("max_tables", 15, "Most tables in one set.")
+flags.DEFINE_integer("min_tables", 2, "Fewest tables in one random set.")
+flags.DEFINE_bool("singles", True, "Measure every pool table alone first (--nosingles: a top-up "
+                  "collection of larger sets only).")
 flags.DEFINE_list("plan_devices", ["2", "4", "8"], "Device counts of the random plans.")
 flags.DEFINE_list("plan_tables", ["8", "40"], "Min and max tables of a random plan.")
 flags.DEFINE_string("row_optimizer", "sgd", "sgd | rowwise_adagrad | adagrad.")
@@ -67,7 +72,8 @@ def main(argv):
     check_range("max_rows", FLAGS.max_rows, low=100, integer=True)
     config = CollectConfig(
         num_sets=FLAGS.num_sets, num_plans=FLAGS.num_plans, batch_size=FLAGS.batch_size,
-        max_tables=FLAGS.max_tables, plan_tables=plan_tables, plan_devices=devices,
+        max_tables=FLAGS.max_tables, min_tables=FLAGS.min_tables,
+        singles=FLAGS.singles, plan_tables=plan_tables, plan_devices=devices,
         row_optimizer=FLAGS.row_optimizer, repeat_every=FLAGS.repeat_every, seed=FLAGS.seed,
         warmup=FLAGS.warmup, repeats=FLAGS.repeats, trim=FLAGS.trim, clock=timing_clock())
     if FLAGS.row_optimizer not in ("sgd", "rowwise_adagrad", "adagrad"):

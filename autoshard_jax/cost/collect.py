@@ -46,6 +46,8 @@ class CollectConfig:
     num_plans: int = 500
     batch_size: int = 512
     max_tables: int = 15
+    min_tables: int = 2
+    singles: bool = True  # every pool table alone first (False: a top-up of large sets only)
     plan_tables: tuple[int, int] = (8, 40)
     plan_devices: tuple[int, ...] = (2, 4, 8)
     row_optimizer: str = "sgd"
@@ -62,6 +64,7 @@ class CollectConfig:
         check_range("num_plans", self.num_plans, low=0, integer=True)
         check_range("batch_size", self.batch_size, low=1, integer=True)
         check_range("max_tables", self.max_tables, low=1, high=pool_size, integer=True)
+        check_range("min_tables", self.min_tables, low=1, high=self.max_tables, integer=True)
         check_range("repeat_every", self.repeat_every, low=0, integer=True)
         lo, hi = self.plan_tables
         if self.num_plans and not 1 <= lo <= hi <= pool_size:
@@ -79,11 +82,12 @@ class CollectConfig:
 
 
 def set_task(index: int, pool_size: int, config: CollectConfig) -> list[int]:
-    """Pool indices of set i: the first `pool_size` sets are the singles, then random sets."""
-    if index < pool_size:
+    """Pool indices of set i: the first `pool_size` sets are the singles (unless
+    `config.singles` is off), then random sets of min_tables..max_tables tables."""
+    if config.singles and index < pool_size:
         return [index]
     rng = np.random.default_rng([config.seed, 0, index])
-    n = int(rng.integers(2, config.max_tables + 1))
+    n = int(rng.integers(config.min_tables, config.max_tables + 1))
     return sorted(int(i) for i in rng.choice(pool_size, n, replace=False))
 
 
@@ -149,9 +153,9 @@ def schedule(config: CollectConfig) -> list[tuple[str, int, bool]]:
     return [e for _, _, e in order]
 
 
-_RESUME_KEYS = ("seed", "batch_size", "max_tables", "plan_tables", "plan_devices",
-                "row_optimizer", "warmup", "repeats", "trim", "repeat_every", "clock",
-                "normalize")
+_RESUME_KEYS = ("seed", "batch_size", "max_tables", "min_tables", "singles", "plan_tables",
+                "plan_devices", "row_optimizer", "warmup", "repeats", "trim", "repeat_every",
+                "clock", "normalize")
 
 
 def prepare_workdir(workdir: str, config, pool: Sequence[TableSpec] | None,
@@ -171,6 +175,9 @@ def prepare_workdir(workdir: str, config, pool: Sequence[TableSpec] | None,
         except json.JSONDecodeError as e:
             raise ResumeError(f"{cfg_path}: not valid JSON ({e}); delete the workdir or fix "
                               "it") from e
+        # a key added since the collection was written reads as its default
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        saved = {k: defaults[k] for k in keys if k not in saved and k in defaults} | saved
         diff = [f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in keys
                 if saved.get(k) != wanted[k]]
         if diff:

@@ -23,6 +23,9 @@ def test_tasks_are_deterministic_and_singles_come_first():
     specs, plan = plan_task(1, POOL, CONFIG)
     again = plan_task(1, POOL, CONFIG)
     assert again == (specs, plan) and plan.num_devices in (2, 4)
+    top_up = CollectConfig(**{**CONFIG.__dict__, "singles": False, "min_tables": 3,
+                              "max_tables": 5})
+    assert all(3 <= len(set_task(i, 6, top_up)) <= 5 for i in range(8))
     order = schedule(CONFIG)
     assert len(order) == len(set(order)) == 8 + 2 + 3  # sets 3 and 7 repeated
     assert order.index(("plan", 0, False)) < order.index(("set", 7, False))  # interleaved
@@ -38,6 +41,7 @@ def test_collect_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "c" / "collection.json").read_text())
     assert saved["reference_ms"] == oracle.reference_ms(CONFIG.clock) > 0
     saved["reference_ms"] = 7.5
+    del saved["min_tables"], saved["singles"]  # as written before these keys existed
     (tmp_path / "c" / "collection.json").write_text(json.dumps(saved))
     # a torn last line, as a kill mid-write leaves it
     path = tmp_path / "c" / dataset.DATA_FILE
@@ -78,6 +82,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 @pytest.mark.parametrize("change, match", [
     ({"batch_size": 30}, "not divisible by plan_devices entry 4"),
     ({"max_tables": 99}, "config.max_tables must be <= 6"),
+    ({"min_tables": 4}, "config.min_tables must be <= 3"),
     ({"repeats": 2, "trim": 1}, "2 \\* trim < repeats"),
     ({"plan_tables": (5, 2)}, "plan_tables"),
 ])
