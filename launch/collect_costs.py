@@ -1,8 +1,9 @@
 """Collects cost data for the cost models: `python -m launch.collect_costs --workdir=DIR`.
 
 Measures random table sets (2 to --max_tables tables, every pool table alone first unless
---nosingles) and random plans drawn from a pool, with the cost oracle, into DIR/costs.jsonl; DIR/tables.json holds the pool. Re-run
-the same command to resume: entries on disk are never measured again, a kill loses nothing.
+--nosingles) and random plans drawn from a pool, with the cost oracle, into DIR/costs.jsonl;
+DIR/tables.json holds the pool. Re-run the same command to resume: entries on disk are never
+measured again, a kill loses nothing.
 
   python -m launch.collect_costs --workdir=/tmp/costs                     # CPU pool, 2000 + 500
   python -m launch.collect_costs --workdir=/tmp/costs --num_sets=100 --num_plans=20   # quick
