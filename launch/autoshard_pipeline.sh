@@ -5,17 +5,21 @@
 #   3. one policy per objective against that network;
 #   4. the planners' own plans (heuristics, policy, searches) on training tasks, timed;
 #   5. the network retrained on all of it, 6. the policies retrained on that network;
-#   7. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
+#   7. a top-up of large random sets (30-100 tables: the devices of T=100-200 tasks), 8. a third
+#      network on everything and the max_device policy on it (session 15: its spmd head came out
+#      worse than the second network's, so spmd keeps policy 2);
+#   9. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
 # Each step resumes, or is skipped when its output is complete, so re-running the same command
 # continues where it stopped. Two processes at a time, one pinned core each.
 #
 #   bash launch/autoshard_pipeline.sh [DIR] [PYTHON]   # default: runs/autoshard .venv/bin/python
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
-# STOP_AFTER (costs, cost_model, policies, mined, cost_model_2, policies_2) ends the run after
-# that step. Measured on 2 AMD EPYC cores (session 11): costs 34 min, first network 8 min,
-# policies 2 min, mining 16 min, second network 22 min; then an evaluation task takes ~2.5 min
-# (spmd, D=4) or 4.5-10 min (max_device, D=4-8).
+# STOP_AFTER (costs, cost_model, policies, mined, cost_model_2, policies_2, costs_large,
+# cost_model_3, policy_3) ends the run after that step. Measured on 2 AMD EPYC cores (session 11):
+# costs 34 min, first network 8 min, policies 2 min, mining 16 min, second network 22 min;
+# session 15: large sets 30 min, third network 11 min (both cores); then an evaluation task takes
+# ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10, T=200 ~24).
 set -euo pipefail
 
 DIR=${1:-runs/autoshard}
@@ -87,11 +91,29 @@ done_with cost_model_2
 SUFFIX=_2 side_by_side policy
 done_with policies_2
 
+costs_large() {
+  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs_large" --pool=train_half \
+    --num_shards=2 --shard_index="$1" --nosingles --min_tables=30 --max_tables=100 \
+    --num_sets=600 --num_plans=0
+}
+side_by_side costs_large
+done_with costs_large
+
+if [ ! -f "$DIR/cost_model_3/report.md" ]; then  # alone: both cores
+  "$PY" -m launch.train_cost_model --workdir="$DIR/cost_model_3" \
+    --data="$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device,$DIR/costs_large"
+fi
+done_with cost_model_3
+
+SUFFIX=_3 policy 1  # max_device
+done_with policy_3
+POLICY=("$DIR/sharder_2_spmd" "$DIR/sharder_3_max_device")  # per objective, as above
+
 reproduce() {  # reproduce K SETTINGS: objective K's evaluation of SETTINGS
   local objective=${OBJECTIVES[$1]}
   pin "$1" "$PY" -m launch.reproduce_autoshard --workdir="$DIR/repro_$objective" \
     --measure=oracle --rounds=3 --num_tasks="$NUM_TASKS" --max_rows=100000 \
-    --seed="$EVAL_SEED" --policy="$DIR/sharder_2_$objective" --objectives="$objective" \
+    --seed="$EVAL_SEED" --policy="${POLICY[$1]}" --objectives="$objective" \
     --settings="$2"
 }
 
