@@ -1,9 +1,9 @@
 """Collects cost data for the cost models: `python -m launch.collect_costs --workdir=DIR`.
 
-Measures random table sets (2 to --max_tables tables, every pool table alone first unless
---nosingles) and random plans drawn from a pool, with the cost oracle, into DIR/costs.jsonl;
-DIR/tables.json holds the pool. Re-run the same command to resume: entries on disk are never
-measured again, a kill loses nothing.
+Measures random table sets (--min_tables to --max_tables tables; every pool table alone first
+unless --nosingles) and random plans drawn from a pool, with the cost oracle, into
+DIR/costs.jsonl; DIR/tables.json holds the pool. Re-run the same command to resume: entries on
+disk are never measured again, a kill loses nothing.
 
   python -m launch.collect_costs --workdir=/tmp/costs                     # CPU pool, 2000 + 500
   python -m launch.collect_costs --workdir=/tmp/costs --num_sets=100 --num_plans=20   # quick
@@ -35,7 +35,8 @@ flags.DEFINE_enum("pool", "train_half", ["train_half", "synthetic"], "Without --
 flags.DEFINE_integer("pool_size", 120, "Tables in the synthetic pool (--pool=synthetic).")
 flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool.")
 flags.DEFINE_integer("max_rows", 100_000, "Row cap of the synthetic pool.")
-flags.DEFINE_integer("num_sets", 2000, "Table sets to measure (the first pool_size are singles).")
+flags.DEFINE_integer("num_sets", 2000, "Table sets to measure (the first pool_size are "
+                     "singles, unless --nosingles).")
 flags.DEFINE_integer("num_plans", 500, "Plans to measure.")
 flags.DEFINE_integer("batch_size", 512, "Samples per step.")
 flags.DEFINE_integer("max_tables", 15, "Most tables in one set.")
