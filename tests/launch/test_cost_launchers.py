@@ -55,6 +55,7 @@ def test_collect_costs_runs_and_resumes(tmp_path):
     (["--plan_tables=3"], "--plan_tables takes MIN,MAX"),
     (["--plan_devices=two"], "--plan_devices must be integers"),
     (["--max_tables=500"], "config.max_tables must be <= 428"),
+    (["--min_tables=20", "--max_tables=10", "--nosingles"], "config.min_tables must be <= 10"),
     (["--tables=/nonexistent/tables.json"], "/nonexistent/tables.json"),
 ])
 def test_collect_costs_bad_input(tmp_path, args, culprit):
