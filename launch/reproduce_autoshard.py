@@ -12,7 +12,10 @@ objective); objectives without a policy get heuristic and search rows only. --me
 scores with the cost model (the policy's, --cost_model, or the analytical estimator);
 --measure=oracle times every plan (and the reference search's proposals) with the cost oracle.
 Tasks come from the test half of the pool (`--tables`, or the synthetic 856-table pool with
-`--max_rows`), split as in training. Rerunning with the same workdir skips finished tasks.
+`--max_rows`), split as in training. Rerunning with the same workdir skips finished tasks;
+`--report_only` rewrites results.md from every finished task (runs split across processes).
+Each objective ends with a summary: per setting, the learned methods' paired gap to the best
+heuristic with its standard error, and the verdict (`harness.summary`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def define_flags() -> None:
                        "incomparable (ratios still hold).")
     flags.DEFINE_float("tie_rel", 0.02, "Relative difference counted as a tie (the noise).")
     flags.DEFINE_integer("seed", 0, "Seed of the test tasks.")
+    flags.DEFINE_bool("report_only", False, "Measure nothing: rewrite results.md from every "
+                      "finished task in --workdir's results.jsonl (after runs split across "
+                      "processes, one setting each).")
 
 
 def check_flags(f) -> None:
@@ -100,6 +106,8 @@ def oracle_unit(f, cost) -> str:
 def reproduce(f, log=print) -> str:
     """The job; returns the Markdown report (also written to <workdir>/results.md)."""
     check_flags(f)
+    if f.report_only:
+        return write_report(f.workdir, report_from_results(f), log)
     from autoshard_jax.placement.inference import load_policy
     from autoshard_jax.tables.spec import load_tables
 
@@ -151,6 +159,7 @@ def reproduce(f, log=print) -> str:
     report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
               f"{f.num_tasks} tasks per setting{unit})\n"]
     for objective in f.objectives.split(","):
+        by_setting = {}
         if f.policy and objective not in policies:
             log(f"no --policy was trained for objective {objective}: its tables have no "
                 "autoshard rows")
@@ -160,14 +169,51 @@ def reproduce(f, log=print) -> str:
                                        policies.get(objective), results, f.reference_budget,
                                        f.search_time_s, log,
                                        f.rounds if f.measure == "oracle" else 0)
-            report.append(f"## {s.name} (T={s.num_tables}, D={s.num_devices}, "
-                          f"unseen={s.unseen:.0%}), objective {objective}\n")
-            report.append(harness.table(recs, objective, f.tie_rel) + "\n")
+            report.append(section(s, recs, objective, f.tie_rel))
+            by_setting[s.name] = recs
             if s.name == "base":
                 harness.bar_chart(recs[0], objective,
                                   os.path.join(f.workdir, f"bars_{objective}.png"))
+        report.append(summary_section(by_setting, objective))
+    return write_report(f.workdir, report, log)
+
+
+def section(s: harness.Setting, recs: list[dict], objective: str, tie_rel: float) -> str:
+    return (f"## {s.name} (T={recs[0]['T']}, D={recs[0]['D']}, unseen={s.unseen:.0%}; "
+            f"{len(recs)} tasks), objective {objective}\n\n"
+            + harness.table(recs, objective, tie_rel) + "\n")
+
+
+def summary_section(by_setting: dict[str, list[dict]], objective: str) -> str:
+    return (f"## Summary, objective {objective}: learned methods against each setting's best "
+            "heuristic (gap: mean per-task ratio - 1 ± its standard error)\n\n"
+            + harness.summary(by_setting, objective) + "\n")
+
+
+def report_from_results(f) -> list[str]:
+    """results.md's sections from every finished task on disk, settings in the usual order."""
+    path = os.path.join(f.workdir, "results.jsonl")
+    if not os.path.isfile(path):
+        raise InputError(f"--report_only: {path} does not exist (no finished tasks to report)")
+    grouped: dict[str, dict[str, list[dict]]] = {}
+    for rec in sorted(harness.read_results(path), key=lambda r: r["task"]):
+        grouped.setdefault(rec["objective"], {}).setdefault(rec["setting"], []).append(rec)
+    if not grouped:
+        raise InputError(f"--report_only: {path} holds no finished tasks")
+    order = [s.name for s in harness.settings(f.base_tables, f.base_devices)]
+    report = [f"# AutoShard evaluation (rebuilt from {path})\n"]
+    for objective, by_setting in grouped.items():
+        names = sorted(by_setting, key=lambda n: (order.index(n) if n in order else len(order), n))
+        by_setting = {n: by_setting[n] for n in names}
+        report += [section(harness.parse_setting(n, f.base_tables, f.base_devices), recs,
+                           objective, f.tie_rel) for n, recs in by_setting.items()]
+        report.append(summary_section(by_setting, objective))
+    return report
+
+
+def write_report(workdir: str, report: list[str], log) -> str:
     text = "\n".join(report)
-    with open(os.path.join(f.workdir, "results.md"), "w") as out:
+    with open(os.path.join(workdir, "results.md"), "w") as out:
         out.write(text)
     log(text)
     return text

@@ -32,6 +32,7 @@ HEURISTIC_ROWS = ("random", "dim_greedy", "size_greedy", "lookup_greedy", "size_
 # autoshard_search: the policy's plan + local search ("policy + refinement"); greedy_search:
 # the same search without the policy's start (api.GREEDY_SEARCH).
 SEARCH_ROWS = ("autoshard", "autoshard_search", api.GREEDY_SEARCH)
+LEARNED_ROWS = ("autoshard", "autoshard_search")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +366,90 @@ def table(records: Sequence[dict], objective: str, tie_rel: float) -> str:
         lines.append(f"\nRe-measured plans: median relative spread of a plan's rounds "
                      f"{np.median(spreads):.1%} (90th percentile {np.quantile(spreads, 0.9):.1%}); "
                      f"ties are within {tie_rel:.0%}.")
+    return "\n".join(lines)
+
+
+def paired_gap(cost_N: np.ndarray, base_N: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error over tasks of `cost / base - 1` (NaN SE for one task).
+
+    Both plans of a task are measured in the same interleaved rounds (`remeasure`), so the
+    per-task ratio cancels what the task and the machine's drift share; its spread across
+    tasks is the noise a verdict on the mean has to clear.
+    """
+    return _mean_se(np.asarray(cost_N, float) / np.asarray(base_N, float) - 1.0)
+
+
+def _mean_se(x_N: np.ndarray) -> tuple[float, float]:
+    x_N = np.asarray(x_N, float)
+    se = float(x_N.std(ddof=1) / np.sqrt(len(x_N))) if len(x_N) > 1 else float("nan")
+    return float(x_N.mean()), se
+
+
+def _gap_text(mean: float, se: float) -> str:
+    return f"{mean:+.1%}" + ("" if np.isnan(se) else f" ± {se:.1%}")
+
+
+def summary(by_setting: dict[str, Sequence[dict]], objective: str) -> str:
+    """Markdown verdict per setting: each learned method's and the reference's paired gap
+    (`paired_gap`) to the setting's best heuristic, and whether a learned method has a lower
+    mean plan cost than every heuristic (the issue's acceptance), beyond 2 standard errors
+    or within them; then the gaps pooled over all tasks.
+
+    The best heuristic is the one with the lowest mean, chosen after measuring: with noise,
+    the minimum of several means reads low, so the verdict leans towards the heuristics. A
+    heuristic that failed a task is not a candidate; a learned method that failed one has no
+    gap. The reference's gap is the headroom: what the best-known plan gains on the heuristic.
+    """
+    lines = [f"| setting | tasks | best heuristic, mean {objective} ms | "
+             + " | ".join(f"{m} (gap)" for m in LEARNED_ROWS)
+             + " | reference (headroom) | lower mean than every heuristic? |",
+             "|---" * (len(LEARNED_ROWS) + 5) + "|"]
+    pooled: dict[str, list[float]] = {m: [] for m in (*LEARNED_ROWS, "reference")}
+    for name, recs in by_setting.items():
+        recs = [{**r, "methods": {**r["methods"], "reference": settled_reference(
+            r["methods"], objective)}} if "reference" in r["methods"] else r for r in recs]
+
+        def costs(m, recs=recs):
+            return np.asarray([objective_of(r["methods"][m], objective)
+                               if m in r["methods"] else np.nan for r in recs])
+        heur = {m: costs(m).mean() for m in HEURISTIC_ROWS
+                if all(m in r["methods"] for r in recs)}
+        heur = {m: v for m, v in heur.items() if not np.isnan(v)}
+        if not heur:
+            lines.append(f"| {name} | {len(recs)} | no heuristic planned every task |"
+                         + " - |" * (len(LEARNED_ROWS) + 2))
+            continue
+        best = min(heur, key=heur.get)
+        cells, learned = [], {}
+        for m in (*LEARNED_ROWS, "reference"):
+            c = costs(m)
+            if np.isnan(c).all():
+                cells.append("-")
+                continue
+            if np.isnan(c).any():
+                cells.append(f"failed {int(np.isnan(c).sum())} of {len(c)}")
+                continue
+            gap, se = paired_gap(c, costs(best))
+            pooled[m] += (c / costs(best) - 1.0).tolist()
+            cells.append(f"{c.mean():.2f} ({_gap_text(gap, se)})")
+            if m != "reference":
+                learned[m] = (c.mean(), gap, se)
+        if learned:
+            m = min(learned, key=lambda k: learned[k][0])
+            _, gap, se = learned[m]
+            lower = learned[m][0] < heur[best]
+            clear = abs(gap) > 2 * se and (gap < 0) == lower  # the gap agrees, by 2 SE
+            verdict = ("yes" if lower else "no") + (
+                f" ({m}; 1 task)" if np.isnan(se) else
+                f" ({m}; {'beyond' if clear else 'within'} 2 SE)")
+        else:
+            verdict = "no learned method"
+        lines.append(f"| {name} | {len(recs)} | {best} {heur[best]:.2f} | "
+                     + " | ".join(cells) + f" | {verdict} |")
+    done = [f"{m} {_gap_text(*_mean_se(v))} ({len(v)} tasks)" for m, v in pooled.items() if v]
+    if done:
+        lines.append("\nPooled over the settings, gap to each setting's best heuristic: "
+                     + "; ".join(done) + ".")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ def args(workdir, **kw):
              pool_seed=0, measure="predicted", clock="cpu", batch_size=512, num_tasks=2,
              base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
              mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0,
-             reference_ms=0.0)
+             reference_ms=0.0, report_only=False)
     f.update(kw)
     return types.SimpleNamespace(**f)
 
@@ -48,6 +48,18 @@ def test_reports_every_method_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(work, "bars_spmd.png"))
     reproduce(args(work, policy=policy), log=lambda *_: None)  # finished tasks are skipped
     assert open(os.path.join(work, "results.jsonl")).read().splitlines() == lines
+    for objective in ("spmd", "max_device"):
+        assert f"## Summary, objective {objective}" in text
+    # The summary's verdict rows: one per setting and objective; spmd has the policy's rows.
+    verdicts = [line for line in text.splitlines() if line.startswith(("| base | 2 |",
+                                                                        "| D=3 | 2 |"))]
+    assert len(verdicts) == 4 and sum("no learned method" in v for v in verdicts) == 2
+    # --report_only rebuilds the same sections from results.jsonl alone (no policy, no pool).
+    rebuilt = reproduce(args(work, report_only=True, tables="/nonexistent.json"),
+                        log=lambda *_: None)
+    assert open(os.path.join(work, "results.md")).read() == rebuilt
+    strip = lambda t: t.split("\n", 1)[1]  # noqa: E731  (the title names the source)
+    assert sorted(strip(rebuilt).split("\n## ")) == sorted(strip(text).split("\n## "))
     with pytest.raises(InputError, match="both trained for objective spmd"):
         reproduce(args(work, policy=f"{policy},{policy}"), log=lambda *_: None)
 
@@ -62,6 +74,14 @@ def test_reports_every_method_and_resumes(tmp_path):
 def test_bad_flags(tmp_path, kw, err, culprit):
     with pytest.raises(err, match=culprit):
         reproduce(args(str(tmp_path / "w"), **kw), log=lambda *_: None)
+
+
+def test_report_only_needs_finished_tasks(tmp_path):
+    with pytest.raises(InputError, match="results.jsonl does not exist"):
+        reproduce(args(str(tmp_path), report_only=True), log=lambda *_: None)
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(InputError, match="no finished tasks"):
+        reproduce(args(str(tmp_path), report_only=True), log=lambda *_: None)
 
 
 def test_cli_bad_flag_exits_2(tmp_path):

@@ -171,3 +171,44 @@ def test_run_task_starts_the_reference_from_the_best_re_measured_plan():
     assert out[ref["start"]]["spmd_ms"] == min(
         r["spmd_ms"] for m, r in out.items() if m != "reference")
     assert harness.settled_reference(out, "spmd") == ref  # settling twice changes nothing
+
+
+def _scored(**costs_by_method):
+    """One record per task from per-method lists of max_device ms (NaN: the method failed)."""
+    n = len(next(iter(costs_by_method.values())))
+    return [{"methods": {m: ({"failed": "does not fit", "time_s": 0.0} if np.isnan(v[i]) else
+                             {"max_ms": v[i], "spmd_ms": float("nan"), "time_s": 0.1})
+                         for m, v in costs_by_method.items()}} for i in range(n)]
+
+
+def test_summary_gaps_are_paired_against_the_best_heuristic_mean():
+    from autoshard_jax.placement.harness import paired_gap, summary
+    nan = float("nan")
+    base = _scored(lookup_greedy=[10.0, 20.0, 30.0, 40.0], size_greedy=[11.0, 19.0, 33.0, 44.0],
+                   spmd_greedy=[9.0, nan, 9.0, 9.0],  # failed a task: not a candidate
+                   autoshard=[9.0, 19.0, 29.0, 38.0], autoshard_search=[9.5, 19.5, 30.0, 39.0],
+                   reference=[9.0, 18.0, 28.0, 37.0])
+    close = _scored(lookup_greedy=[10.0, 10.0], autoshard=[10.1, 9.8],
+                    autoshard_search=[nan, 9.0], reference=[9.9, 9.9])
+    text = summary({"base": base, "D=2": close}, "max_device")
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    gap = np.array([9 / 10, 19 / 20, 29 / 30, 38 / 40]) - 1
+    mean, se = paired_gap([9.0, 19.0, 29.0, 38.0], [10.0, 20.0, 30.0, 40.0])
+    assert np.isclose(mean, gap.mean()) and np.isclose(se, gap.std(ddof=1) / 2)
+    assert rows["base"].startswith("| base | 4 | lookup_greedy 25.00 | 23.75 (")
+    assert f"({mean:+.1%} ± {se:.1%})" in rows["base"]
+    assert rows["base"].endswith("| yes (autoshard; beyond 2 SE) |")
+    # A learned method that failed a task has no gap; the other carries the verdict.
+    assert "| failed 1 of 2 |" in rows["D=2"]
+    assert rows["D=2"].endswith("| yes (autoshard; within 2 SE) |")
+    pooled = text.splitlines()[-1]
+    assert "autoshard_search" in pooled and "(4 tasks)" in pooled and "(6 tasks)" in pooled
+
+
+def test_summary_says_no_where_the_learned_mean_is_higher_or_absent():
+    from autoshard_jax.placement.harness import summary
+    worse = _scored(lookup_greedy=[10.0, 20.0], autoshard=[10.5, 21.0])
+    heuristics_only = _scored(lookup_greedy=[10.0], size_greedy=[12.0])
+    text = summary({"T=10": worse, "D=8": heuristics_only}, "max_device")
+    assert "| no (autoshard; beyond 2 SE) |" in text  # +5% on both tasks: SE 0
+    assert "| D=8 | 1 | lookup_greedy 10.00 | - | - | - | no learned method |" in text
