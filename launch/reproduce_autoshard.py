@@ -195,9 +195,12 @@ def report_from_results(f) -> list[str]:
     path = os.path.join(f.workdir, "results.jsonl")
     if not os.path.isfile(path):
         raise InputError(f"--report_only: {path} does not exist (no finished tasks to report)")
+    # A task run twice (two processes on one setting) counts once: the later record, as a
+    # resumed run reads it (`harness.run_setting`).
+    latest = {(r["objective"], r["setting"], r["task"]): r for r in harness.read_results(path)}
     grouped: dict[str, dict[str, list[dict]]] = {}
-    for rec in sorted(harness.read_results(path), key=lambda r: r["task"]):
-        grouped.setdefault(rec["objective"], {}).setdefault(rec["setting"], []).append(rec)
+    for (objective, setting, _), rec in sorted(latest.items(), key=lambda kv: kv[0][2]):
+        grouped.setdefault(objective, {}).setdefault(setting, []).append(rec)
     if not grouped:
         raise InputError(f"--report_only: {path} holds no finished tasks")
     order = [s.name for s in harness.settings(f.base_tables, f.base_devices)]

@@ -60,6 +60,10 @@ def test_reports_every_method_and_resumes(tmp_path):
     assert open(os.path.join(work, "results.md")).read() == rebuilt
     strip = lambda t: t.split("\n", 1)[1]  # noqa: E731  (the title names the source)
     assert sorted(strip(rebuilt).split("\n## ")) == sorted(strip(text).split("\n## "))
+    with open(os.path.join(work, "results.jsonl"), "a") as out:  # a task recorded twice
+        out.write(lines[0] + "\n")
+    again = reproduce(args(work, report_only=True), log=lambda *_: None)
+    assert strip(again) == strip(rebuilt)
     with pytest.raises(InputError, match="both trained for objective spmd"):
         reproduce(args(work, policy=f"{policy},{policy}"), log=lambda *_: None)
 
