@@ -99,9 +99,22 @@ def test_train_then_measure_with_the_model(collection, tmp_path):
                                                  plan_out["exchange_ms"])
 
 
+def test_restarts_keep_the_seed_with_the_lowest_val_mape(collection, tmp_path):
+    from launch.train_cost_model import train_cost_model
+    out = train_cost_model(str(tmp_path), [collection], steps=20, seed=3, restarts=2,
+                           log=lambda _: None)
+    tried = out["meta"]["restarts"]
+    assert [t["seed"] for t in tried] == [3, 4]
+    assert out["meta"]["seed"] == min(tried, key=lambda t: t["val_mape"])["seed"]
+    assert min(h["val_mape"] for h in out["history"]) == min(t["val_mape"] for t in tried)
+    saved = json.loads((tmp_path / "cost_model.json").read_text())
+    assert saved["seed"] == out["meta"]["seed"] and saved["restarts"] == tried
+
+
 @pytest.mark.parametrize("args, culprit", [
     (["--data=/nonexistent"], "/nonexistent"),
     (["--steps=0"], "config.steps must be >= 1"),
+    (["--restarts=0"], "restarts must be >= 1"),
 ])
 def test_train_cost_model_bad_input(collection, tmp_path, args, culprit):
     args = [a if a != "--data=COLL" else f"--data={collection}" for a in args]
