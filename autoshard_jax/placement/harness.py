@@ -420,6 +420,7 @@ def summary(by_setting: dict[str, Sequence[dict]], objective: str) -> str:
                          + " - |" * (len(LEARNED_ROWS) + 2))
             continue
         best = min(heur, key=heur.get)
+        base = costs(best)
         cells, learned = [], {}
         for m in (*LEARNED_ROWS, "reference"):
             c = costs(m)
@@ -429,8 +430,8 @@ def summary(by_setting: dict[str, Sequence[dict]], objective: str) -> str:
             if np.isnan(c).any():
                 cells.append(f"failed {int(np.isnan(c).sum())} of {len(c)}")
                 continue
-            gap, se = paired_gap(c, costs(best))
-            pooled[m] += (c / costs(best) - 1.0).tolist()
+            gap, se = paired_gap(c, base)
+            pooled[m] += (c / base - 1.0).tolist()
             cells.append(f"{c.mean():.2f} ({_gap_text(gap, se)})")
             if m != "reference":
                 learned[m] = (c.mean(), gap, se)
