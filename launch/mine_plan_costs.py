@@ -25,8 +25,8 @@ flags.DEFINE_string("tables", None, "Pool of the tasks as tables.json (default: 
 flags.DEFINE_integer("max_rows", 100_000, "Row cap of the synthetic pool.")
 flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool and of its train/test split.")
 flags.DEFINE_string("policy", "", "launch.train_sharder workdir (autoshard, autoshard_search).")
-flags.DEFINE_string("cost_model", None, "Cost network workdir the planners use (default: the "
-                    "policy's).")
+flags.DEFINE_string("cost_model", None, "Cost network workdir the planners use, or comma-"
+                    "separated workdirs (their mean; default: the policy's).")
 flags.DEFINE_enum("objective", "spmd", ["spmd", "max_device"], "What the planners minimise, and "
                   "what is measured: plans (spmd) or each device's tables (max_device).")
 flags.DEFINE_integer("num_tasks", 30, "Tasks to draw.")

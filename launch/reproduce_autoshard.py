@@ -38,8 +38,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Output directory (results.jsonl, results.md, "
                         "bars_*.png).")
     flags.DEFINE_string("policy", "", "Comma-separated launch.train_sharder workdirs.")
-    flags.DEFINE_string("cost_model", None, "Cost network workdir (default: the policy's, else "
-                        "the analytical estimator).")
+    flags.DEFINE_string("cost_model", None, "Cost network workdir, or comma-separated workdirs "
+                        "(their mean; default: the policy's, else the analytical estimator).")
     flags.DEFINE_string("tables", None, "Pool tables.json (default: synthetic 856-table pool).")
     flags.DEFINE_integer("max_rows", 1_000_000, "Row cap of the synthetic pool.")
     flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool and of its train/test split.")

@@ -38,8 +38,8 @@ def define_flags() -> None:
     flags.DEFINE_string("objective", "spmd", f"One of {', '.join(OBJECTIVES)}.")
     flags.DEFINE_string("policy", None, "Workdir of launch.train_sharder (autoshard methods).")
     flags.DEFINE_string("out", None, "Where to write plan.json.")
-    flags.DEFINE_string("cost_model", None, "Cost network workdir; default: the policy's, else "
-                        "the analytical estimator.")
+    flags.DEFINE_string("cost_model", None, "Cost network workdir, or comma-separated workdirs "
+                        "(their mean); default: the policy's, else the analytical estimator.")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Batch size the costs refer to.")
     flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer whose state counts in memory.")
     flags.DEFINE_integer("seed", 0, "Seed of the random method.")

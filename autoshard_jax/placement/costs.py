@@ -56,15 +56,16 @@ class Cost:
 
 
 def get_cost(batch_size: int, cost_model_dir: str | None = None) -> Cost:
-    """The learned cost network from `cost_model_dir`, else the analytical estimator."""
+    """The learned cost network from `cost_model_dir` (comma-separated workdirs: the mean of
+    their networks, `cost.network.CostEnsemble`), else the analytical estimator."""
     if not cost_model_dir:
         return Cost(analytical_cost_fn(batch_size), "analytical", batch_size)
     try:
-        from autoshard_jax.cost.network import load_cost_model
+        from autoshard_jax.cost.network import load_cost_models
     except ImportError as e:
         raise InputError(f"cost model {cost_model_dir!r} given but autoshard_jax.cost.network "
                          "is not available in this checkout") from e
-    model = load_cost_model(cost_model_dir)
+    model = load_cost_models(cost_model_dir)
     return learned_cost(model, cost_model_dir, batch_size)
 
 

@@ -1,4 +1,5 @@
-"""The cost network: fits a known non-additive cost, batched scoring, save/load, metrics."""
+"""The cost network: fits a known non-additive cost, batched scoring, save/load, metrics,
+ensembles of fits."""
 
 import itertools
 import json
@@ -10,8 +11,10 @@ import pytest
 
 from autoshard_jax.cost import fit
 from autoshard_jax.cost.network import (
+    CostEnsemble,
     class_onehot,
     load_cost_model,
+    load_cost_models,
     save_cost_model,
     width_classes,
 )
@@ -145,3 +148,75 @@ def test_the_bounded_exp_keeps_its_gradient_past_the_bound():
         np.testing.assert_allclose(float(_exp(jnp.float32(x))), np.exp(np.clip(x, -20, 20)),
                                    rtol=1e-5)
     assert float(jax.grad(lambda x: _exp(x))(jnp.float32(25.0))) > 0
+
+
+def _saved_fits(tmp_path, seeds, meta=None):
+    """Workdirs of small fits, one per seed, on the same records."""
+    sets = fit.set_data(_synthetic_sets(200, seed=1), {s.name: s for s in POOL})
+    dirs = []
+    for seed in seeds:
+        model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=20, eval_every=10,
+                                                               seed=seed),
+                                      dict(meta or {"reference_ms": 6.5}), log=lambda _: None)
+        d = tmp_path / f"fit{seed}"
+        save_cost_model(str(d), model)
+        dirs.append(str(d))
+    return dirs
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members(tmp_path):
+    dirs = _saved_fits(tmp_path, (0, 1, 2))
+    members = [load_cost_model(d) for d in dirs]
+    assert isinstance(load_cost_models(dirs[0]), type(members[0]))  # one workdir: the model
+    ens = load_cost_models(",".join(dirs))
+    assert isinstance(ens, CostEnsemble) and len(ens.members) == 3
+    assert ens.meta["reference_ms"] == 6.5
+    specs = POOL[:9]
+    feats = jnp.asarray(table_features(specs))
+    classes = jnp.asarray(class_onehot(specs))
+    plans = jnp.stack([jax.nn.one_hot(jnp.arange(9) % 3, 3),
+                       jax.nn.one_hot(jnp.arange(9) // 3, 3)])
+    dev, spmd = jax.jit(jax.vmap(ens.cost_fn, in_axes=(None, 0, None)))(feats, plans, classes)
+    want = [[m.cost_fn(feats, p, classes) for m in members] for p in plans]
+    np.testing.assert_allclose(dev, [np.mean([np.asarray(o[0]) for o in w], 0) for w in want],
+                               rtol=1e-5)
+    np.testing.assert_allclose(spmd, [np.mean([float(o[1]) for o in w]) for w in want],
+                               rtol=1e-5)
+    # the members differ (else the ensemble would average nothing)
+    assert not np.allclose(want[0][0][1], want[0][1][1])
+    sets_feats = [table_features(POOL[:3]), table_features(POOL[3:8])]
+    np.testing.assert_allclose(ens.predict_sets(sets_feats),
+                               np.mean([m.predict_sets(sets_feats) for m in members], 0),
+                               rtol=1e-6)
+
+
+def test_an_ensemble_refines_every_member():
+    pool = {s.name: s for s in POOL}
+    sets = fit.set_data(_synthetic_sets(300, seed=2), pool)
+    members = tuple(fit.fit_cost_model(sets, {}, fit.FitConfig(steps=30, eval_every=30,
+                                                               seed=seed), {},
+                                       log=lambda _: None)[0] for seed in (0, 1))
+    ens = CostEnsemble(members)
+    slower = [{**r, "total_ms": 3 * r["total_ms"], "forward_ms": 3 * r["forward_ms"],
+               "backward_ms": 3 * r["backward_ms"],
+               "specs": [pool[n].to_json() for n in r["tables"]]}
+              for r in _synthetic_sets(100, seed=2)]
+    refined = ens.update(slower)
+    assert isinstance(refined, CostEnsemble) and len(refined.members) == 2
+    feats = [table_features([pool[n] for n in r["tables"]]) for r in slower]
+    want = np.asarray([r["total_ms"] for r in slower])
+    for old, new in zip(ens.members, refined.members, strict=True):
+        assert fit.mape(new.predict_sets(feats), want) < fit.mape(old.predict_sets(feats), want)
+
+
+def test_an_ensemble_refuses_mixed_units_and_repeats(tmp_path):
+    a, b = _saved_fits(tmp_path / "a", (0, 1))
+    (c,) = _saved_fits(tmp_path / "c", (2,), meta={"reference_ms": 9.0})
+    with pytest.raises(InputError, match="different units"):
+        load_cost_models(f"{a},{c}")
+    with pytest.raises(InputError, match="one workdir twice"):
+        load_cost_models(f"{a},{b},{a}")
+    with pytest.raises(InputError, match="no cost model workdir"):
+        load_cost_models(" , ")
+    with pytest.raises(InputError, match="holds no cost model"):
+        load_cost_models(f"{a},{tmp_path / 'missing'}")
