@@ -207,13 +207,15 @@ class CostModel:
 
 @dataclasses.dataclass(frozen=True)
 class CostEnsemble:
-    """The mean prediction of cost networks fitted independently (other seeds) on one unit.
+    """The mean prediction of cost networks fitted independently (another seed or learning
+    rate) to costs in one unit.
 
     A planner that optimises one network finds the plans that network underestimates: on
     session 16's held-out tasks (max_device) the policy's plans measured 2.2% +- 0.7% above its
-    network's prediction and the network-guided searches' 4-9% above, relative to the
-    heuristics' plans, while a second fit on the same data saw no such bias in the same plans
-    (0.1% +- 0.5%). Those errors are the fit's own, so averaging fits leaves less to exploit.
+    network's prediction and the network-guided searches' 3.7% and 9.5% above, relative to the
+    heuristics' plans, while two other fits on the same data saw no such bias in the policy's
+    plans (+0.1% and -0.1%, +- 0.5%). Those errors are the fit's own, so a mean of fits leaves
+    less to exploit.
     """
 
     members: tuple[CostModel, ...]
@@ -234,6 +236,7 @@ class CostEnsemble:
         return CostEnsemble(tuple(m.update(records, pool) for m in self.members))
 
     def predict_sets(self, sets_feats: Sequence[np.ndarray]) -> np.ndarray:
+        """The members' mean predicted total ms of each set fused on one device."""
         return np.mean([m.predict_sets(sets_feats) for m in self.members], axis=0)
 
 

@@ -19,6 +19,7 @@ from autoshard_jax.cost.network import (
     width_classes,
 )
 from autoshard_jax.errors import InputError
+from autoshard_jax.placement.costs import get_cost
 from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.tables.features import table_features
 from autoshard_jax.tables.pools import synthetic_pool
@@ -182,6 +183,10 @@ def test_an_ensemble_predicts_the_mean_of_its_members(tmp_path):
                                rtol=1e-5)
     np.testing.assert_allclose(spmd, [np.mean([float(o[1]) for o in w]) for w in want],
                                rtol=1e-5)
+    # what planners get: `get_cost` with the comma-separated workdirs
+    cost = get_cost(512, ",".join(dirs))
+    assert cost.name == "learned:" + ",".join(dirs) and isinstance(cost.model, CostEnsemble)
+    np.testing.assert_allclose(cost.fn(feats, plans[0], classes)[1], spmd[0], rtol=1e-5)
     # the members differ (else the ensemble would average nothing)
     assert not np.allclose(want[0][0][1], want[0][1][1])
     sets_feats = [table_features(POOL[:3]), table_features(POOL[3:8])]
