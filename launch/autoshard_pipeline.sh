@@ -5,10 +5,11 @@
 #   3. one policy per objective against that network;
 #   4. the planners' own plans (heuristics, policy, searches) on training tasks, timed;
 #   5. the network retrained on all of it, 6. the policies retrained on that network;
-#   7. a top-up of large random sets (30-100 tables: the devices of T=100-200 tasks), 8. a third
-#      network on everything and the max_device policy on it (session 15: its spmd head came out
-#      worse than the second network's, so spmd keeps policy 2);
-#   9. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
+#   7. a top-up of large random sets (30-100 tables: the devices of T=100-200 tasks);
+#   8. three networks on everything (seeds 0, 1, 2) and, 9., both objectives' final policies
+#      (3,000 iterations) against their mean: a policy trained hard against one fit exploits
+#      that fit's errors (session 17), and seeds differ (session 16: seed 0 stalled);
+#  10. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
 # Each step resumes, or is skipped when its output is complete, so re-running the same command
 # continues where it stopped. Two processes at a time, one pinned core each.
 #
@@ -16,7 +17,7 @@
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
 # STOP_AFTER (costs, cost_model, policies, mined, cost_model_2, policies_2, costs_large,
-# cost_model_3, policy_3) ends the run after that step. Measured on 2 AMD EPYC cores (session 11):
+# cost_model_3, policies_3) ends the run after that step. Measured on 2 AMD EPYC cores (session 11):
 # costs 34 min, first network 8 min, policies 2 min, mining 16 min, second network 22 min;
 # session 15: large sets 30 min, third network 11 min (both cores); then an evaluation task takes
 # ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10, T=200 ~24).
@@ -60,19 +61,21 @@ costs() {
 side_by_side costs
 done_with costs
 
-cost_model() {  # cost_model WORKDIR DATA
+cost_model() {  # cost_model WORKDIR DATA [CORE [FLAG...]]
   if [ ! -f "$1/report.md" ]; then  # written last
-    pin 0 "$PY" -m launch.train_cost_model --workdir="$1" --data="$2"
+    pin "${3:-0}" "$PY" -m launch.train_cost_model --workdir="$1" --data="$2" "${@:4}"
   fi
 }
 cost_model "$DIR/cost_model" "$DIR/costs"
 done_with cost_model
 
-policy() {  # policy K: objective K's policy against cost_model$SUFFIX (SUFFIX from the env)
+policy() {  # policy K: objective K's policy in sharder$SUFFIX_OBJECTIVE (env: SUFFIX, and
+  # COST_MODEL and ITERATIONS, by default cost_model$SUFFIX and the config's 300)
   local objective=${OBJECTIVES[$1]}
   pin "$1" "$PY" -m launch.train_sharder --config=launch/configs/sharder_runlocal.py \
     --workdir="$DIR/sharder${SUFFIX:-}_$objective" --config.objective="$objective" \
-    --config.cost_model="$DIR/cost_model${SUFFIX:-}" --config.pool.max_rows=100000
+    --config.cost_model="${COST_MODEL:-$DIR/cost_model${SUFFIX:-}}" \
+    --config.num_iterations="${ITERATIONS:-300}" --config.pool.max_rows=100000
 }
 side_by_side policy
 done_with policies
@@ -99,17 +102,18 @@ costs_large() {
 side_by_side costs_large
 done_with costs_large
 
-if [ ! -f "$DIR/cost_model_3/report.md" ]; then  # alone: both cores
-  # two seeds, the better by val: session 16 found seed 0 stalled on these data (val MAPE
-  # 0.072, seed 1 0.044); ~11 min per seed
-  "$PY" -m launch.train_cost_model --workdir="$DIR/cost_model_3" --restarts=2 \
-    --data="$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device,$DIR/costs_large"
-fi
+ALL_DATA="$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device,$DIR/costs_large"
+cost_model_3() {  # cost_model_3 SEED: ~11 min per fit on one core
+  cost_model "$DIR/cost_model_3_seed$1" "$ALL_DATA" "$(( $1 % 2 ))" --seed="$1"
+}
+side_by_side cost_model_3
+cost_model_3 2
 done_with cost_model_3
 
-SUFFIX=_3 policy 1  # max_device
-done_with policy_3
-POLICY=("$DIR/sharder_2_spmd" "$DIR/sharder_3_max_device")  # per objective, as above
+COST_MODEL="$DIR/cost_model_3_seed0,$DIR/cost_model_3_seed1,$DIR/cost_model_3_seed2" \
+  ITERATIONS=3000 SUFFIX=_3 side_by_side policy  # ~20 min each
+done_with policies_3
+POLICY=("$DIR/sharder_3_spmd" "$DIR/sharder_3_max_device")  # per objective
 
 reproduce() {  # reproduce K SETTINGS: objective K's evaluation of SETTINGS
   local objective=${OBJECTIVES[$1]}
