@@ -26,7 +26,8 @@ flags.DEFINE_string("tables", None, "tables.json with every table named in the s
 flags.DEFINE_string("sets", None, "JSON list of lists of table names.")
 flags.DEFINE_list("plans", None, "plan.json files (instead of --sets).")
 flags.DEFINE_integer("batch_size", 512, "Samples per step.")
-flags.DEFINE_string("cost_model", None, "Directory of a trained cost model (adds predicted_ms).")
+flags.DEFINE_string("cost_model", None, "Directory of a trained cost model, or comma-separated "
+                    "directories (their mean; adds predicted_ms).")
 flags.DEFINE_string("row_optimizer", "sgd", "sgd | rowwise_adagrad | adagrad.")
 flags.DEFINE_integer("repeats", 10, "Timed repeats per measurement.")
 flags.DEFINE_enum("clock", "auto", ["auto", "wall", "cpu"], "Timing clock (see collect_costs).")
@@ -67,7 +68,7 @@ def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | Non
     import jax.numpy as jnp
     import numpy as np
 
-    from autoshard_jax.cost.network import class_onehot, load_cost_model
+    from autoshard_jax.cost.network import class_onehot, load_cost_models
     from autoshard_jax.cost.oracle import measure_plan, measure_set, use_model_unit
     from autoshard_jax.cost.timing import Protocol
     from autoshard_jax.errors import ConfigError, check_range
@@ -83,7 +84,7 @@ def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | Non
         raise ConfigError(f"--row_optimizer must be sgd, rowwise_adagrad or adagrad, got "
                           f"{row_optimizer!r}")
     specs = {s.name: s for s in load_tables(tables_path)}
-    model = load_cost_model(cost_model) if cost_model else None
+    model = load_cost_models(cost_model) if cost_model else None
     if model is not None and model.meta.get("batch_size") != batch_size:
         raise ConfigError(f"--cost_model was trained at batch size {model.meta.get('batch_size')}"
                           f", --batch_size is {batch_size}: measure at the model's batch size")

@@ -26,7 +26,8 @@ flags.DEFINE_integer("max_rows", 100_000, "Row cap of the synthetic pool.")
 flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool and of its train/test split.")
 flags.DEFINE_string("policy", "", "launch.train_sharder workdir (autoshard, autoshard_search).")
 flags.DEFINE_string("cost_model", None, "Cost network workdir the planners use, or comma-"
-                    "separated workdirs (their mean; default: the policy's).")
+                    "separated workdirs (their mean; default: the policy's, with the "
+                    "pessimism it trained with).")
 flags.DEFINE_enum("objective", "spmd", ["spmd", "max_device"], "What the planners minimise, and "
                   "what is measured: plans (spmd) or each device's tables (max_device).")
 flags.DEFINE_integer("num_tasks", 30, "Tasks to draw.")
@@ -50,8 +51,7 @@ def _ints(name: str) -> tuple[int, ...]:
 def main(argv):
     from autoshard_jax.errors import InputError
     from autoshard_jax.placement import api
-    from autoshard_jax.placement.costs import get_cost
-    from autoshard_jax.placement.inference import load_policy
+    from autoshard_jax.placement.inference import load_policy, planning_cost
     from autoshard_jax.placement.mining import MineConfig, mine
     from autoshard_jax.placement.tasks import evaluation_pool
     from autoshard_jax.tables.spec import load_tables
@@ -71,8 +71,7 @@ def main(argv):
     if policy is None and any(m.startswith("autoshard") for m in config.methods):
         raise InputError("--methods has autoshard / autoshard_search: give --policy=DIR "
                          "(launch.train_sharder), or leave them out")
-    cost_dir = FLAGS.cost_model or (policy.cost_model_dir if policy is not None else None)
-    cost = get_cost(config.batch_size, cost_dir)
+    cost = planning_cost(config.batch_size, FLAGS.cost_model, policy)
 
     def place(task, method):
         return api.place_method(task.specs, task.num_devices, task.memory_bytes, method,

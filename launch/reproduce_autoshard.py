@@ -26,7 +26,7 @@ from absl import flags
 
 from autoshard_jax.errors import InputError, check_range
 from autoshard_jax.placement import harness
-from autoshard_jax.placement.costs import OBJECTIVES, get_cost
+from autoshard_jax.placement.costs import OBJECTIVES
 from autoshard_jax.placement.tasks import evaluation_pool, split_pool
 from launch.common import run
 
@@ -39,7 +39,8 @@ def define_flags() -> None:
                         "bars_*.png).")
     flags.DEFINE_string("policy", "", "Comma-separated launch.train_sharder workdirs.")
     flags.DEFINE_string("cost_model", None, "Cost network workdir, or comma-separated workdirs "
-                        "(their mean; default: the policy's, else the analytical estimator).")
+                        "(their mean; default: the policy's, with the pessimism it trained "
+                        "with, else the analytical estimator).")
     flags.DEFINE_string("tables", None, "Pool tables.json (default: synthetic 856-table pool).")
     flags.DEFINE_integer("max_rows", 1_000_000, "Row cap of the synthetic pool.")
     flags.DEFINE_integer("pool_seed", 0, "Seed of the synthetic pool and of its train/test split.")
@@ -108,7 +109,7 @@ def reproduce(f, log=print) -> str:
     check_flags(f)
     if f.report_only:
         return write_report(f.workdir, report_from_results(f), log)
-    from autoshard_jax.placement.inference import load_policy
+    from autoshard_jax.placement.inference import load_policy, planning_cost
     from autoshard_jax.tables.spec import load_tables
 
     if f.tables and not os.path.isfile(f.tables):
@@ -138,9 +139,7 @@ def reproduce(f, log=print) -> str:
             raise InputError(f"--policy: {paths[objective]} and {path} are both trained for "
                              f"objective {objective}; give one policy per objective")
         policies[objective], paths[objective] = pol, path
-    cost_dir = f.cost_model or (next(iter(policies.values())).cost_model_dir
-                                if policies else None)
-    cost = get_cost(f.batch_size, cost_dir)
+    cost = planning_cost(f.batch_size, f.cost_model, next(iter(policies.values()), None))
     os.makedirs(f.workdir, exist_ok=True)
     results = os.path.join(f.workdir, "results.jsonl")
 

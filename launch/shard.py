@@ -21,7 +21,7 @@ from absl import flags
 
 from autoshard_jax.errors import InputError, check_range
 from autoshard_jax.placement.api import DEFAULT_BATCH_SIZE, METHODS, shard
-from autoshard_jax.placement.costs import OBJECTIVES, get_cost
+from autoshard_jax.placement.costs import OBJECTIVES
 from autoshard_jax.sharding.plan import save_plan
 from autoshard_jax.tables.spec import load_tables
 from launch.common import run
@@ -39,7 +39,8 @@ def define_flags() -> None:
     flags.DEFINE_string("policy", None, "Workdir of launch.train_sharder (autoshard methods).")
     flags.DEFINE_string("out", None, "Where to write plan.json.")
     flags.DEFINE_string("cost_model", None, "Cost network workdir, or comma-separated workdirs "
-                        "(their mean); default: the policy's, else the analytical estimator.")
+                        "(their mean); default: the policy's (with the pessimism it trained "
+                        "with), else the analytical estimator.")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Batch size the costs refer to.")
     flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer whose state counts in memory.")
     flags.DEFINE_integer("seed", 0, "Seed of the random method.")
@@ -69,11 +70,9 @@ def shard_main(f: dict, out=sys.stdout) -> dict:
     if not os.path.isfile(f["tables"]):
         raise InputError(f"--tables: file {f['tables']!r} does not exist")
     specs = load_tables(f["tables"])
-    cost_dir = f["cost_model"]
-    if not cost_dir and f["policy"]:
-        from autoshard_jax.placement.inference import load_policy
-        cost_dir = load_policy(f["policy"]).cost_model_dir
-    cost = get_cost(f["batch_size"], cost_dir)
+    from autoshard_jax.placement.inference import load_policy, planning_cost
+    policy = load_policy(f["policy"]) if f["policy"] and not f["cost_model"] else None
+    cost = planning_cost(f["batch_size"], f["cost_model"], policy)
     plan = shard(specs, f["num_devices"], int(f["memory_gb"] * 2**30), f["method"],
                  objective=f["objective"], policy_dir=f["policy"], cost=cost, seed=f["seed"],
                  row_optimizer=f["row_optimizer"])

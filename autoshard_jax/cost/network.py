@@ -208,36 +208,47 @@ class CostModel:
 @dataclasses.dataclass(frozen=True)
 class CostEnsemble:
     """The mean prediction of cost networks fitted independently (another seed or learning
-    rate) to costs in one unit.
+    rate) to costs in one unit; with `pessimism` k > 0, the mean plus k times the members'
+    standard deviation (per device, and of the step).
 
     A planner that optimises one network finds the plans that network underestimates: on
     session 16's held-out tasks (max_device) the policy's plans measured 2.2% +- 0.7% above its
     network's prediction and the network-guided searches' 3.7% and 9.5% above, relative to the
     heuristics' plans, while two other fits on the same data saw no such bias in the policy's
     plans (+0.1% and -0.1%, +- 0.5%). Those errors are the fit's own, so a mean of fits leaves
-    less to exploit.
+    less to exploit; where the fits disagree the cost is least known, and the pessimistic score
+    keeps a planner from preferring such plans (as in model-based offline RL).
     """
 
     members: tuple[CostModel, ...]
+    pessimism: float = 0.0
 
     @property
     def meta(self) -> dict:
         """The first member's provenance (the unit, `reference_ms`, is common to all)."""
         return self.members[0].meta
 
+    def _combine(self, x_M, xp):
+        """Mean over the members' axis 0, plus `pessimism` sample standard deviations."""
+        mean = xp.mean(x_M, axis=0)
+        if not self.pessimism:
+            return mean
+        return mean + self.pessimism * xp.std(x_M, axis=0, ddof=1)
+
     def cost_fn(self, feats_TxF, assign_TxD, class_TxK):
-        """The members' mean (device_ms_D, spmd_ms)."""
+        """The members' combined (device_ms_D, spmd_ms)."""
         outs = [m.cost_fn(feats_TxF, assign_TxD, class_TxK) for m in self.members]
-        return (sum(o[0] for o in outs) / len(outs), sum(o[1] for o in outs) / len(outs))
+        return (self._combine(jnp.stack([o[0] for o in outs]), jnp),
+                self._combine(jnp.stack([o[1] for o in outs]), jnp))
 
     def update(self, records: list[dict], pool: dict[str, TableSpec] | None = None
                ) -> CostEnsemble:
         """Every member fine-tuned on the same new oracle records."""
-        return CostEnsemble(tuple(m.update(records, pool) for m in self.members))
+        return CostEnsemble(tuple(m.update(records, pool) for m in self.members), self.pessimism)
 
     def predict_sets(self, sets_feats: Sequence[np.ndarray]) -> np.ndarray:
-        """The members' mean predicted total ms of each set fused on one device."""
-        return np.mean([m.predict_sets(sets_feats) for m in self.members], axis=0)
+        """The members' combined predicted total ms of each set fused on one device."""
+        return self._combine(np.asarray([m.predict_sets(sets_feats) for m in self.members]), np)
 
 
 def init_params(net: CostNet, rng: jax.Array) -> dict:
@@ -285,19 +296,28 @@ def load_cost_model(workdir: str) -> CostModel:
     return CostModel(params, np.asarray(tree["mean_I"]), np.asarray(tree["std_I"]), meta)
 
 
-def load_cost_models(workdirs: str) -> CostModel | CostEnsemble:
-    """One model, or the ensemble of several comma-separated workdirs (one unit required)."""
+def load_cost_models(workdirs: str, pessimism: float = 0.0) -> CostModel | CostEnsemble:
+    """One model, or the ensemble of several comma-separated workdirs (one unit required;
+    `pessimism`: see CostEnsemble)."""
     dirs = [d.strip() for d in workdirs.split(",") if d.strip()]
     if not dirs:
         raise InputError(f"no cost model workdir in {workdirs!r}")
+    if isinstance(pessimism, bool) or not isinstance(pessimism, (int, float)) \
+            or not 0 <= pessimism < float("inf"):
+        raise InputError(f"cost pessimism must be a finite number >= 0, got {pessimism!r}")
+    if pessimism and len(dirs) < 2:
+        raise InputError(f"cost pessimism {pessimism} needs two or more cost model workdirs "
+                         f"(it weighs their disagreement), got {workdirs!r}")
     if len(set(dirs)) < len(dirs):
         raise InputError(f"cost model workdirs {workdirs!r} name one workdir twice: an "
                          "ensemble averages distinct fits")
     models = [load_cost_model(d) for d in dirs]
     if len(models) == 1:
         return models[0]
-    units = {d: m.meta.get("reference_ms") for d, m in zip(dirs, models, strict=True)}
+    units = {d: (m.meta.get("reference_ms"), m.meta.get("batch_size"))
+             for d, m in zip(dirs, models, strict=True)}
     if len(set(units.values())) > 1:
-        raise InputError(f"cost models predict in different units (reference_ms {units}): an "
-                         "ensemble averages fits to costs in one unit (the same collections)")
-    return CostEnsemble(tuple(models))
+        raise InputError(f"cost models predict in different units ((reference_ms, batch_size) "
+                         f"{units}): an ensemble averages fits to costs in one unit (the same "
+                         "collections)")
+    return CostEnsemble(tuple(models), float(pessimism))

@@ -55,17 +55,22 @@ class Cost:
     model: object = None  # the learned CostModel (for refinement), if any
 
 
-def get_cost(batch_size: int, cost_model_dir: str | None = None) -> Cost:
+def get_cost(batch_size: int, cost_model_dir: str | None = None, pessimism: float = 0.0
+             ) -> Cost:
     """The learned cost network from `cost_model_dir` (comma-separated workdirs: the mean of
-    their networks, `cost.network.CostEnsemble`), else the analytical estimator."""
+    their networks plus `pessimism` standard deviations, `cost.network.CostEnsemble`), else the
+    analytical estimator."""
     if not cost_model_dir:
+        if pessimism:
+            raise InputError(f"cost pessimism {pessimism} needs an ensemble of cost networks, "
+                             "not the analytical estimator")
         return Cost(analytical_cost_fn(batch_size), "analytical", batch_size)
     try:
         from autoshard_jax.cost.network import load_cost_models
     except ImportError as e:
         raise InputError(f"cost model {cost_model_dir!r} given but autoshard_jax.cost.network "
                          "is not available in this checkout") from e
-    model = load_cost_models(cost_model_dir)
+    model = load_cost_models(cost_model_dir, pessimism)
     return learned_cost(model, cost_model_dir, batch_size)
 
 

@@ -17,7 +17,13 @@ import numpy as np
 
 from autoshard_jax.errors import InputError
 from autoshard_jax.placement import env as env_lib
-from autoshard_jax.placement.costs import Cost, class_onehot, single_costs, table_features
+from autoshard_jax.placement.costs import (
+    Cost,
+    class_onehot,
+    get_cost,
+    single_costs,
+    table_features,
+)
 from autoshard_jax.placement.memory import MemoryModel
 from autoshard_jax.placement.policy import PolicyNet, init_params, make_optimizer, rollout
 from autoshard_jax.tables.features import NUM_FEATURES
@@ -40,6 +46,21 @@ class LoadedPolicy:
         """Workdir of the cost network the policy trained against (None: analytical)."""
         name = self.meta.get("cost_model", "analytical")
         return name.split(":", 1)[1] if name.startswith("learned:") else None
+
+    @property
+    def cost_pessimism(self) -> float:
+        """The standard deviations of its ensemble's members it trained against (0: the mean)."""
+        return float(self.meta.get("cost_pessimism", 0.0))
+
+
+def planning_cost(batch_size: int, cost_model: str | None, policy: LoadedPolicy | None) -> Cost:
+    """What the planners score with: the `cost_model` workdirs when given, else the cost the
+    policy trained against (its networks and pessimism), else the analytical estimator."""
+    if cost_model:
+        return get_cost(batch_size, cost_model)
+    if policy is not None:
+        return get_cost(batch_size, policy.cost_model_dir, policy.cost_pessimism)
+    return get_cost(batch_size)
 
 
 def load_policy(workdir: str) -> LoadedPolicy:

@@ -67,7 +67,7 @@ def check_config(c) -> None:
         check_range(key, obj[name], low=low, integer=True)
     for key, low, high in (("learning_rate", 1e-8, 1.0), ("entropy_coef", 0.0, 10.0),
                            ("value_coef", 0.0, 100.0), ("mem_factor", 1.0, 1000.0),
-                           ("unseen", 0.0, 1.0)):
+                           ("unseen", 0.0, 1.0), ("cost_pessimism", 0.0, 100.0)):
         check_range(key, c[key], low=low, high=high)
     if not c.train_shapes:
         raise ConfigError("config.train_shapes must list at least one (num_tables, devices)")
@@ -192,7 +192,8 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
     if cost is None and not c.cost_model:
         raise ConfigError("config.cost_model is empty: give a cost network workdir or "
                           "'analytical' (launch.train_sharder fills it by measuring one)")
-    cost = cost or get_cost(c.batch_size, None if c.cost_model == "analytical" else c.cost_model)
+    cost = cost or get_cost(c.batch_size, None if c.cost_model == "analytical" else c.cost_model,
+                            c.cost_pessimism)
     if refine_fn is None and c.refine_every:
         refine_fn = make_refine_fn(workdir, log)
     pool = load_pool(c)
@@ -204,7 +205,8 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
     state = {"params": params, "opt_state": tx.init(params), "step": 0}
     meta = {"objective": c.objective, "reward": c.reward, "hidden": c.hidden,
             "learning_rate": c.learning_rate, "total_steps": c.num_iterations,
-            "cost_model": cost.name, "batch_size": c.batch_size,
+            "cost_model": cost.name, "cost_pessimism": c.cost_pessimism,
+            "batch_size": c.batch_size,
             "train_shapes": [list(s) for s in c.train_shapes]}
     with open(os.path.join(workdir, POLICY_JSON), "w") as f:
         json.dump(meta, f, indent=1)

@@ -26,6 +26,7 @@ def get_config():
     c.reward = "cost"  # or "ratio" (AutoShard's min/max balance)
     c.cost_model = ""  # cost network workdir(s, comma-separated: their mean); "analytical";
     # "" = measure and fit one first
+    c.cost_pessimism = 0.0  # with several workdirs: optimise their mean + k x their std
     # what "" measures: every training table alone, then random sets and plans (2 cores: 11 min,
     # then 1 min to fit; the whole runlocal run took 12.6 min, session 14)
     c.own_costs = ml_collections.ConfigDict({

@@ -1,6 +1,7 @@
 """The cost network: fits a known non-additive cost, batched scoring, save/load, metrics,
 ensembles of fits."""
 
+import dataclasses
 import itertools
 import json
 
@@ -45,6 +46,13 @@ def _synthetic_sets(n, seed):
         records.append({"kind": "set", "index": i, "tables": [s.name for s in specs],
                         "forward_ms": 0.4 * c, "backward_ms": 0.6 * c, "total_ms": c})
     return records
+
+
+def _slower(records, pool):
+    """The same sets measured on a machine 3x slower, as the oracle reports them (with specs)."""
+    return [{**r, "total_ms": 3 * r["total_ms"], "forward_ms": 3 * r["forward_ms"],
+             "backward_ms": 3 * r["backward_ms"],
+             "specs": [pool[n].to_json() for n in r["tables"]]} for r in records]
 
 
 def test_network_fits_a_known_non_additive_cost():
@@ -130,9 +138,7 @@ def test_update_fine_tunes_on_new_measurements():
     model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=30, eval_every=30), {},
                                   log=lambda _: None)
     # the machine got 3x slower: refinement on measured records moves predictions toward them
-    slower = [{**r, "total_ms": 3 * r["total_ms"], "forward_ms": 3 * r["forward_ms"],
-               "backward_ms": 3 * r["backward_ms"],
-               "specs": [pool[n].to_json() for n in r["tables"]]} for r in records[:100]]
+    slower = _slower(records[:100], pool)
     refined = model.update(slower)
     feats = [table_features([pool[n] for n in r["tables"]]) for r in slower]
     want = np.asarray([r["total_ms"] for r in slower])
@@ -151,22 +157,24 @@ def test_the_bounded_exp_keeps_its_gradient_past_the_bound():
     assert float(jax.grad(lambda x: _exp(x))(jnp.float32(25.0))) > 0
 
 
-def _saved_fits(tmp_path, seeds, meta=None):
-    """Workdirs of small fits, one per seed, on the same records."""
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    """Three small fits on the same records (seeds 0, 1, 2), saved: (models, workdirs)."""
     sets = fit.set_data(_synthetic_sets(200, seed=1), {s.name: s for s in POOL})
-    dirs = []
-    for seed in seeds:
+    root = tmp_path_factory.mktemp("fits")
+    models, dirs = [], []
+    for seed in (0, 1, 2):
         model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=20, eval_every=10,
                                                                seed=seed),
-                                      dict(meta or {"reference_ms": 6.5}), log=lambda _: None)
-        d = tmp_path / f"fit{seed}"
-        save_cost_model(str(d), model)
-        dirs.append(str(d))
-    return dirs
+                                      {"reference_ms": 6.5}, log=lambda _: None)
+        save_cost_model(str(root / f"fit{seed}"), model)
+        models.append(model)
+        dirs.append(str(root / f"fit{seed}"))
+    return models, dirs
 
 
-def test_an_ensemble_predicts_the_mean_of_its_members(tmp_path):
-    dirs = _saved_fits(tmp_path, (0, 1, 2))
+def test_an_ensemble_predicts_the_mean_of_its_members(fits):
+    _, dirs = fits
     members = [load_cost_model(d) for d in dirs]
     assert isinstance(load_cost_models(dirs[0]), type(members[0]))  # one workdir: the model
     ens = load_cost_models(",".join(dirs))
@@ -195,28 +203,57 @@ def test_an_ensemble_predicts_the_mean_of_its_members(tmp_path):
                                rtol=1e-6)
 
 
-def test_an_ensemble_refines_every_member():
+def test_a_pessimistic_ensemble_adds_its_members_spread(fits):
+    models, dirs = fits
+    ens = load_cost_models(",".join(dirs), pessimism=1.5)
+    assert ens.pessimism == 1.5
+    specs = POOL[:7]
+    feats = jnp.asarray(table_features(specs))
+    classes = jnp.asarray(class_onehot(specs))
+    plan = jax.nn.one_hot(jnp.arange(7) % 2, 2)
+    outs = [m.cost_fn(feats, plan, classes) for m in models]
+    dev_MxD = np.asarray([o[0] for o in outs])
+    spmd_M = np.asarray([float(o[1]) for o in outs])
+    dev, spmd = jax.jit(ens.cost_fn)(feats, plan, classes)
+    np.testing.assert_allclose(dev, dev_MxD.mean(0) + 1.5 * dev_MxD.std(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(spmd, spmd_M.mean() + 1.5 * spmd_M.std(ddof=1), rtol=1e-5)
+    assert float(spmd) > float(load_cost_models(",".join(dirs)).cost_fn(feats, plan,
+                                                                          classes)[1])
+    sets_feats = [table_features(POOL[:3]), table_features(POOL[3:8])]
+    each_MxS = np.asarray([m.predict_sets(sets_feats) for m in models])
+    np.testing.assert_allclose(ens.predict_sets(sets_feats),
+                               each_MxS.mean(0) + 1.5 * each_MxS.std(0, ddof=1), rtol=1e-6)
+    with pytest.raises(InputError, match="two or more"):
+        load_cost_models(dirs[0], pessimism=1.0)
+    for bad in (-0.5, float("nan"), float("inf"), True):
+        with pytest.raises(InputError, match="finite number >= 0"):
+            load_cost_models(",".join(dirs), pessimism=bad)
+    with pytest.raises(InputError, match="needs an ensemble"):
+        get_cost(512, None, 1.0)
+
+
+def test_an_ensemble_refines_every_member(fits):
     pool = {s.name: s for s in POOL}
-    sets = fit.set_data(_synthetic_sets(300, seed=2), pool)
-    members = tuple(fit.fit_cost_model(sets, {}, fit.FitConfig(steps=30, eval_every=30,
-                                                               seed=seed), {},
-                                       log=lambda _: None)[0] for seed in (0, 1))
-    ens = CostEnsemble(members)
-    slower = [{**r, "total_ms": 3 * r["total_ms"], "forward_ms": 3 * r["forward_ms"],
-               "backward_ms": 3 * r["backward_ms"],
-               "specs": [pool[n].to_json() for n in r["tables"]]}
-              for r in _synthetic_sets(100, seed=2)]
+    ens = CostEnsemble(tuple(fits[0][:2]), pessimism=0.5)
+    slower = _slower(_synthetic_sets(100, seed=2), pool)
     refined = ens.update(slower)
     assert isinstance(refined, CostEnsemble) and len(refined.members) == 2
+    assert refined.pessimism == 0.5
     feats = [table_features([pool[n] for n in r["tables"]]) for r in slower]
     want = np.asarray([r["total_ms"] for r in slower])
     for old, new in zip(ens.members, refined.members, strict=True):
         assert fit.mape(new.predict_sets(feats), want) < fit.mape(old.predict_sets(feats), want)
 
 
-def test_an_ensemble_refuses_mixed_units_and_repeats(tmp_path):
-    a, b = _saved_fits(tmp_path / "a", (0, 1))
-    (c,) = _saved_fits(tmp_path / "c", (2,), meta={"reference_ms": 9.0})
+def test_an_ensemble_refuses_mixed_units_and_repeats(fits, tmp_path):
+    models, (a, b, _) = fits
+    c = str(tmp_path / "other_unit")
+    save_cost_model(c, dataclasses.replace(models[2], meta={"reference_ms": 9.0}))
+    with pytest.raises(InputError, match="different units"):
+        load_cost_models(f"{a},{c}")
+    c = str(tmp_path / "other_batch")
+    save_cost_model(c, dataclasses.replace(models[2], meta={"reference_ms": 6.5,
+                                                           "batch_size": 64}))
     with pytest.raises(InputError, match="different units"):
         load_cost_models(f"{a},{c}")
     with pytest.raises(InputError, match="one workdir twice"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,11 +91,13 @@ def test_train_then_measure_with_the_model(collection, tmp_path):
 
     plan_a = tmp_path / "a.json"
     save_plan(plan_a, plan_from_mapping({s.name: i % 2 for i, s in enumerate(POOL)}, 2, 1 << 30))
+    shutil.copytree(model_dir, tmp_path / "model_copy")  # an ensemble of two (equal) fits
     proc = _run("launch.measure_costs", f"--tables={tables}", f"--plans={plan_a}",
-                "--batch_size=32", "--repeats=5")
+                "--batch_size=32", "--repeats=5",
+                f"--cost_model={model_dir},{tmp_path / 'model_copy'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     (plan_out,) = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    assert plan_out["plan"] == str(plan_a)
+    assert plan_out["plan"] == str(plan_a) and plan_out["predicted_ms"] > 0
     assert plan_out["total_ms"] == pytest.approx(plan_out["compute_ms"] +
                                                  plan_out["exchange_ms"])
 

@@ -59,10 +59,16 @@ def test_trains_resumes_and_shards(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("num_iterations", 0), ("objective", "fast"),
-                                       ("train_shapes", ((500, 2),)), ("mem_factor", 0.5)])
+                                       ("train_shapes", ((500, 2),)), ("mem_factor", 0.5),
+                                       ("cost_pessimism", -1.0)])
 def test_config_checks_name_the_key(tmp_path, key, value):
     with pytest.raises(ConfigError, match=key):
         train(tiny_config(**{key: value}), str(tmp_path / "w"))
+
+
+def test_pessimism_needs_an_ensemble(tmp_path):
+    with pytest.raises(InputError, match="needs an ensemble"):
+        train(tiny_config(cost_pessimism=1.0), str(tmp_path / "w"))
 
 
 def test_cli_bad_config_exits_2(tmp_path):
