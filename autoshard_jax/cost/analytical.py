@@ -38,6 +38,28 @@ CostFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
+class BoundCost:
+    """A cost function fixed to one table set.
+
+    A device's cost depends on its tables only through the sums of per-table rows (for the
+    network, DeepSets sums; in general, the device's column of the assignment), so a planner
+    that adds one table at a time keeps each device's sums and asks `device_ms(sums_DxR)`:
+    O(D R) per step instead of a [T, D] product with every table.
+    """
+
+    cost_of: Callable  # assign_TxD -> (device_ms_D, spmd_ms)
+    rows_TxR: jax.Array
+    device_ms: Callable  # sums_DxR (assign_TxD.T @ rows_TxR) -> device_ms_D
+
+    @staticmethod
+    def of(cost_fn: CostFn, feats_TxF: jax.Array, class_TxK: jax.Array) -> BoundCost:
+        """Any cost function: the rows are one-hot, so the sums are the assignment itself."""
+        return BoundCost(lambda assign_TxD: cost_fn(feats_TxF, assign_TxD, class_TxK),
+                         jnp.eye(feats_TxF.shape[0], dtype=jnp.float32),
+                         lambda sums_DxT: cost_fn(feats_TxF, sums_DxT.T, class_TxK)[0])
+
+
+@dataclasses.dataclass(frozen=True)
 class Bandwidth:
     """Bandwidths in GB/s (1e9 bytes). CPU defaults are rough; fit `device_gbps` to oracle
     measurements with `fit_device_gbps` to calibrate the estimator on a backend."""

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from autoshard_jax.cost.analytical import exchange_terms
+from autoshard_jax.cost.analytical import BoundCost, exchange_terms
 from autoshard_jax.errors import InputError
 from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.sharding.layout import padded_width
@@ -53,6 +53,9 @@ def encode_features(feats_TxF: jax.Array) -> jax.Array:
 
 
 NUM_INPUTS = 9 + NUM_FEATURES - 4
+
+
+NUM_WORK = 4  # columns of work_terms
 
 
 def work_terms(feats_TxF: jax.Array) -> jax.Array:
@@ -110,23 +113,50 @@ class CostNet(nn.Module):
     estimate) and a DeepSets head over the device's tables multiplies that by exp(correction),
     which is where fusion's non-additivity lives. Starting from the additive estimate makes the
     network at least as good as summing singles from few measurements.
+
+    `tables` (per table, independent of the plan) and `devices` (per assignment) are split so
+    that a planner scoring many assignments of one table set encodes the tables once; a
+    device's cost depends on its tables only through sums of their rows (`device_ms`), which a
+    planner adding one table at a time can keep instead of recomputing.
     """
 
     hidden: int = 128
-    embed: int = 32
+    embed_dim: int = 32
 
-    @nn.compact
+    def setup(self):
+        # attribute names are the parameter names (those of the saved checkpoints)
+        self.encoder = _MLP((self.hidden, self.hidden))
+        self.embed = nn.Dense(self.embed_dim)
+        self.single = nn.Dense(2)
+        self.device_head = _MLP((64, 2))
+        self.class_head = _MLP((64, 1))
+        self.exchange_head = _MLP((64, 1))
+
     def __call__(self, x_TxI, work_TxW, assign_TxD, class_TxK, logdim_T, traffic_2):
-        h_TxH = nn.relu(_MLP((self.hidden, self.hidden), name="encoder")(x_TxI))
-        e_TxE = nn.relu(nn.Dense(self.embed, name="embed")(h_TxH))
-        single_Tx2 = _exp(nn.Dense(2, name="single")(h_TxH))  # alone: forward, backward ms
-        used_D = assign_TxD.sum(0) > 0
-        base_Dx2 = assign_TxD.T @ single_Tx2
+        e_TxE, single_Tx2 = self.tables(x_TxI)
+        return self.devices(e_TxE, single_Tx2, work_TxW, assign_TxD, class_TxK, logdim_T,
+                            traffic_2)
+
+    def device_ms(self, sums_DxR):
+        """(fwd_D, bwd_D) from each device's sums of its tables' rows [e | work | single]."""
+        e_DxE, w_DxW, base_Dx2 = jnp.split(sums_DxR, [self.embed_dim,
+                                                      self.embed_dim + NUM_WORK], axis=1)
+        used_D = w_DxW[:, -1] > 0  # the table count
         # Costs span decades: the corrections also see the log of the exact work totals.
-        s_DxE = jnp.concatenate([assign_TxD.T @ e_TxE, jnp.log1p(assign_TxD.T @ work_TxW),
-                                 jnp.log(base_Dx2 + 1e-6)], 1)
-        corr_Dx2 = _MLP((64, 2), name="device_head")(s_DxE)
+        s_DxE = jnp.concatenate([e_DxE, jnp.log1p(w_DxW), jnp.log(base_Dx2 + 1e-6)], 1)
+        corr_Dx2 = self.device_head(s_DxE)
         dev_Dx2 = jnp.where(used_D[:, None], base_Dx2 * _exp(corr_Dx2), 0.0)
+        return dev_Dx2[:, 0], dev_Dx2[:, 1]
+
+    def tables(self, x_TxI):
+        """(embedding e_TxE, alone-on-a-device forward / backward ms single_Tx2) per table."""
+        h_TxH = nn.relu(self.encoder(x_TxI))
+        return nn.relu(self.embed(h_TxH)), _exp(self.single(h_TxH))
+
+    def devices(self, e_TxE, single_Tx2, work_TxW, assign_TxD, class_TxK, logdim_T, traffic_2):
+        """(fwd_D, bwd_D, compute_ms, exchange_ms) of one assignment of the encoded tables."""
+        fwd_D, bwd_D = self.device_ms(
+            assign_TxD.T @ jnp.concatenate([e_TxE, work_TxW, single_Tx2], axis=1))
         # spmd: per (device, class) sums; the padded program follows each class's busiest
         # device (element-wise max over devices).
         ab_TxDxK = assign_TxD[:, :, None] * class_TxK[:, None, :]
@@ -143,7 +173,7 @@ class CostNet(nn.Module):
         n_K = class_TxK.sum(0)
         width_K = (class_TxK * logdim_T[:, None]).sum(0) / jnp.maximum(n_K, 1.0)
         head_in = jnp.concatenate([m_KxE, own_KxE, width_K[:, None]], axis=1)
-        class_ms_K = base_K * _exp(_MLP((64, 1), name="class_head")(head_in)[:, 0])
+        class_ms_K = base_K * _exp(self.class_head(head_in)[:, 0])
         compute = jnp.sum(jnp.where(n_K > 0, class_ms_K, 0.0))
         # exchange: the collectives' traffic (values per sample leaving each device) times a
         # learned time per value, which depends on the device count and the message sizes.
@@ -153,9 +183,9 @@ class CostNet(nn.Module):
         ex_in = jnp.concatenate([m_KxE.sum(0), jnp.log(jnp.asarray([num_devices], jnp.float32)),
                                  jnp.asarray([share], jnp.float32), jnp.log1p(traffic_2),
                                  jnp.log1p(values)[None]])
-        exchange = values / 256.0 * _exp(_MLP((64, 1), name="exchange_head")(ex_in)[0])
+        exchange = values / 256.0 * _exp(self.exchange_head(ex_in)[0])
         exchange = jnp.where(num_devices > 1, exchange, 0.0)
-        return dev_Dx2[:, 0], dev_Dx2[:, 1], compute, exchange
+        return fwd_D, bwd_D, compute, exchange
 
 
 @dataclasses.dataclass
@@ -170,17 +200,41 @@ class CostModel:
 
     def apply(self, params, feats_TxF, assign_TxD, class_TxK):
         """All heads: (fwd_D, bwd_D, compute_ms, exchange_ms) for one plan or set."""
+        return self._bind_heads(params, feats_TxF, class_TxK)[0](assign_TxD)
+
+    def _bind_heads(self, params, feats_TxF, class_TxK):
+        """(heads(assign_TxD), the device rows [e | work | single], device_ms(sums)) of one
+        table set: the tables are encoded once."""
         x_TxI = (encode_features(feats_TxF) - self.mean_I[None]) / self.std_I[None]
         logdim_T = jnp.log2(feats_TxF[:, _DIM])
-        return self.net.apply({"params": params}, x_TxI, work_terms(feats_TxF), assign_TxD,
-                              class_TxK, logdim_T, exchange_terms(feats_TxF, assign_TxD,
-                                                                   class_TxK))
+        work_TxW = work_terms(feats_TxF)
+        variables = {"params": params}
+        e_TxE, single_Tx2 = self.net.apply(variables, x_TxI, method=CostNet.tables)
+
+        def heads(assign_TxD):
+            return self.net.apply(variables, e_TxE, single_Tx2, work_TxW, assign_TxD,
+                                  class_TxK, logdim_T,
+                                  exchange_terms(feats_TxF, assign_TxD, class_TxK),
+                                  method=CostNet.devices)
+
+        def device_ms(sums_DxR):
+            fwd_D, bwd_D = self.net.apply(variables, sums_DxR, method=CostNet.device_ms)
+            return fwd_D + bwd_D
+        return heads, jnp.concatenate([e_TxE, work_TxW, single_Tx2], axis=1), device_ms
+
+    def bind(self, feats_TxF, class_TxK) -> BoundCost:
+        """`cost_fn` fixed to one table set (see BoundCost): the tables are encoded once, and a
+        device's cost follows from its sums of their rows."""
+        heads, rows_TxR, device_ms = self._bind_heads(self.params, feats_TxF, class_TxK)
+
+        def cost_of(assign_TxD):
+            fwd_D, bwd_D, compute, exchange = heads(assign_TxD)
+            return fwd_D + bwd_D, compute + exchange
+        return BoundCost(cost_of, rows_TxR, device_ms)
 
     def cost_fn(self, feats_TxF, assign_TxD, class_TxK):
         """(device_ms_D: each device's own tables, papers' cost; spmd_ms: the plan's step)."""
-        fwd_D, bwd_D, compute, exchange = self.apply(self.params, feats_TxF, assign_TxD,
-                                                     class_TxK)
-        return fwd_D + bwd_D, compute + exchange
+        return self.bind(feats_TxF, class_TxK).cost_of(assign_TxD)
 
     def update(self, records: list[dict], pool: dict[str, TableSpec] | None = None
                ) -> CostModel:
@@ -235,11 +289,26 @@ class CostEnsemble:
             return mean
         return mean + self.pessimism * xp.std(x_M, axis=0, ddof=1)
 
+    def bind(self, feats_TxF, class_TxK) -> BoundCost:
+        """As CostModel.bind; the rows are the members' rows side by side."""
+        members = [m.bind(feats_TxF, class_TxK) for m in self.members]
+        cuts = np.cumsum([b.rows_TxR.shape[1] for b in members])[:-1].tolist()
+
+        def cost_of(assign_TxD):
+            outs = [b.cost_of(assign_TxD) for b in members]
+            return (self._combine(jnp.stack([o[0] for o in outs]), jnp),
+                    self._combine(jnp.stack([o[1] for o in outs]), jnp))
+
+        def device_ms(sums_DxR):
+            parts = jnp.split(sums_DxR, cuts, axis=1)
+            return self._combine(jnp.stack([b.device_ms(p) for b, p in
+                                            zip(members, parts, strict=True)]), jnp)
+        return BoundCost(cost_of, jnp.concatenate([b.rows_TxR for b in members], axis=1),
+                         device_ms)
+
     def cost_fn(self, feats_TxF, assign_TxD, class_TxK):
         """The members' combined (device_ms_D, spmd_ms)."""
-        outs = [m.cost_fn(feats_TxF, assign_TxD, class_TxK) for m in self.members]
-        return (self._combine(jnp.stack([o[0] for o in outs]), jnp),
-                self._combine(jnp.stack([o[1] for o in outs]), jnp))
+        return self.bind(feats_TxF, class_TxK).cost_of(assign_TxD)
 
     def update(self, records: list[dict], pool: dict[str, TableSpec] | None = None
                ) -> CostEnsemble:

@@ -81,6 +81,8 @@ def learned_cost(model, name: str, batch_size: int) -> Cost:
     def fn(feats_TxF, assign_TxD, class_TxK):
         return model.cost_fn(feats_TxF, assign_TxD, class_TxK)
 
+    if hasattr(model, "bind"):  # per-device sums instead of [T, D] products (env.bind)
+        fn.bind = model.bind
     return Cost(fn, f"learned:{name}", batch_size, model)
 
 

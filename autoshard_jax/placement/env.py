@@ -5,8 +5,9 @@ cost; the action is a device. Devices the table would overflow are masked (exact
 of `memory.py`, in float32 with a 1e-5 safety margin), so every finished episode is legal.
 Tasks are padded to a batch's (T, D) with `valid_T` / `valid_D`, so `jax.vmap` runs many tasks
 and `jax.lax.scan` runs the steps. Costs come from an injected `cost_fn` (learned or
-analytical); one call per step gives every device's "what if the table goes here" cost, because
-a device's cost depends only on its own tables: the table is put on all devices at once.
+analytical), bound to the task's tables once per episode (`bind`); one call per step gives every
+device's "what if the table goes here" cost, because a device's cost depends only on its own
+tables (through per-device sums the episode keeps): the table is added to every device at once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from autoshard_jax.cost.analytical import BoundCost
 from autoshard_jax.placement.memory import MemoryModel
 from autoshard_jax.tables.spec import TableSpec
 
@@ -91,14 +93,25 @@ def stack_tasks(tasks: Sequence[dict]) -> dict:
     return {k: np.stack([t[k] for t in tasks]) for k in tasks[0]}
 
 
-def init_state(task: dict, cost_fn) -> dict:
+def bind(cost_fn, task: dict) -> BoundCost:
+    """The cost function fixed to the task's tables. A learned one offers `bind` (see
+    `placement.costs.learned_cost`): its device costs follow from per-device sums of table rows,
+    which the episode keeps, so a step costs O(D) instead of a [T, D] product (856 tables on
+    128 devices: the product was most of a rollout's time)."""
+    feats_TxF, class_TxK = task["feats_TxF"], task["class_TxK"]
+    if hasattr(cost_fn, "bind"):
+        return cost_fn.bind(feats_TxF, class_TxK)
+    return BoundCost.of(cost_fn, feats_TxF, class_TxK)
+
+
+def init_state(task: dict, bound: BoundCost) -> dict:
+    """The empty assignment; `bound` is `bind(cost_fn, task)`."""
     t, d = task["feats_TxF"].shape[0], task["valid_D"].shape[0]
     k = task["class_TxK"].shape[1]
-    assign = jnp.zeros((t, d), jnp.float32)
-    cur_D, _ = cost_fn(task["feats_TxF"], assign, task["class_TxK"])
-    return {"assign_TxD": assign, "phys_D": jnp.zeros(d), "keys_D": jnp.zeros(d),
-            "cur_D": cur_D, "class_KxD": jnp.zeros((k, d)), "work_D": jnp.zeros(d),
-            "count_D": jnp.zeros(d)}
+    sums = jnp.zeros((d, bound.rows_TxR.shape[1]), jnp.float32)
+    return {"assign_TxD": jnp.zeros((t, d), jnp.float32), "sums_DxR": sums,
+            "phys_D": jnp.zeros(d), "keys_D": jnp.zeros(d), "cur_D": bound.device_ms(sums),
+            "class_KxD": jnp.zeros((k, d)), "work_D": jnp.zeros(d), "count_D": jnp.zeros(d)}
 
 
 def fits_D(task: dict, state: dict, t) -> jax.Array:
@@ -127,12 +140,12 @@ def action_mask(task: dict, state: dict, t) -> jax.Array:
     return jnp.where(jnp.any(safe_D), safe_D, legal_D)
 
 
-def observe(task: dict, state: dict, t, cost_fn) -> tuple[jax.Array, jax.Array, jax.Array]:
+def observe(task: dict, state: dict, t, bound: BoundCost
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(per-device scalars [D, NUM_SCALARS], what-if device costs [D], legal mask [D])."""
     valid_D = task["valid_D"] > 0
-    onehot_T = (jnp.arange(task["feats_TxF"].shape[0]) == t).astype(jnp.float32)
-    with_assign = state["assign_TxD"] + onehot_T[:, None] * task["valid_D"][None, :]
-    with_D, _ = cost_fn(task["feats_TxF"], with_assign, task["class_TxK"])
+    with_D = bound.device_ms(state["sums_DxR"]
+                             + task["valid_D"][:, None] * bound.rows_TxR[t][None, :])
     norm = task["norm"]
     cur_D = state["cur_D"]
     max_cur = jnp.max(jnp.where(valid_D, cur_D, -jnp.inf))
@@ -151,7 +164,7 @@ def observe(task: dict, state: dict, t, cost_fn) -> tuple[jax.Array, jax.Array, 
     return scalars, with_D, action_mask(task, state, t)
 
 
-def step(task: dict, state: dict, t, a, with_D) -> dict:
+def step(task: dict, state: dict, t, a, with_D, bound: BoundCost) -> dict:
     """Places table t on device a (no-op for padding tables)."""
     v = task["valid_T"][t]
     d = task["valid_D"].shape[0]
@@ -159,6 +172,7 @@ def step(task: dict, state: dict, t, a, with_D) -> dict:
     onehot_T = (jnp.arange(task["feats_TxF"].shape[0]) == t).astype(jnp.float32)
     return {
         "assign_TxD": state["assign_TxD"] + onehot_T[:, None] * hot_D[None, :],
+        "sums_DxR": state["sums_DxR"] + hot_D[:, None] * bound.rows_TxR[t][None, :],
         "phys_D": state["phys_D"] + hot_D * task["phys_T"][t],
         "keys_D": state["keys_D"] + hot_D * task["keys_T"][t],
         "cur_D": jnp.where(hot_D > 0, with_D, state["cur_D"]),
@@ -169,9 +183,10 @@ def step(task: dict, state: dict, t, a, with_D) -> dict:
     }
 
 
-def final_cost(task: dict, assign_TxD, cost_fn) -> tuple[jax.Array, jax.Array, jax.Array]:
+def final_cost(task: dict, assign_TxD, bound: BoundCost
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(device_ms_D, max over real devices, spmd_ms) of a finished assignment."""
-    device_ms_D, spmd_ms = cost_fn(task["feats_TxF"], assign_TxD, task["class_TxK"])
+    device_ms_D, spmd_ms = bound.cost_of(assign_TxD)
     max_ms = jnp.max(jnp.where(task["valid_D"] > 0, device_ms_D, -jnp.inf))
     return device_ms_D, max_ms, spmd_ms
 

@@ -73,14 +73,15 @@ def rollout(net: PolicyNet, params: dict, task: dict, key: jax.Array, cost_fn: C
     """
     task = jax.tree.map(jnp.asarray, task)
     emb_TxE = net.apply(params, task["featn_TxF"], method=PolicyNet.encode)
-    state = env_lib.init_state(task, cost_fn)
+    bound = env_lib.bind(cost_fn, task)
+    state = env_lib.init_state(task, bound)
     d = task["valid_D"].shape[0]
     carry0 = (state, jnp.zeros((d, EMB)), jnp.zeros((), bool))
 
     def body(carry, xs):
         state, dev_DxE, dead = carry
         t, k = xs
-        scalars, with_D, legal_D = env_lib.observe(task, state, t, cost_fn)
+        scalars, with_D, legal_D = env_lib.observe(task, state, t, bound)
         per_dev = task["num_tables"] / jnp.sum(task["valid_D"])
         logits_D, value = net.apply(params, emb_TxE[t], dev_DxE / per_dev, scalars,
                                     task["valid_D"])
@@ -92,7 +93,7 @@ def rollout(net: PolicyNet, params: dict, task: dict, key: jax.Array, cost_fn: C
         p_D = jnp.exp(logp_D)
         entropy = -jnp.sum(jnp.where(mask_D, p_D * logp_D, 0.0))
         valid = task["valid_T"][t] > 0
-        state = env_lib.step(task, state, t, a, with_D)
+        state = env_lib.step(task, state, t, a, with_D, bound)
         hot_D = (jnp.arange(d) == a).astype(jnp.float32) * task["valid_T"][t]
         dev_DxE = dev_DxE + hot_D[:, None] * emb_TxE[t][None, :]
         out = {"logp": logp_D[a], "entropy": entropy, "value": value, "action": a}
@@ -101,7 +102,7 @@ def rollout(net: PolicyNet, params: dict, task: dict, key: jax.Array, cost_fn: C
     t_count = task["feats_TxF"].shape[0]
     (state, _, dead), per_step = jax.lax.scan(
         body, carry0, (jnp.arange(t_count), jax.random.split(key, t_count)))
-    device_ms_D, max_ms, spmd_ms = env_lib.final_cost(task, state["assign_TxD"], cost_fn)
+    device_ms_D, max_ms, spmd_ms = env_lib.final_cost(task, state["assign_TxD"], bound)
     return {**per_step, "assign_TxD": state["assign_TxD"], "dead": dead,
             "device_ms_D": device_ms_D, "max_ms": max_ms, "spmd_ms": spmd_ms}
 

@@ -219,6 +219,9 @@ def test_a_pessimistic_ensemble_adds_its_members_spread(fits):
     np.testing.assert_allclose(spmd, spmd_M.mean() + 1.5 * spmd_M.std(ddof=1), rtol=1e-5)
     assert float(spmd) > float(load_cost_models(",".join(dirs)).cost_fn(feats, plan,
                                                                           classes)[1])
+    # what a rollout asks instead (placement.env): device costs from per-device row sums
+    bound = ens.bind(feats, classes)
+    np.testing.assert_allclose(bound.device_ms(plan.T @ bound.rows_TxR), dev, rtol=1e-5)
     sets_feats = [table_features(POOL[:3]), table_features(POOL[3:8])]
     each_MxS = np.asarray([m.predict_sets(sets_feats) for m in models])
     np.testing.assert_allclose(ens.predict_sets(sets_feats),
