@@ -139,14 +139,29 @@ def exchange_terms(feats_TxF: jax.Array, assign_TxD: jax.Array, class_TxK: jax.A
     return jnp.stack([positions, columns])
 
 
+def _width_terms(dim_T):
+    """(TorchRec's width penalty, bytes read per id) per table, as `table_fwd_bytes`."""
+    pen_T = jnp.where(dim_T >= 128, 1.0, jnp.where(dim_T >= 64, 1.15, 1.75))
+    return pen_T, jnp.maximum(dim_T, MIN_READ_DIM) * BYTES_PER_VALUE
+
+
+def _ms_per_byte(bw: Bandwidth) -> float:
+    return (1.0 + BWD_COMPUTE_MULTIPLIER) / (bw.device_gbps * 1e9) * 1e3
+
+
+def _table_ms(feats_TxF, batch_size: int, bw: Bandwidth):
+    """[T] each table's own device ms: the papers' cost is linear in a device's bytes."""
+    dim_T, pool_T = feats_TxF[:, _DIM], feats_TxF[:, _POOL]
+    pen_T, read_T = _width_terms(dim_T)
+    fwd_T = batch_size * (pool_T * (BYTES_PER_ID + read_T) + dim_T * BYTES_PER_VALUE) * pen_T
+    return fwd_T * _ms_per_byte(bw)
+
+
 def _cost(feats_TxF, assign_TxD, class_TxK, batch_size: int, bw: Bandwidth):
     dim_T, pool_T = feats_TxF[:, _DIM], feats_TxF[:, _POOL]
-    pen_T = jnp.where(dim_T >= 128, 1.0, jnp.where(dim_T >= 64, 1.15, 1.75))
-    read_T = jnp.maximum(dim_T, MIN_READ_DIM) * BYTES_PER_VALUE
-    scale = (1.0 + BWD_COMPUTE_MULTIPLIER) / (bw.device_gbps * 1e9) * 1e3
+    pen_T, read_T = _width_terms(dim_T)
     # Papers' setting: linear in each device's own bytes.
-    fwd_T = batch_size * (pool_T * (BYTES_PER_ID + read_T) + dim_T * BYTES_PER_VALUE) * pen_T
-    device_ms_D = (fwd_T @ assign_TxD) * scale
+    device_ms_D = _table_ms(feats_TxF, batch_size, bw) @ assign_TxD
     # SPMD: every device runs each width class padded to its busiest device (static hotness
     # slots, the class's width and penalty) plus the widest output, then the exchange.
     slots_T = jnp.ceil(pool_T)
@@ -160,7 +175,7 @@ def _cost(feats_TxF, assign_TxD, class_TxK, batch_size: int, bw: Bandwidth):
     frac = (d - 1) / d
     positions, columns = exchange_terms(feats_TxF, assign_TxD, class_TxK)
     exchange = batch_size * frac * (positions * BYTES_PER_ID + 2.0 * columns * BYTES_PER_VALUE)
-    spmd_ms = program * scale + exchange / (bw.a2a_gbps * 1e9) * 1e3
+    spmd_ms = program * _ms_per_byte(bw) + exchange / (bw.a2a_gbps * 1e9) * 1e3
     return device_ms_D, spmd_ms
 
 
@@ -176,4 +191,11 @@ def analytical_cost_fn(batch_size: int, bandwidth: Bandwidth = DEFAULT_BANDWIDTH
     def cost_fn(feats_TxF, assign_TxD, class_TxK):
         return _cost(feats_TxF, assign_TxD, class_TxK, batch_size, bandwidth)
 
+    def bind(feats_TxF, class_TxK) -> BoundCost:
+        """A device's ms is the sum of its tables' own ms: one row per table (see BoundCost)."""
+        ms_Tx1 = _table_ms(feats_TxF, batch_size, bandwidth)[:, None]
+        return BoundCost(lambda assign_TxD: cost_fn(feats_TxF, assign_TxD, class_TxK),
+                         ms_Tx1, lambda sums_DxR: sums_DxR[:, 0])
+
+    cost_fn.bind = bind
     return cost_fn

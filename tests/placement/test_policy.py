@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from autoshard_jax.placement import env as env_lib
 from autoshard_jax.placement import trainer
@@ -75,16 +76,18 @@ def test_rl_improves_a_fixed_task():
     assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.02
 
 
-def test_episodes_keep_device_sums_as_the_full_cost_would_give(tmp_path):
-    # A learned cost's episode keeps per-device row sums (env.bind) instead of recomputing the
-    # network over the whole assignment: the sums must be the assignment's, and a step's
-    # what-if costs the full cost of the assignment with the table added to each device.
-    # (A pessimistic ensemble of two: its members' bind is the single network's.)
+@pytest.mark.parametrize("kind", ["ensemble", "analytical"])
+def test_episodes_keep_device_sums_as_the_full_cost_would_give(tmp_path, kind):
+    # An episode keeps per-device row sums (env.bind) instead of recomputing the cost over
+    # the whole assignment: the sums must be the assignment's, and a step's what-if costs the
+    # full cost of the assignment with the table added to each device. (A pessimistic
+    # ensemble of two: its members' bind is the single network's.)
     from tests.placement.test_inference import _untrained
 
     specs = synthetic_pool(40, seed=2, max_rows=20_000)[:20]
-    cost = get_cost(512, _untrained(tmp_path, (1, 2)), 1.0)
-    assert hasattr(cost.fn, "bind")
+    cost = (get_cost(512, _untrained(tmp_path, (1, 2)), 1.0) if kind == "ensemble"
+            else get_cost(512))
+    assert hasattr(cost.fn, "bind")  # not the one-hot fallback (BoundCost.of)
     feats, cls = table_features(specs), class_onehot(specs)
     task, _ = env_lib.build_task(specs, 4, memory_model(specs, 1 << 30), feats, cls,
                                  single_costs(cost, feats, cls))
