@@ -41,8 +41,9 @@ lint: $(STAMP)
 
 # Two workers, one test file each at a time (a file's module fixtures are built once): the
 # suite took 23.5 min in one process on 2 cores, over the 15 min it is meant to fit in.
+# The slowest tests are listed at the end, so every run shows where that budget goes.
 test: lint
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	$(PY) -m pytest tests -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[torch]'
