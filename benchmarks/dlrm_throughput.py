@@ -5,10 +5,14 @@ cardinalities, embedding dim 16, bottom MLP 13-512-256-64-16, top MLP 512-256-1,
 SGD lr 0.1 (dense and embeddings), batch 2048, Zipf-skewed ids drawn exactly as the reference
 draws them. Each side runs in its own subprocess, alternating, so that peak RSS is per framework;
 the PyTorch side is ../shared/bench/torch_dlrm.py, run when torch is importable.
---dtype=bf16 runs the dense half in bfloat16 on both sides (JAX: config.model.dtype; PyTorch: CPU
+--dtype=bf16 runs the dense half in bfloat16 on both sides (JAX: config.model.dtype; PyTorch:
 autocast); parameters and optimizer state stay fp32 on both.
+--device=gpu runs both sides on the first CUDA GPU: JAX on its default (GPU) backend, PyTorch with
+the reference's own model class and batch recipe moved to CUDA (the reference script itself is
+CPU-only), each timed after the device has finished its queued work.
 
     python benchmarks/dlrm_throughput.py [--steps 30] [--repeats 2] [--rows-cap 0] [--dtype fp32]
+                                         [--device cpu] [--torch-ref PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +31,16 @@ import time
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> config.model.dtype
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REF = os.path.join(os.path.dirname(REPO), "shared", "bench", "torch_dlrm.py")
+
+
+def gpu_model() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out.splitlines()[0] if out else "unknown GPU"
 
 
 def cpu_model() -> str:
@@ -57,8 +71,13 @@ def jax_worker(args) -> None:
     """Measures the JAX step in this process and prints one JSON line."""
     from autoshard_jax.train.runtime import configure_cpu_runtime, release_host_memory
 
-    configure_cpu_runtime()
+    if args.device == "cpu":
+        configure_cpu_runtime()
     import jax
+
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device=gpu: JAX's default backend is {jax.default_backend()}, "
+                         "not gpu (install jax[cuda12] or jax[cuda13])")
     import numpy as np
     import optax
 
@@ -153,6 +172,58 @@ def jax_worker(args) -> None:
                       "backend": jax.default_backend(), "jax": jax.__version__}))
 
 
+def torch_gpu_worker(args) -> None:
+    """The reference DLRM's train step on CUDA: its model class and batch recipe, imported from the
+    reference script, with a synchronize before each clock read. Prints the reference's line."""
+    import importlib.util as iu
+
+    import numpy as np
+    import torch
+
+    spec = iu.spec_from_file_location("torch_dlrm", args.torch_ref)
+    ref = iu.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    if not torch.cuda.is_available():
+        raise SystemExit("--device=gpu: torch.cuda.is_available() is False")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    rows = [min(r, args.rows_cap) if args.rows_cap else r for r in ref.KAGGLE_ROWS]
+    model = ref.DLRM(rows).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.BCELoss()
+    b = args.batch
+    batches = []
+    for _ in range(4):  # the reference's recipe (same draws in the same order)
+        dense = torch.tensor(np.log1p(rng.exponential(5.0, (b, 13))), dtype=torch.float32)
+        idx = [torch.tensor(np.minimum(rng.zipf(1.2, b) - 1, r - 1), dtype=torch.int64)
+               for r in rows]
+        off = [torch.arange(b, dtype=torch.int64) for _ in rows]
+        y = torch.tensor(rng.random((b, 1)) < 0.25, dtype=torch.float32)
+        batches.append((dense.to(dev), [i.to(dev) for i in idx], [o.to(dev) for o in off],
+                        y.to(dev)))
+
+    def step(batch):
+        dense, idx, off, y = batch
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            p = model(dense, idx, off)
+        loss = loss_fn(p.float(), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(args.warmup):
+        step(batches[i % 4])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(batches[i % 4])
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    print(f"torch_dlrm samples_per_s={args.steps * b / dt:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2048)
@@ -162,23 +233,37 @@ def main() -> None:
     ap.add_argument("--rows-cap", type=int, default=0, help="cap table rows (small machines)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                     help="dense half's compute dtype, both sides")
-    ap.add_argument("--worker", choices=["jax"], help=argparse.SUPPRESS)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="where both sides run (gpu: the first CUDA GPU)")
+    ap.add_argument("--torch-ref", default=TORCH_REF, help="the PyTorch reference script")
+    ap.add_argument("--worker", choices=["jax", "torch_gpu"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "jax":
         jax_worker(args)
         return
+    if args.worker == "torch_gpu":
+        torch_gpu_worker(args)
+        return
 
     common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--rows-cap", str(args.rows_cap), "--dtype", args.dtype]
-    have_torch = importlib.util.find_spec("torch") is not None and os.path.exists(TORCH_REF)
+    have_torch = importlib.util.find_spec("torch") is not None and os.path.exists(args.torch_ref)
     if not have_torch:
-        print("torch (or ../shared/bench/torch_dlrm.py) not found: JAX figures only. "
+        print(f"torch (or {args.torch_ref}) not found: JAX figures only. "
               "`pip install '.[torch]'` to compare.")
-    print(f"{cpu_model()}, {os.cpu_count()} cores visible, affinity "
+    if args.device == "gpu":
+        torch_cmd = [sys.executable, __file__, "--worker", "torch_gpu", "--device", "gpu",
+                     "--torch-ref", args.torch_ref, *common]
+        where = f"{gpu_model()}; host {cpu_model()}"
+    else:
+        torch_cmd = [sys.executable, args.torch_ref, *common]
+        where = cpu_model()
+    print(f"{where}, {os.cpu_count()} cores visible, affinity "
           f"{sorted(os.sched_getaffinity(0))}; load average {load()} at start", flush=True)
     results = {"jax": [], "torch": []}
     for r in range(args.repeats):
-        out, rss = run_child([sys.executable, __file__, "--worker", "jax", *common])
+        out, rss = run_child([sys.executable, __file__, "--worker", "jax", "--device",
+                                    args.device, *common])
         record = json.loads(out.strip().splitlines()[-1])
         # The breakdown below compiles three more programs; peak RSS is the training part's.
         record["peak_rss_mib"] = record.pop("train_peak_rss_mib")
@@ -188,7 +273,7 @@ def main() -> None:
               f"peak RSS {record['peak_rss_mib']:7.0f} MiB (whole process with the breakdown: "
               f"{rss:.0f}), {record['page_faults_per_step']:.0f} page faults/step", flush=True)
         if have_torch:
-            out, rss = run_child([sys.executable, TORCH_REF, *common])
+            out, rss = run_child(torch_cmd)
             sps = float(out.strip().split("samples_per_s=")[-1])
             results["torch"].append({"samples_per_s": sps, "peak_rss_mib": rss})
             print(f"[run {r}] torch {sps:9.0f} samples/s  peak RSS {rss:7.0f} MiB", flush=True)
@@ -197,7 +282,7 @@ def main() -> None:
     jax_rss = max(x["peak_rss_mib"] for x in results["jax"])
     last = results["jax"][-1]
     print(f"\nDLRM Criteo-Kaggle config, {args.dtype}, batch {args.batch}, rows_cap "
-          f"{args.rows_cap or 'none'}, {cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores "
+          f"{args.rows_cap or 'none'}, {where}, {len(os.sched_getaffinity(0))} CPU cores "
           f"used, load average {load()} at the end, {last['backend']} backend, jax {last['jax']}")
     print(f"{'':8s}{'samples/s':>12s}{'peak RSS MiB':>14s}")
     print(f"{'jax':8s}{jax_sps:12.0f}{jax_rss:14.0f}")
