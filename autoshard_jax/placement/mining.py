@@ -10,7 +10,9 @@ planner place them, and measure each distinct plan with the oracle, into a cost 
 
 For `spmd` a plan is one "plan" record (its padded program + exchange); for `max_device`
 each device's tables are one "set" record (the papers' per-device cost). A kill loses at most
-the plan being measured; a rerun skips every (task, method) on disk.
+the plan being measured; a rerun skips every (task, method) on disk: measured ones in the
+collection, and those that failed or repeated another method's plan in SKIPPED_FILE beside it,
+so a resume re-plans nothing it has already planned.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from autoshard_jax.tables.spec import TableSpec
 
 # Index of a record: (task * len(methods) + method) * _PER_PLAN + device (sets) or 0 (plans).
 _PER_PLAN = 1024
+# (task, method) pairs with nothing to measure, as {"kind": "skipped", "reason": "duplicate" |
+# "no plan", ...} records: not cost data, so outside the collection's DATA_FILE.
+SKIPPED_FILE = "skipped.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,30 +125,42 @@ def mine(workdir: str, config: MineConfig, pool: Sequence[TableSpec] | None, pla
     # (task, method) on disk -> its plan (None in collections written before plans were kept)
     done = {(r["task"], r["method"]): tuple(r["device_T"]) if "device_T" in r else None
             for r in on_disk}
+    skip_path = os.path.join(workdir, SKIPPED_FILE)
+    skipped = {(r["task"], r["method"]): r["device_T"]
+               for r in dataset.read_records(skip_path, repair=True)}
     protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock,
                         config.normalize)
     if config.normalize:
         pin_reference_unit(workdir, config.clock, log, first_shard=True)
     env = dataset.environment()
     start, plans = time.perf_counter(), 0
-    with dataset.RecordWriter(path) as writer:
+    with dataset.RecordWriter(path) as writer, dataset.RecordWriter(skip_path) as skips:
         for i, task in enumerate(tasks(config, pool)):
             seen = set()
             for m, method in enumerate(config.methods):
+                index = (i * len(config.methods) + m) * _PER_PLAN
                 if done.get((i, method)) is not None:  # measured: no need to re-plan
                     seen.add(done[i, method])
                     continue
+                if (i, method) in skipped:  # planned before: a failure or a duplicate
+                    if skipped[i, method] is not None:
+                        seen.add(tuple(skipped[i, method]))
+                    continue
+                skip = {"kind": "skipped", "index": index, "task": i, "method": method}
                 try:
                     device_T = np.asarray(place(task, method))
                 except InputError as e:
                     log(f"task {i}: {method} found no plan ({e})")
+                    skips.write({**skip, "reason": "no plan", "error": str(e),
+                                 "device_T": None})
                     continue
                 key = tuple(int(d) for d in device_T)
                 if (i, method) in done or key in seen:
+                    if (i, method) not in done:
+                        skips.write({**skip, "reason": "duplicate", "device_T": list(key)})
                     seen.add(key)
                     continue
                 seen.add(key)
-                index = (i * len(config.methods) + m) * _PER_PLAN
                 for record in _measure(task, device_T, config, protocol, index):
                     writer.write({**record, **env, "task": i, "method": method,
                                   "device_T": list(key),

@@ -6,7 +6,7 @@ import pytest
 from autoshard_jax.cost import dataset, oracle
 from autoshard_jax.errors import ConfigError, InputError
 from autoshard_jax.placement import api
-from autoshard_jax.placement.mining import MineConfig, mine, tasks
+from autoshard_jax.placement.mining import SKIPPED_FILE, MineConfig, mine, tasks
 from autoshard_jax.tables.pools import synthetic_pool
 from tests.launch.test_shard import cli, last_error
 
@@ -53,9 +53,15 @@ def test_mines_each_distinct_plan_once_and_resumes(tmp_path, monkeypatch, object
 
     again = mine(work, config, POOL, counting_place, log=lambda _: None)
     assert again["measured_plans"] == 0 and again["records"] == len(records)
-    # a resume re-plans only the (task, method) pairs without a record: failures, duplicates
+    # a resume re-plans nothing: failures and duplicates are on record beside the collection
+    assert planned == []
+    skipped = dataset.read_records(f"{work}/{SKIPPED_FILE}")
     recorded = {(r["task"], r["method"]) for r in records}
-    assert len(planned) == config.num_tasks * len(config.methods) - len(recorded)
+    assert {(r["task"], r["method"]) for r in skipped} | recorded == {
+        (i, m) for i in range(config.num_tasks) for m in config.methods}
+    failures = [r for r in skipped if r["reason"] == "no plan"]
+    assert len(failures) == sum(t.num_devices == 1 for t in tasks(config, POOL))
+    assert all(r["method"] == "random" for r in failures)
     read, pool = dataset.read_collections([work])
     assert len(read) == len(records) and set(pool) == names
 
