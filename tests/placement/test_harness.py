@@ -212,3 +212,24 @@ def test_summary_says_no_where_the_learned_mean_is_higher_or_absent():
     text = summary({"T=10": worse, "D=8": heuristics_only}, "max_device")
     assert "| no (autoshard; beyond 2 SE) |" in text  # +5% on both tasks: SE 0
     assert "| D=8 | 1 | lookup_greedy 10.00 | - | - | - | no learned method |" in text
+
+
+def test_a_policy_that_dead_ends_on_memory_is_recorded_as_failed(monkeypatch):
+    from autoshard_jax.placement import api
+    from autoshard_jax.placement.costs import get_cost
+    from autoshard_jax.placement.harness import plan_methods, predicted_scorer
+    from autoshard_jax.placement.memory import PlacementError
+
+    place_method = api.place_method
+
+    def dead_end(specs, num_devices, memory_bytes, method, **kw):
+        if method in ("autoshard", "autoshard_search"):
+            raise PlacementError(f"table 't0' does not fit ({method})")
+        return place_method(specs, num_devices, memory_bytes, method, **kw)
+
+    monkeypatch.setattr(api, "place_method", dead_end)
+    task, cost = _task(), get_cost(128)
+    # Any policy: the stub above stands in for its rollout, which ran once untimed to compile.
+    out = plan_methods(task, "spmd", cost, object(), predicted_scorer(task, cost), 0.1)
+    assert out["autoshard"]["failed"] == "table 't0' does not fit (autoshard)"
+    assert "failed" in out["autoshard_search"] and "device_T" in out["spmd_greedy"]
