@@ -44,14 +44,17 @@ def normalised_features(feats_TxF: np.ndarray) -> np.ndarray:
 
 def build_task(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
                feats_TxF: np.ndarray, class_TxK: np.ndarray, single_T: np.ndarray,
-               pad_T: int | None = None, pad_D: int | None = None) -> tuple[dict, np.ndarray]:
-    """(padded task arrays, order) with tables sorted by descending predicted single cost.
+               pad_T: int | None = None, pad_D: int | None = None,
+               order: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """(padded task arrays, order) with tables sorted by descending predicted single cost,
+    unless `order` is given.
 
     `order[i]` is the spec index placed at step i; the arrays follow that order.
     """
     t_count = len(specs)
     pad_T, pad_D = pad_T or t_count, pad_D or num_devices
-    order = np.asarray(sorted(range(t_count), key=lambda t: (-single_T[t], t)), np.int64)
+    if order is None:
+        order = np.asarray(sorted(range(t_count), key=lambda t: (-single_T[t], t)), np.int64)
     work_T = np.asarray([math.ceil(specs[t].pooling_factor) * specs[t].dim for t in order],
                         np.float32)
 

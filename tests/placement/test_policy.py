@@ -10,8 +10,8 @@ from autoshard_jax.placement import trainer
 from autoshard_jax.placement.api import plan_of
 from autoshard_jax.placement.costs import class_onehot, get_cost, single_costs, table_features
 from autoshard_jax.placement.inference import LoadedPolicy, policy_place
-from autoshard_jax.placement.memory import memory_model
-from autoshard_jax.placement.policy import PolicyNet, init_params, make_optimizer, rollout
+from autoshard_jax.placement.memory import PlacementError, memory_model
+from autoshard_jax.placement.policy import EMB, PolicyNet, init_params, make_optimizer, rollout
 from autoshard_jax.tables.pools import synthetic_pool
 from autoshard_jax.tables.spec import TableSpec
 from launch.configs import sharder_runlocal
@@ -121,3 +121,34 @@ def test_inference_856_tables_on_128_devices_is_valid():
     dev = policy_place(pol, specs, 128, mem, COST)
     assert dev.shape == (856,) and dev.min() >= 0 and dev.max() < 128
     plan_of(specs, dev, 128, budget).validate(specs)
+
+
+class _Balancer:
+    """A stand-in policy network that always picks the device with the lowest what-if cost
+    (what a policy trained on cost learns first): deterministic, so the dead end is known."""
+
+    def apply(self, params, *args, method=None):
+        if method is not None:  # PolicyNet.encode
+            return jnp.zeros((args[0].shape[0], EMB))
+        scalars_DxS = args[2]
+        return -scalars_DxS[:, 1], jnp.zeros(())
+
+
+def test_a_cost_order_dead_end_is_placed_in_size_order():
+    # Two small tables with many lookups come first in cost order; the balancer spreads them,
+    # which leaves 6000 free rows on each of two devices for three 4000-row tables (the mask's
+    # lookahead passes: 12000 free >= 12000 left). Placed largest first, everything fits.
+    specs = ([TableSpec(f"small{i}", 2000, 16, 50.0) for i in range(2)]
+             + [TableSpec(f"big{i}", 4000, 16, 1.0) for i in range(3)])
+    budget = (1 + 8000) * 64 + 32
+    task, order = _task(specs, 2, budget)
+    assert sorted(order[:2].tolist()) == [0, 1]
+    pol = LoadedPolicy(_Balancer(), {}, {}, 0)
+    first = jax.jit(lambda task: rollout(pol.net, {}, task, jax.random.key(0), COST.fn, True))
+    assert bool(first(task)["dead"])  # the cost order alone dead-ends
+    dev = policy_place(pol, specs, 2, memory_model(specs, budget), COST)
+    plan_of(specs, dev, 2, budget).validate(specs)
+    # No order fits three 4000-row tables and more on two 8000-row devices: the error names one.
+    specs.append(TableSpec("big3", 4000, 16, 1.0))
+    with pytest.raises(PlacementError, match="does not fit"):
+        policy_place(pol, specs, 2, memory_model(specs, budget), COST)
