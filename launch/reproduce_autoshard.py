@@ -13,7 +13,8 @@ scores with the cost model (the policy's, --cost_model, or the analytical estima
 --measure=oracle times every plan (and the reference search's proposals) with the cost oracle.
 Tasks come from the test half of the pool (`--tables`, or the synthetic 856-table pool with
 `--max_rows`), split as in training. Rerunning with the same workdir skips finished tasks;
-`--report_only` rewrites results.md from every finished task (runs split across processes).
+`--report_only` rewrites results.md from every finished task (runs split across processes);
+`--reference_from` re-evaluates changed methods against an earlier run's reference plans.
 Each objective ends with a summary: per setting, the learned methods' paired gap to the best
 heuristic with its standard error, and the verdict (`harness.summary`).
 """
@@ -69,6 +70,10 @@ def define_flags() -> None:
                        "incomparable (ratios still hold).")
     flags.DEFINE_float("tie_rel", 0.02, "Relative difference counted as a tie (the noise).")
     flags.DEFINE_integer("seed", 0, "Seed of the test tasks.")
+    flags.DEFINE_string("reference_from", None, "results.jsonl of an earlier run on the same "
+                        "pool, seed and settings: each task's reference plan is taken from it "
+                        "(and measured afresh) instead of searched again, so a changed method "
+                        "is re-evaluated at the cost of measuring plans.")
     flags.DEFINE_bool("report_only", False, "Measure nothing: rewrite results.md from every "
                       "finished task in --workdir's results.jsonl (after runs split across "
                       "processes, one setting each).")
@@ -142,6 +147,15 @@ def reproduce(f, log=print) -> str:
     cost = planning_cost(f.batch_size, f.cost_model, next(iter(policies.values()), None))
     os.makedirs(f.workdir, exist_ok=True)
     results = os.path.join(f.workdir, "results.jsonl")
+    stored = None
+    if f.reference_from:
+        if not os.path.isfile(f.reference_from):
+            raise InputError(f"--reference_from: file {f.reference_from!r} does not exist")
+        if os.path.abspath(f.reference_from) == os.path.abspath(results):
+            raise InputError("--reference_from: give an earlier run's results.jsonl, not this "
+                             "--workdir's")
+        stored = {(r["setting"], r["objective"], r["task"]): r
+                  for r in harness.read_results(f.reference_from)}
 
     unit = ""
     if f.measure == "oracle":
@@ -167,7 +181,7 @@ def reproduce(f, log=print) -> str:
                                        f.mem_factor, f.seed, make_score, cost,
                                        policies.get(objective), results, f.reference_budget,
                                        f.search_time_s, log,
-                                       f.rounds if f.measure == "oracle" else 0)
+                                       f.rounds if f.measure == "oracle" else 0, stored)
             report.append(section(s, recs, objective, f.tie_rel))
             by_setting[s.name] = recs
             if s.name == "base":

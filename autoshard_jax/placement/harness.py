@@ -153,7 +153,8 @@ def plan_methods(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | 
 
 def run_task(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | None,
              make_score: Callable[[Task, str], Callable[[np.ndarray], dict]],
-             reference_budget: int, search_time_s: float, rounds: int = 0) -> dict:
+             reference_budget: int, search_time_s: float, rounds: int = 0,
+             stored: dict | None = None) -> dict:
     """Every method's plan and the reference on one task; returns {method: record}.
 
     With `rounds` > 0 (a noisy scorer, the oracle) the methods' plans are re-measured in
@@ -162,9 +163,21 @@ def run_task(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | None
     then every plan, the reference's included, is measured afresh in rounds again: the values
     reported never come from the measurements that chose a plan. The reference is settled
     against its start (`settled_reference`).
+
+    `stored` (this task's record from an earlier run) reuses that run's reference plan instead
+    of searching again (`stored_reference`): a changed method is then re-evaluated at the cost
+    of measuring its task's plans, every one of them afresh, not of the oracle-in-the-loop
+    search (20 minutes per 200-table max_device task).
     """
     out = plan_methods(task, objective, cost, policy, cached(make_score(task, objective)),
                        search_time_s)
+    if stored is not None:
+        ref = stored_reference(stored, out)
+        out["reference"] = {**make_score(task, objective)(np.asarray(ref["device_T"])), **ref}
+        if rounds:
+            out = remeasure(out, make_score(task, objective), rounds)
+            out["reference"] = settled_reference(out, objective)
+        return out
     if rounds:
         out = remeasure(out, make_score(task, objective), rounds)
     ok = {m: r for m, r in out.items() if "failed" not in r}
@@ -178,6 +191,29 @@ def run_task(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | None
         out = remeasure(out, make_score(task, objective), rounds)
         out["reference"] = settled_reference(out, objective)
     return out
+
+
+def stored_reference(stored: dict, methods: dict) -> dict:
+    """The reference plan of an earlier run's record of this task, to be measured afresh.
+
+    The search's own end plan is taken even where that run settled on its start, and settles
+    again against the start method's plan of this run. The stored heuristics' plans must equal
+    this run's: otherwise the record is of another task (pool, seed, setting or memory).
+    """
+    for m in HEURISTIC_ROWS:
+        old, new = stored["methods"].get(m, {}), methods.get(m, {})
+        if old.get("device_T") != new.get("device_T"):
+            raise InputError(f"the stored record of {stored['setting']} task {stored['task']} "
+                             f"is of another task: its {m} plan differs from this run's (the "
+                             "pool, seed, setting and memory cap must be the earlier run's)")
+    ref = stored["methods"].get("reference")
+    if ref is None or "device_T" not in ref:
+        raise InputError(f"the stored record of {stored['setting']} task {stored['task']} has "
+                         "no reference plan")
+    plan = ref.get("search_end_T") or ref["device_T"]
+    start = ref.get("start")
+    return {"device_T": list(plan), "time_s": float("nan"), "reused": True,
+            **({"start": start} if start in methods else {})}
 
 
 def remeasure(methods: dict, score: Callable[[np.ndarray], dict], rounds: int) -> dict:
@@ -268,11 +304,13 @@ def oracle_scorer(task: Task, batch_size: int, protocol=None, objective: str | N
 def run_setting(setting: Setting, objective: str, train_pool, test_pool, num_tasks: int,
                 mem_factor: float, seed: int, make_score, cost: Cost,
                 policy: LoadedPolicy | None, results_path: str, reference_budget: int,
-                search_time_s: float, log=print, rounds: int = 0) -> list[dict]:
+                search_time_s: float, log=print, rounds: int = 0,
+                stored: dict | None = None) -> list[dict]:
     """All tasks of a setting, appended to `results_path` as they finish (resumable).
 
     With `rounds` > 0 plans are re-measured in rounds (`run_task`); use it with a noisy
-    scorer (the oracle), not with the deterministic cost model.
+    scorer (the oracle), not with the deterministic cost model. `stored` maps (setting,
+    objective, task) to an earlier run's records, whose reference plans are reused.
     """
     done = {(r["setting"], r["objective"], r["task"]): r for r in read_results(results_path)}
     rng = np.random.default_rng([seed, setting.num_tables, setting.num_devices,
@@ -285,8 +323,11 @@ def run_setting(setting: Setting, objective: str, train_pool, test_pool, num_tas
         if key in done:
             records.append(done[key])
             continue
+        if stored is not None and key not in stored:
+            raise InputError(f"the stored results have no record of {setting.name} {objective} "
+                             f"task {i} to take its reference from")
         res = run_task(task, objective, cost, policy, make_score, reference_budget,
-                       search_time_s, rounds)
+                       search_time_s, rounds, stored[key] if stored is not None else None)
         rec = {"setting": setting.name, "objective": objective, "task": i, "T": len(task.specs),
                "D": task.num_devices, "memory_bytes": task.memory_bytes, "methods": res}
         with open(results_path, "a") as f:

@@ -19,7 +19,7 @@ def args(workdir, **kw):
              pool_seed=0, measure="predicted", clock="cpu", batch_size=512, num_tasks=2,
              base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
              mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0,
-             reference_ms=0.0, report_only=False)
+             reference_ms=0.0, report_only=False, reference_from=None)
     f.update(kw)
     return types.SimpleNamespace(**f)
 
@@ -54,6 +54,25 @@ def test_reports_every_method_and_resumes(tmp_path):
     verdicts = [line for line in text.splitlines() if line.startswith(("| base | 2 |",
                                                                         "| D=3 | 2 |"))]
     assert len(verdicts) == 4 and sum("no learned method" in v for v in verdicts) == 2
+    # --reference_from re-evaluates the methods against the stored reference plans, unsearched.
+    again = str(tmp_path / "again")
+    stored = os.path.join(work, "results.jsonl")
+    reproduce(args(again, policy=policy, reference_from=stored), log=lambda *_: None)
+    old = {(r["setting"], r["objective"], r["task"]): r for r in map(json.loads, lines)}
+    for rec in map(json.loads, open(os.path.join(again, "results.jsonl"))):
+        ref, before = rec["methods"]["reference"], old[rec["setting"], rec["objective"],
+                                                       rec["task"]]["methods"]
+        assert ref["reused"] and ref["device_T"] == before["reference"]["device_T"]
+        assert rec["methods"]["lookup_greedy"] == before["lookup_greedy"] | {
+            "time_s": rec["methods"]["lookup_greedy"]["time_s"]}
+    with pytest.raises(InputError, match="is of another task"):  # other tasks: refused
+        reproduce(args(str(tmp_path / "other"), seed=1, reference_from=stored),
+                  log=lambda *_: None)
+    with pytest.raises(InputError, match="have no record of D=4"):
+        reproduce(args(str(tmp_path / "more"), settings="D=4", reference_from=stored),
+                  log=lambda *_: None)
+    with pytest.raises(InputError, match="not this --workdir's"):
+        reproduce(args(work, reference_from=stored), log=lambda *_: None)
     # --report_only rebuilds the same sections from results.jsonl alone (no policy, no pool).
     rebuilt = reproduce(args(work, report_only=True, tables="/nonexistent.json"),
                         log=lambda *_: None)

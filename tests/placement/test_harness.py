@@ -173,6 +173,33 @@ def test_run_task_starts_the_reference_from_the_best_re_measured_plan():
     assert harness.settled_reference(out, "spmd") == ref  # settling twice changes nothing
 
 
+def test_a_stored_reference_is_measured_afresh_and_settled_against_this_runs_start():
+    from autoshard_jax.placement import harness
+    from autoshard_jax.placement.costs import get_cost
+
+    task, cost = _task(), get_cost(128)
+
+    def make_score(task, objective):  # the true cost: tables on the busiest device
+        def score(device_T):
+            v = float(np.bincount(device_T, minlength=2).max())
+            return {"spmd_ms": v, "max_ms": v, "device_ms": [v, v]}
+        return score
+
+    first = harness.run_task(task, "spmd", cost, None, make_score, reference_budget=0,
+                             search_time_s=1.0, rounds=1)
+    stored = {"setting": "base", "task": 0, "methods": {
+        **first, "reference": {"device_T": [0] * 6, "start": "lookup_greedy", "spmd_ms": 0.1}}}
+    out = harness.run_task(task, "spmd", cost, None, make_score, reference_budget=5,
+                           search_time_s=1.0, rounds=3, stored=stored)
+    ref = out["reference"]
+    # all six tables on one device measure 6 (not the stored 0.1): the start's plan is kept
+    assert ref["kept_start"] and ref["search_end_ms"] == 6.0
+    assert ref["spmd_ms"] == out["lookup_greedy"]["spmd_ms"] == 3.0
+    stored["methods"]["reference"]["device_T"] = first["lookup_greedy"]["device_T"]
+    out = harness.run_task(task, "spmd", cost, None, make_score, 5, 1.0, 3, stored)
+    assert out["reference"]["reused"] and out["reference"]["rounds_spmd_ms"] == [3.0] * 3
+
+
 def _scored(**costs_by_method):
     """One record per task from per-method lists of max_device ms (NaN: the method failed)."""
     n = len(next(iter(costs_by_method.values())))
