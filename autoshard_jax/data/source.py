@@ -56,6 +56,7 @@ class DataSource:
             raise ConfigError("config.data.skip_bad_lines needs a single-process run: with "
                               f"{process_count} processes each reads its own lines of every "
                               "batch, so every line must be a sample")
+        self.workers = int(d.get("workers", 1))
         if d.kind == "synthetic":
             self.stream = SyntheticClickStream(tables, num_dense=d.num_dense, seed=config.seed,
                                                zipf_a=d.zipf_a)
@@ -101,7 +102,8 @@ class DataSource:
         """
         sliced = {"rows": self.rows} if self.rows else {}  # this process's rows
         if self.kind == "synthetic":
-            return self._checked(self.stream.batches(self.batch_size, start=start, **sliced))
+            return self._checked(self.stream.batches(self.batch_size, start=start,
+                                                     workers=self.workers, **sliced))
         line = None if self.rows else (position or {}).get("tsv_line")
         return self._checked(self.train_reader.batches(self.batch_size, start_batch=start,
                                                        start_line=line, **sliced))
@@ -125,6 +127,7 @@ class DataSource:
         sliced = {"rows": self.rows} if self.rows else {}
         if self.kind == "synthetic":
             batches = self.stream.batches(self.batch_size, num_batches=self.num_eval_batches,
+                                          workers=self.workers,
                                           split="eval", **sliced)
         elif self.eval_reader is None:
             return iter(())

@@ -30,6 +30,7 @@ _NUMBERS: dict[str, tuple[Any, Any, bool]] = {
     "data.zipf_a": (0, None, False),
     "data.kaggle_days": (0, None, True),
     "data.num_eval_batches": (1, None, True),
+    "data.workers": (1, 256, True),
     "model.rows_cap": (0, 2**31 - 1, True),
     "model.pooling_factor": (1e-9, None, False),
     "model.embedding_dim": (1, None, True),

@@ -45,6 +45,16 @@ def test_deterministic_random_access(stream):
     assert len(resumed) == 2 and _equal(resumed[1], stream.batch(4, 64))
 
 
+@pytest.mark.parametrize("rows", [None, (5, 40)])
+def test_worker_threads_generate_the_same_stream(stream, rows):
+    one = list(stream.batches(64, start=2, num_batches=7, rows=rows))
+    many = list(stream.batches(64, start=2, num_batches=7, rows=rows, workers=3))
+    assert len(many) == 7 and all(_equal(a, b) for a, b in zip(one, many, strict=True))
+    endless = stream.batches(64, start=2, rows=rows, workers=3)  # no num_batches: forever
+    assert all(_equal(next(endless), b) for b in one)
+    endless.close()  # closed early, with batches generated ahead: returns
+
+
 def test_padding_is_trailing_and_counts(stream):
     batch = stream.batch(1, 4096)
     small, multi, huge, sparse = batch["ids"]

@@ -42,6 +42,7 @@ BAD = [
     ("data.train_days", (0, 0), "lists a value twice"),
     ("data.eval_days", "6", "must be a list of integers"),
     ("data.num_eval_batches", 0, "config.data.num_eval_batches"),
+    ("data.workers", 0, "config.data.workers must be >= 1"),
     ("data.skip_bad_lines", "yes", "config.data.skip_bad_lines must be true or false"),
     ("model.embedding_dim", 0, "config.model.embedding_dim"),
     ("model.table_rows", (10, 0), r"config.model.table_rows\[1\] must be >= 1"),
@@ -97,7 +98,7 @@ def test_every_field_that_changes_the_run_is_in_its_identity(key, value):
 
 @pytest.mark.parametrize("key, value", [("num_train_steps", 10), ("log_every", 7),
                                         ("eval_every", 3), ("data.eval_days", (6,)),
-                                        ("data.num_eval_batches", 2)])
+                                        ("data.num_eval_batches", 2), ("data.workers", 4)])
 def test_fields_a_resume_may_change_are_not(key, value):
     check_same_run(run_identity(synthetic_small.get_config()),
                    run_identity(config_with(key, value)), "here")
