@@ -230,11 +230,11 @@ class SyntheticClickStream:
                 workers: int = 1) -> Iterator[Batch]:
         """Batches start, start+1, ... (forever when num_batches is None); `rows` as in `batch`.
 
-        One core generates about 65-70k samples/s (the teacher's hashed Gaussians are half of
-        it), which caps an accelerator's training loop far below its step rate (an H200 ran the
-        demo's loop at 52-65k samples/s). With `workers` > 1, that many threads generate the
-        next batches at once (numpy releases the GIL in its array loops); batches are pure
-        functions of their index, so the stream is the same.
+        One core generates about 150k samples/s of the demo's stream (Intel Xeon, quiet; half
+        the time goes to the teacher's hashed Gaussians), far below an accelerator's step rate:
+        an H200 ran the demo's loop at 52-65k samples/s. With `workers` > 1, that many threads
+        generate the next batches at once (numpy releases the GIL in its array loops; 2 threads
+        made 1.38x); batches are pure functions of their index, so the stream is the same.
         """
         stop = start + num_batches if num_batches is not None else None
         indices = itertools.count(start) if stop is None else iter(range(start, stop))
