@@ -174,19 +174,17 @@ def run_task(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | None
     if stored is not None:
         ref = stored_reference(stored, out)
         out["reference"] = {**make_score(task, objective)(np.asarray(ref["device_T"])), **ref}
+    else:
         if rounds:
             out = remeasure(out, make_score(task, objective), rounds)
-            out["reference"] = settled_reference(out, objective)
-        return out
-    if rounds:
-        out = remeasure(out, make_score(task, objective), rounds)
-    ok = {m: r for m, r in out.items() if "failed" not in r}
-    start = min(ok, key=lambda m: objective_of(ok[m], objective))
-    score = make_score(task, objective) if rounds else cached(make_score(task, objective))
-    ref_T, ref = reference_search(task, np.asarray(ok[start]["device_T"]), cost, objective,
-                                  score, reference_budget, start=ok[start], confirm=rounds > 0)
-    out["reference"] = {**ref, "time_s": float("nan"), "device_T": ref_T.tolist(),
-                        "start": start}
+        ok = {m: r for m, r in out.items() if "failed" not in r}
+        start = min(ok, key=lambda m: objective_of(ok[m], objective))
+        score = make_score(task, objective) if rounds else cached(make_score(task, objective))
+        ref_T, ref = reference_search(task, np.asarray(ok[start]["device_T"]), cost, objective,
+                                      score, reference_budget, start=ok[start],
+                                      confirm=rounds > 0)
+        out["reference"] = {**ref, "time_s": float("nan"), "device_T": ref_T.tolist(),
+                            "start": start}
     if rounds:
         out = remeasure(out, make_score(task, objective), rounds)
         out["reference"] = settled_reference(out, objective)
