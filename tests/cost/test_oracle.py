@@ -103,8 +103,9 @@ def test_set_cost_is_positive_and_grows_with_lookups():
     for seed in range(3):
         few = measure_set([TableSpec("t", 5000, 32, 1.0, HIST)], 256, protocol=FAST, seed=seed)
         many = measure_set([TableSpec("t", 5000, 32, 64.0, HIST)], 256, protocol=FAST, seed=seed)
-        assert few.forward_ms > 0 and few.backward_ms > 0
-        assert many.total_ms == pytest.approx(many.forward_ms + many.backward_ms, rel=0.5)
+        # forward, backward and the fused step are separate timed programs: only their signs are
+        # invariant (a 'total ~ forward + backward' check failed on a loaded CI machine)
+        assert min(few.forward_ms, few.backward_ms, many.forward_ms, many.backward_ms) > 0
         ratios.append(many.total_ms / few.total_ms)
     assert np.mean(ratios) > 1.5  # 64x the ids
 
