@@ -12,7 +12,10 @@ objective); objectives without a policy get heuristic and search rows only. --me
 scores with the cost model (the policy's, --cost_model, or the analytical estimator);
 --measure=oracle times every plan (and the reference search's proposals) with the cost oracle.
 Tasks come from the test half of the pool (`--tables`, or the synthetic 856-table pool with
-`--max_rows`), split as in training. Rerunning with the same workdir skips finished tasks;
+`--max_rows`), split as in training. `--split=train` draws them from the training half instead:
+the development split on which a method change is judged before it meets the test tasks (every
+table of a task from that half, so no setting may mix halves). Rerunning with the same workdir
+skips finished tasks (and refuses flags that would draw other tasks: `run.json`);
 `--report_only` rewrites results.md from every finished task (runs split across processes);
 `--reference_from` re-evaluates changed methods against an earlier run's reference plans.
 Each objective ends with a summary: per setting, the learned methods' paired gap to the best
@@ -21,6 +24,7 @@ heuristic with its standard error, and the verdict (`harness.summary`).
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import flags
@@ -29,6 +33,7 @@ from autoshard_jax.errors import InputError, check_range
 from autoshard_jax.placement import harness
 from autoshard_jax.placement.costs import OBJECTIVES
 from autoshard_jax.placement.tasks import evaluation_pool, split_pool
+from autoshard_jax.train.run_identity import check_same_run, file_digest
 from launch.common import run
 
 FLAGS = flags.FLAGS
@@ -70,6 +75,9 @@ def define_flags() -> None:
                        "incomparable (ratios still hold).")
     flags.DEFINE_float("tie_rel", 0.02, "Relative difference counted as a tie (the noise).")
     flags.DEFINE_integer("seed", 0, "Seed of the test tasks.")
+    flags.DEFINE_enum("split", "test", ["test", "train"], "Pool half the tasks are drawn from: "
+                      "test (the evaluation) or train (development: judge a method change on "
+                      "tables the policy and cost model were fitted on, never on the test half).")
     flags.DEFINE_string("reference_from", None, "results.jsonl of an earlier run on the same "
                         "pool, seed and settings: each task's reference plan is taken from it "
                         "(and measured afresh) instead of searched again, so a changed method "
@@ -95,6 +103,36 @@ def check_flags(f) -> None:
         if obj not in OBJECTIVES:
             raise InputError(f"--objectives: unknown objective {obj!r}; choose from "
                              f"{list(OBJECTIVES)}")
+
+
+def task_identity(f) -> dict:
+    """What decides a workdir's tasks and how their plans are scored. A resumed run skips the
+    tasks it finds by (setting, objective, index), so resuming with another seed, split or pool
+    would mix two evaluations in one table without a word; `check_workdir` refuses that."""
+    return {"tables": file_digest(f.tables) if f.tables else f"synthetic max_rows={f.max_rows}",
+            "pool_seed": f.pool_seed, "split": f.split, "seed": f.seed,
+            "mem_factor": f.mem_factor, "base_tables": f.base_tables,
+            "base_devices": f.base_devices, "measure": f.measure, "clock": f.clock,
+            "batch_size": f.batch_size}
+
+
+def check_workdir(f, log=print) -> None:
+    """Records the workdir's task identity (run.json) on its first run and refuses a resume
+    with flags that would draw or score other tasks. A workdir of an earlier version, with
+    results but no run.json, takes this run's identity (it cannot be checked)."""
+    path = os.path.join(f.workdir, "run.json")
+    current = task_identity(f)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            check_same_run(json.load(fh), current, f.workdir, saved_as="workdir's run.json",
+                           current_as="flags")
+        return
+    if os.path.isfile(os.path.join(f.workdir, "results.jsonl")):
+        log(f"{f.workdir} has results but no run.json (an earlier version): recording these "
+            "flags as its task identity")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(current, fh, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def oracle_unit(f, cost) -> str:
@@ -133,6 +171,11 @@ def reproduce(f, log=print) -> str:
         if s.num_tables > len(test_pool) or not 0 <= s.unseen <= 1 or s.num_devices < 1:
             raise InputError(f"--settings: {s.name} needs 1 <= D, unseen in 0..100% and at "
                              f"most {len(test_pool)} tables (half the pool)")
+        if f.split == "train" and 0 < s.unseen < 1:
+            raise InputError(f"--settings: {s.name} mixes tables of both halves; --split=train "
+                             "takes settings that draw from one (base, T=, D=, unseen=0%)")
+    if f.split == "train":  # a task's tables all come from one pool: here both are the train half
+        test_pool = train_pool
     if f.measure == "oracle":  # plans are timed on D (simulated, on CPU) devices
         from autoshard_jax.placement.evaluate import ensure_devices
         ensure_devices(max(s.num_devices for s in chosen))
@@ -146,6 +189,7 @@ def reproduce(f, log=print) -> str:
         policies[objective], paths[objective] = pol, path
     cost = planning_cost(f.batch_size, f.cost_model, next(iter(policies.values()), None))
     os.makedirs(f.workdir, exist_ok=True)
+    check_workdir(f, log)
     results = os.path.join(f.workdir, "results.jsonl")
     stored = None
     if f.reference_from:
@@ -169,8 +213,9 @@ def reproduce(f, log=print) -> str:
             return harness.oracle_scorer(task, f.batch_size, Protocol(clock=f.clock), objective)
         return harness.predicted_scorer(task, cost)
 
+    split = "" if f.split == "test" else "; training-half tasks (development split)"
     report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
-              f"{f.num_tasks} tasks per setting{unit})\n"]
+              f"{f.num_tasks} tasks per setting{unit}{split})\n"]
     for objective in f.objectives.split(","):
         by_setting = {}
         if f.policy and objective not in policies:

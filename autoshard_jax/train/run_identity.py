@@ -69,23 +69,26 @@ def run_identity(config: Any) -> dict:
     return _plain(identity)
 
 
-def check_same_run(saved: dict, current: dict, where: str) -> None:
+def check_same_run(saved: dict, current: dict, where: str, *, saved_as: str = "checkpoint",
+                   current_as: str = "config") -> None:
     """Refuses to resume a checkpoint with a config that would read other data or state.
 
     Args:
       saved: the identity stored in the checkpoint.
       current: `run_identity(config)` of this run.
       where: the checkpoint directory, for the message.
+      saved_as, current_as: what the two are called in the message (a launcher resuming a
+        workdir from its flags names them so).
 
     Raises:
       ResumeError: naming every differing key with both values.
     """
-    diffs = [f"{k}: checkpoint {_short(saved.get(k, '<absent>'))}, config {_short(v)}"
+    diffs = [f"{k}: {saved_as} {_short(saved.get(k, '<absent>'))}, {current_as} {_short(v)}"
              for k, v in current.items() if _plain(saved.get(k, "<absent>")) != v]
     if diffs:
-        raise ResumeError(f"cannot resume from {where}: the config differs from the run that "
-                          f"wrote it ({'; '.join(diffs)}); use the original config or a new "
-                          "workdir")
+        raise ResumeError(f"cannot resume from {where}: the {current_as} and the {saved_as} of "
+                          f"the run that wrote it differ ({'; '.join(diffs)}); use the original "
+                          f"{current_as} or a new workdir")
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -7,7 +7,9 @@ import types
 
 import pytest
 
-from autoshard_jax.errors import ConfigError, InputError
+from autoshard_jax.errors import ConfigError, InputError, ResumeError
+from autoshard_jax.placement import harness
+from autoshard_jax.placement.tasks import evaluation_pool
 from autoshard_jax.placement.trainer import train
 from launch.reproduce_autoshard import reproduce
 from tests.launch.test_shard import cli, last_error
@@ -19,7 +21,7 @@ def args(workdir, **kw):
              pool_seed=0, measure="predicted", clock="cpu", batch_size=512, num_tasks=2,
              base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
              mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0,
-             reference_ms=0.0, report_only=False, reference_from=None)
+             reference_ms=0.0, report_only=False, reference_from=None, split="test")
     f.update(kw)
     return types.SimpleNamespace(**f)
 
@@ -85,6 +87,39 @@ def test_reports_every_method_and_resumes(tmp_path):
     assert strip(again) == strip(rebuilt)
     with pytest.raises(InputError, match="both trained for objective spmd"):
         reproduce(args(work, policy=f"{policy},{policy}"), log=lambda *_: None)
+
+
+def test_train_split_draws_training_tables_and_a_workdir_keeps_its_tasks(tmp_path, monkeypatch):
+    drawn = []
+
+    def sample_task(*a, **kw):
+        task = real(*a, **kw)
+        drawn.append({s.name for s in task.specs})
+        return task
+
+    real = harness.sample_task
+    monkeypatch.setattr(harness, "sample_task", sample_task)
+    train_pool, test_pool = evaluation_pool(5000, 0)
+    dev = str(tmp_path / "dev")
+    quiet = lambda *_: None  # noqa: E731
+    dev_args = dict(split="train", settings="base,unseen=0%", objectives="spmd", seed=7,
+                    num_tasks=1)
+    text = reproduce(args(dev, **dev_args), log=quiet)
+    assert "(development split)" in text.splitlines()[0]
+    assert len(drawn) == 2 and all(names <= {s.name for s in train_pool} for names in drawn)
+    reproduce(args(str(tmp_path / "test"), settings="base", objectives="spmd", num_tasks=1),
+              log=quiet)
+    assert len(drawn) == 3 and drawn[2] <= {s.name for s in test_pool}
+    with pytest.raises(InputError, match="unseen=50% mixes tables of both halves"):
+        reproduce(args(str(tmp_path / "mix"), split="train", settings="unseen=50%"), log=quiet)
+    # A resume with flags that draw other tasks is refused, naming each difference ...
+    with pytest.raises(ResumeError, match=r"split: workdir's run.json \"train\", flags \"test\""):
+        reproduce(args(dev, **{**dev_args, "split": "test"}), log=quiet)
+    with pytest.raises(ResumeError, match="seed"):
+        reproduce(args(dev, **{**dev_args, "seed": 8}), log=quiet)
+    # ... and the same flags resume it: finished tasks are skipped, none drawn twice.
+    reproduce(args(dev, **{**dev_args, "num_tasks": 2}), log=quiet)
+    assert len(open(os.path.join(dev, "results.jsonl")).read().splitlines()) == 4
 
 
 @pytest.mark.parametrize("kw,err,culprit", [
