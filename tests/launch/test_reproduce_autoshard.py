@@ -117,7 +117,7 @@ def test_train_split_draws_training_tables_and_a_workdir_keeps_its_tasks(tmp_pat
         reproduce(args(dev, **{**dev_args, "split": "test"}), log=quiet)
     with pytest.raises(ResumeError, match="seed"):
         reproduce(args(dev, **{**dev_args, "seed": 8}), log=quiet)
-    # ... and the same flags resume it: finished tasks are skipped, none drawn twice.
+    # ... and the same flags resume it: finished tasks are skipped, not run again.
     reproduce(args(dev, **{**dev_args, "num_tasks": 2}), log=quiet)
     assert len(open(os.path.join(dev, "results.jsonl")).read().splitlines()) == 4
 
