@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # AutoShard end to end on this machine, the way the README's figures are made:
-#   1. cost data: random sets and plans of the training tables timed by the oracle (two shards);
-#   2. the cost network on it;
-#   3. one policy per objective against that network;
-#   4. the planners' own plans (heuristics, policy, searches) on training tasks, timed;
-#   5. the network retrained on all of it, 6. the policies retrained on that network;
-#   7. a top-up of large random sets (30-100 tables: the devices of T=100-200 tasks);
+#   1. cost data: random sets and plans of the training tables timed by the oracle (two shards),
+#   2. then a top-up of large random sets (30-100 tables: the devices of T=100-200 tasks);
+#      measuring comes first, so a run cut short keeps the machine-bound part;
+#   3. the cost network on the first collection;
+#   4. one policy per objective against that network;
+#   5. the planners' own plans (heuristics, policy, searches) on training tasks, timed;
+#   6. the network retrained on those, 7. the policies retrained on that network;
 #   8. three networks on everything (seeds 0, 1, 2) and, 9., both objectives' final policies
 #      (3,000 iterations) against their mean: a policy trained hard against one fit exploits
 #      that fit's errors (session 17), and seeds differ (session 16: seed 0 stalled);
@@ -16,9 +17,10 @@
 #   bash launch/autoshard_pipeline.sh [DIR] [PYTHON]   # default: runs/autoshard .venv/bin/python
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
-# STOP_AFTER (costs, cost_model, policies, mined, cost_model_2, policies_2, costs_large,
-# cost_model_3, policies_3) ends the run after that step. Measured on 2 AMD EPYC cores (session 11):
-# costs 34 min, first network 8 min, policies 2 min, mining 16 min, second network 22 min;
+# STOP_AFTER (costs, costs_large, cost_model, policies, mined, cost_model_2, policies_2,
+# cost_model_3, policies_3) ends the run after that step. Costs are the CPU model's own (a
+# network fit on one CPU ranks another's plans poorly, session 23): one DIR per CPU model.
+# Measured on 2 AMD EPYC cores (session 11): costs 34 min, first network 8 min, policies 2 min, mining 16 min, second network 22 min;
 # session 15: large sets 30 min, third network 11 min (both cores); then an evaluation task takes
 # ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10, T=200 ~24).
 set -euo pipefail
@@ -61,6 +63,14 @@ costs() {
 side_by_side costs
 done_with costs
 
+costs_large() {  # large random sets (30-100 tables: the devices of T=100-200 tasks)
+  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs_large" --pool=train_half \
+    --num_shards=2 --shard_index="$1" --nosingles --min_tables=30 --max_tables=100 \
+    --num_sets=600 --num_plans=0
+}
+side_by_side costs_large
+done_with costs_large
+
 cost_model() {  # cost_model WORKDIR DATA [CORE [FLAG...]]
   if [ ! -f "$1/report.md" ]; then  # written last
     pin "${3:-0}" "$PY" -m launch.train_cost_model --workdir="$1" --data="$2" "${@:4}"
@@ -93,14 +103,6 @@ done_with cost_model_2
 
 SUFFIX=_2 side_by_side policy
 done_with policies_2
-
-costs_large() {
-  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs_large" --pool=train_half \
-    --num_shards=2 --shard_index="$1" --nosingles --min_tables=30 --max_tables=100 \
-    --num_sets=600 --num_plans=0
-}
-side_by_side costs_large
-done_with costs_large
 
 ALL_DATA="$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device,$DIR/costs_large"
 cost_model_3() {  # cost_model_3 SEED: ~11 min per fit on one core
