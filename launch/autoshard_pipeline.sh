@@ -6,19 +6,19 @@
 #   3. the cost network on the first collection;
 #   4. one policy per objective against that network;
 #   5. the planners' own plans (heuristics, policy, searches) on training tasks, timed;
-#   6. the network retrained on those, 7. the policies retrained on that network;
-#   8. three networks on everything (seeds 0, 1, 2) and, 9., both objectives' final policies
+#   6. three networks on everything (seeds 0, 1, 2) and, 7., both objectives' final policies
 #      (3,000 iterations) against their mean: a policy trained hard against one fit exploits
 #      that fit's errors (session 17), and seeds differ (session 16: seed 0 stalled);
-#  10. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
+#      (sessions 11-15 also fit a network on steps 1 and 5 alone, `cost_model_2`, and policies
+#      on it; nothing later used them, and session 23 dropped the step);
+#   8. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
 # Each step resumes, or is skipped when its output is complete, so re-running the same command
 # continues where it stopped. Two processes at a time, one pinned core each.
 #
 #   bash launch/autoshard_pipeline.sh [DIR] [PYTHON]   # default: runs/autoshard .venv/bin/python
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
-# STOP_AFTER (costs, costs_large, cost_model, policies, mined, cost_model_2, policies_2,
-# cost_model_3, policies_3) ends the run after that step. Costs are the CPU model's own (a
+# STOP_AFTER (costs, costs_large, cost_model, policies, mined, cost_model_3, policies_3) ends the run after that step. Costs are the CPU model's own (a
 # network fit on one CPU ranks another's plans poorly, session 23): one DIR per CPU model.
 # Measured on 2 AMD EPYC cores (session 11): costs 34 min, first network 8 min, policies 2 min, mining 16 min, second network 22 min;
 # session 15: large sets 30 min, third network 11 min (both cores); then an evaluation task takes
@@ -97,12 +97,6 @@ mined() {
 }
 side_by_side mined
 done_with mined
-
-cost_model "$DIR/cost_model_2" "$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device"
-done_with cost_model_2
-
-SUFFIX=_2 side_by_side policy
-done_with policies_2
 
 ALL_DATA="$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device,$DIR/costs_large"
 cost_model_3() {  # cost_model_3 SEED: ~11 min per fit on one core

@@ -113,7 +113,16 @@ def task_identity(f) -> dict:
             "pool_seed": f.pool_seed, "split": f.split, "seed": f.seed,
             "mem_factor": f.mem_factor, "base_tables": f.base_tables,
             "base_devices": f.base_devices, "measure": f.measure, "clock": f.clock,
-            "batch_size": f.batch_size}
+            "batch_size": f.batch_size, **_host(f)}
+
+
+def _host(f) -> dict:
+    """Oracle times are only comparable on one CPU model (a plan's cost moves by composition
+    between CPU models), so a measuring workdir is bound to the host's."""
+    if f.measure != "oracle":
+        return {}
+    from autoshard_jax.cost.dataset import host_cpu
+    return {"cpu": host_cpu()}
 
 
 def check_workdir(f, log=print) -> None:
@@ -124,14 +133,24 @@ def check_workdir(f, log=print) -> None:
     current = task_identity(f)
     if os.path.isfile(path):
         with open(path) as fh:
-            check_same_run(json.load(fh), current, f.workdir, saved_as="workdir's run.json",
-                           current_as="flags")
+            saved = json.load(fh)
+        if "cpu" in current and "cpu" not in saved:  # written before the CPU was recorded
+            log(f"{f.workdir}/run.json records no CPU model: recording this host's "
+                f"({current['cpu']}); its earlier results are taken to be measured on it")
+            saved["cpu"] = current["cpu"]
+            _write_json(path, saved)
+        check_same_run(saved, current, f.workdir, saved_as="workdir's run.json",
+                       current_as="flags")
         return
     if os.path.isfile(os.path.join(f.workdir, "results.jsonl")):
         log(f"{f.workdir} has results but no run.json (an earlier version): recording these "
             "flags as its task identity")
+    _write_json(path, current)
+
+
+def _write_json(path: str, obj: dict) -> None:
     with open(path + ".tmp", "w") as fh:
-        json.dump(current, fh, indent=1)
+        json.dump(obj, fh, indent=1)
     os.replace(path + ".tmp", path)
 
 
@@ -206,6 +225,11 @@ def reproduce(f, log=print) -> str:
         where = oracle_unit(f, cost)
         log(f"measured ms are normalized to the reference step at {where}")
         unit = f"; oracle unit {where}"
+        from autoshard_jax.cost.dataset import cpu_mismatch
+        mismatch = cost.model is not None and cpu_mismatch(cost.model.meta)
+        if mismatch:
+            log(f"WARNING: {mismatch}")
+            unit += f"; WARNING: {mismatch}"
 
     def make_score(task, objective):
         if f.measure == "oracle":

@@ -56,6 +56,17 @@ def environment() -> dict:
             "program": PROGRAM_VERSION}
 
 
+def cpu_mismatch(meta: dict) -> str | None:
+    """Why a cost model's predictions may not rank this host's costs (its data was measured on
+    another CPU model), or None. Models without a recorded CPU are not judged."""
+    cpu = meta.get("cpu")
+    if meta.get("backend", "cpu") != "cpu" or cpu is None or cpu == host_cpu():
+        return None
+    return (f"the cost model was fit on costs measured on {cpu!r}, but this host's CPU is "
+            f"{host_cpu()!r}: its ranking of plans may not hold here (collect costs on this "
+            "CPU: launch/autoshard_pipeline.sh with a new directory)")
+
+
 def check_program(records: list[dict], where: str) -> None:
     """Raises unless every record timed this code's SPMD program (unstamped records: version 1).
 

@@ -154,3 +154,27 @@ def test_measure_costs_bad_plan_names_the_field(tmp_path):
                                                for s in POOL}}))
     line = _error_line(_run("launch.measure_costs", f"--tables={tables}", f"--plans={plan}"))
     assert "device 5 is out of range for 2 devices" in line and "p.json" in line
+
+
+def test_costs_carry_the_cpu_model_and_two_models_are_not_mixed(collection, tmp_path):
+    # Costs move by composition between CPU models (session 23: 0.3-1.3x from AMD EPYC to an
+    # Intel Xeon), so a model is fit on one CPU's costs and says which.
+    from autoshard_jax.cost.dataset import DATA_FILE, cpu_mismatch, host_cpu, read_records
+    from autoshard_jax.errors import DataError
+    from launch.train_cost_model import train_cost_model
+
+    assert {r["cpu"] for r in read_records(os.path.join(collection, DATA_FILE))} == {host_cpu()}
+    out = train_cost_model(str(tmp_path / "model"), [collection], steps=2, log=lambda _: None)
+    assert out["meta"]["cpu"] == host_cpu()
+    assert cpu_mismatch(out["meta"]) is None
+    moved = cpu_mismatch({**out["meta"], "cpu": "Another CPU"})
+    assert "'Another CPU'" in moved and repr(host_cpu()) in moved
+    assert cpu_mismatch({"backend": "cpu"}) is None  # older models record none
+    other = tmp_path / "other"
+    shutil.copytree(collection, other)
+    rows = read_records(os.path.join(other, DATA_FILE))
+    (other / DATA_FILE).write_text(
+        "".join(json.dumps({**r, "cpu": "Another CPU"}) + "\n" for r in rows))
+    with pytest.raises(DataError, match="mixes backends / CPU models.*Another CPU"):
+        train_cost_model(str(tmp_path / "mixed"), [collection, str(other)], steps=2,
+                         log=lambda _: None)
