@@ -29,6 +29,7 @@ import os
 
 from absl import flags
 
+from autoshard_jax.atomic import write_json
 from autoshard_jax.errors import InputError, check_range
 from autoshard_jax.placement import harness
 from autoshard_jax.placement.costs import OBJECTIVES
@@ -138,20 +139,14 @@ def check_workdir(f, log=print) -> None:
             log(f"{f.workdir}/run.json records no CPU model: recording this host's "
                 f"({current['cpu']}); its earlier results are taken to be measured on it")
             saved["cpu"] = current["cpu"]
-            _write_json(path, saved)
+            write_json(path, saved)
         check_same_run(saved, current, f.workdir, saved_as="workdir's run.json",
                        current_as="flags")
         return
     if os.path.isfile(os.path.join(f.workdir, "results.jsonl")):
         log(f"{f.workdir} has results but no run.json (an earlier version): recording these "
             "flags as its task identity")
-    _write_json(path, current)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, current)
 
 
 def oracle_unit(f, cost) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from autoshard_jax.atomic import write_json
 from autoshard_jax.errors import ConfigError, DataError, ResumeError, check_range
 from autoshard_jax.train.loop import train_and_evaluate
 from scaling_laws.accounting import count_flops, count_params
@@ -185,13 +186,6 @@ def with_schedules(c: ml_collections.ConfigDict, warmup_fraction: float,
     return c
 
 
-def _write_json(path: str, record: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _eta_seconds(done: list[dict], rest: list[RunSpec]) -> float:
     """Remaining time from a line wall = fixed + per-FLOP cost fitted to the finished runs.
 
@@ -224,7 +218,7 @@ def execute_run(run: RunSpec, sweep_dir: str, scaling: ml_collections.ConfigDict
                 raise ResumeError(f"{workdir} holds an unfinished run of a different config; use a "
                                   "new --workdir or delete that run directory")
     else:
-        _write_json(spec_path, run.identity())
+        write_json(spec_path, run.identity())
     t0 = time.time()
     final = train_and_evaluate(
         with_schedules(run.config, scaling.warmup_fraction, scaling.final_lr_fraction), workdir)
@@ -247,7 +241,7 @@ def execute_run(run: RunSpec, sweep_dir: str, scaling: ml_collections.ConfigDict
                  "devices": jax.device_count(), "python": platform.python_version()},
         "run_config": run.identity(),
     }
-    _write_json(os.path.join(axis_dir, run.name + ".json"), record)
+    write_json(os.path.join(axis_dir, run.name + ".json"), record)
     if not scaling.keep_run_checkpoints:
         shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     return record

@@ -31,19 +31,29 @@ INDEX_STRIDE = 10_000_000  # index offset per collection when several are read t
 
 @functools.cache
 def host_cpu() -> str:
-    """The host CPU's model name (`lscpu`'s), or the platform's processor string.
+    """The host CPU: model name, family / model / stepping and cache size from /proc/cpuinfo
+    (the name alone can hide several generations: "Intel(R) Xeon(R) Processor" under KVM), or
+    the platform's processor string elsewhere.
 
-    On the CPU backend the device kind is just "cpu", yet costs differ by CPU model in ways no
-    single scale absorbs: sets measured on AMD EPYC Zen 4 and again on an Intel Xeon with AMX
-    came out at 0.3 to 1.3 times their first value, by composition (session 23)."""
+    On the CPU backend the device kind is just "cpu", yet costs move between machines in ways
+    no single scale absorbs: sets measured in session 18 on an Intel Xeon and again in session
+    23 on one of the same name (family 6 model 207, 300 MiB cache) came out at 0.28 to 1.26
+    times their first value, by composition."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not key.strip():  # the first processor's block ends
+                    break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    detail = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    if "cache size" in fields:
+        detail.append(f"cache {fields['cache size']}")
+    return f"{name} ({', '.join(detail)})" if detail else name
 
 
 def environment() -> dict:

@@ -157,8 +157,8 @@ def test_measure_costs_bad_plan_names_the_field(tmp_path):
 
 
 def test_costs_carry_the_cpu_model_and_two_models_are_not_mixed(collection, tmp_path):
-    # Costs move by composition between CPU models (session 23: 0.3-1.3x from AMD EPYC to an
-    # Intel Xeon), so a model is fit on one CPU's costs and says which.
+    # Costs move by composition between machines (session 23: 0.3-1.3x between two of the same
+    # lscpu name), so a model is fit on one machine's costs and says which.
     from autoshard_jax.cost.dataset import DATA_FILE, cpu_mismatch, host_cpu, read_records
     from autoshard_jax.errors import DataError
     from launch.train_cost_model import train_cost_model
