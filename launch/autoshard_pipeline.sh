@@ -19,9 +19,9 @@
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
 # STOP_AFTER (costs, costs_large, cost_model, policies, mined, cost_model_3, policies_3) ends
-# the run after that step. Costs are the machine's own (session 23: sets of session 18 measured
-# again on a machine of the same lscpu name came out at 0.28-1.26x, by composition): one DIR
-# per machine (the records' `cpu`). Measured on 2 AMD EPYC cores (session 11): costs 34 min,
+# the run after that step. Costs are the CPU type's own (the records' `cpu`; AMD EPYC and Intel
+# Xeon differ by composition, one type reproduces across sessions): one DIR per CPU type.
+# Measured on 2 AMD EPYC cores (session 11): costs 34 min,
 # first network 8 min, policies 2 min, mining 16 min;
 # session 15: large sets 30 min, third network 11 min (both cores); then an evaluation task takes
 # ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10, T=200 ~24).

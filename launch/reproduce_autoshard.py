@@ -118,12 +118,12 @@ def task_identity(f) -> dict:
 
 
 def _host(f) -> dict:
-    """Oracle times are only comparable on one CPU model (a plan's cost moves by composition
-    between CPU models), so a measuring workdir is bound to the host's."""
+    """Oracle times are only comparable on one CPU type (`dataset.cpu_name`), so a measuring
+    workdir is bound to the host's."""
     if f.measure != "oracle":
         return {}
-    from autoshard_jax.cost.dataset import host_cpu
-    return {"cpu": host_cpu()}
+    from autoshard_jax.cost.dataset import cpu_name, host_cpu
+    return {"cpu": cpu_name(host_cpu())}
 
 
 def check_workdir(f, log=print) -> None:
@@ -136,7 +136,7 @@ def check_workdir(f, log=print) -> None:
         with open(path) as fh:
             saved = json.load(fh)
         if "cpu" in current and "cpu" not in saved:  # written before the CPU was recorded
-            log(f"{f.workdir}/run.json records no CPU model: recording this host's "
+            log(f"{f.workdir}/run.json records no CPU type: recording this host's "
                 f"({current['cpu']}); its earlier results are taken to be measured on it")
             saved["cpu"] = current["cpu"]
             write_json(path, saved)

@@ -56,17 +56,20 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     records, pool = dataset.read_collections(data)
     if not records:
         raise DataError(f"no cost records in {data}")
-    # "cpu" is None on records collected before it was stamped (sessions 11-22: AMD EPYC).
-    envs = {(r["backend"], r.get("cpu"), r["batch_size"], r["row_optimizer"]) for r in records}
+    envs = {(r["backend"], r["batch_size"], r["row_optimizer"]) for r in records}
     if len(envs) > 1:
-        raise DataError(f"cost data mixes backends / CPU models / batch sizes / optimizers "
-                        f"{sorted(envs, key=str)}: train one model per setting (costs of one "
-                        "CPU model do not carry over to another by any single scale)")
-    backend, cpu, batch_size, row_optimizer = envs.pop()
+        raise DataError(f"cost data mixes backends / batch sizes / optimizers {sorted(envs)}: "
+                        "train one model per setting")
+    backend, batch_size, row_optimizer = envs.pop()
+    # Records collected before session 23 carry no CPU; those that do must agree on its type.
+    cpus = sorted({dataset.cpu_name(r["cpu"]) for r in records if r.get("cpu")})
+    if len(cpus) > 1:
+        raise DataError(f"cost data mixes CPU types {cpus}: their costs differ by composition, "
+                        "not by one scale; train one model per CPU type")
     has_sets = any(r["kind"] == "set" for r in records)
     sets = fit.set_data(records, pool) if has_sets else None
     plans = fit.plan_data(records, pool)
-    meta = {"backend": backend, "cpu": cpu, "batch_size": batch_size,
+    meta = {"backend": backend, "cpu": cpus[0] if cpus else None, "batch_size": batch_size,
             "row_optimizer": row_optimizer,
             "num_sets": 0 if sets is None else len(sets.index),
             "num_plans": sum(len(p.index) for p in plans.values()), "data": list(data),

@@ -156,25 +156,32 @@ def test_measure_costs_bad_plan_names_the_field(tmp_path):
     assert "device 5 is out of range for 2 devices" in line and "p.json" in line
 
 
-def test_costs_carry_the_cpu_model_and_two_models_are_not_mixed(collection, tmp_path):
-    # Costs move by composition between machines (session 23: 0.3-1.3x between two of the same
-    # lscpu name), so a model is fit on one machine's costs and says which.
-    from autoshard_jax.cost.dataset import DATA_FILE, cpu_mismatch, host_cpu, read_records
+def test_costs_carry_the_cpu_and_two_cpu_types_are_not_mixed(collection, tmp_path):
+    # Costs of two CPU types differ by composition, so a model is fit on one type's costs and
+    # says which; machines of one type (the name) but other detail mix.
+    from autoshard_jax.cost import dataset
     from autoshard_jax.errors import DataError
     from launch.train_cost_model import train_cost_model
 
-    assert {r["cpu"] for r in read_records(os.path.join(collection, DATA_FILE))} == {host_cpu()}
-    out = train_cost_model(str(tmp_path / "model"), [collection], steps=2, log=lambda _: None)
-    assert out["meta"]["cpu"] == host_cpu()
-    assert cpu_mismatch(out["meta"]) is None
-    moved = cpu_mismatch({**out["meta"], "cpu": "Another CPU"})
-    assert "'Another CPU'" in moved and repr(host_cpu()) in moved
-    assert cpu_mismatch({"backend": "cpu"}) is None  # older models record none
-    other = tmp_path / "other"
-    shutil.copytree(collection, other)
-    rows = read_records(os.path.join(other, DATA_FILE))
-    (other / DATA_FILE).write_text(
-        "".join(json.dumps({**r, "cpu": "Another CPU"}) + "\n" for r in rows))
-    with pytest.raises(DataError, match="mixes backends / CPU models.*Another CPU"):
-        train_cost_model(str(tmp_path / "mixed"), [collection, str(other)], steps=2,
-                         log=lambda _: None)
+    rows = dataset.read_records(os.path.join(collection, dataset.DATA_FILE))
+    assert {r["cpu"] for r in rows} == {dataset.host_cpu()}
+    name = dataset.cpu_name(dataset.host_cpu())
+
+    def copy(tag, cpu):
+        other = tmp_path / tag
+        shutil.copytree(collection, other)
+        (other / dataset.DATA_FILE).write_text("".join(json.dumps({**r, "cpu": cpu}) + "\n"
+                                               for r in rows))
+        return str(other)
+
+    quiet = lambda _: None  # noqa: E731
+    out = train_cost_model(str(tmp_path / "model"), [collection, copy("same", f"{name} (x)")],
+                           steps=2, log=quiet)
+    assert out["meta"]["cpu"] == name
+    assert dataset.cpu_mismatch(out["meta"]) is None
+    moved = dataset.cpu_mismatch({**out["meta"], "cpu": "Another CPU (model 1)"})
+    assert "'Another CPU'" in moved and repr(name) in moved
+    assert dataset.cpu_mismatch({"backend": "cpu"}) is None  # older models record none
+    with pytest.raises(DataError, match="mixes CPU types .*'Another CPU'"):
+        train_cost_model(str(tmp_path / "mixed"), [collection, copy("other", "Another CPU")],
+                         steps=2, log=quiet)

@@ -165,25 +165,28 @@ def test_oracle_ms_are_in_the_flags_unit_else_the_cost_models(tmp_path, monkeypa
     assert oracle_unit(f, cost) == "99.000 ms (calibrated in this process)"
 
 
-def test_a_measuring_workdir_is_bound_to_its_cpu_model(tmp_path, monkeypatch):
+def test_a_measuring_workdir_is_bound_to_its_cpu_type(tmp_path, monkeypatch):
     from autoshard_jax.cost import dataset
     from launch.reproduce_autoshard import check_workdir
 
     quiet = lambda *_: None  # noqa: E731
     f = args(str(tmp_path), measure="oracle")
     run_json = tmp_path / "run.json"
+    name = dataset.cpu_name(dataset.host_cpu())
     check_workdir(f, quiet)
-    assert json.loads(run_json.read_text())["cpu"] == dataset.host_cpu()
+    assert json.loads(run_json.read_text())["cpu"] == name
     # A run.json from before the CPU was recorded takes this host's ...
     saved = json.loads(run_json.read_text())
     del saved["cpu"]
     run_json.write_text(json.dumps(saved))
     said = []
     check_workdir(f, said.append)
-    assert "records no CPU model" in said[0]
-    assert json.loads(run_json.read_text())["cpu"] == dataset.host_cpu()
-    # ... and another CPU model cannot add its times to this one's.
-    monkeypatch.setattr(dataset, "host_cpu", lambda: "Another CPU")
+    assert "records no CPU type" in said[0]
+    assert json.loads(run_json.read_text())["cpu"] == name
+    # ... a machine of the same type resumes it, and another type cannot add its times.
+    monkeypatch.setattr(dataset, "host_cpu", lambda: f"{name} (cache 1 KB)")
+    check_workdir(f, quiet)
+    monkeypatch.setattr(dataset, "host_cpu", lambda: "Another CPU (model 1)")
     with pytest.raises(ResumeError, match="cpu: workdir's run.json .*flags \"Another CPU\""):
         check_workdir(f, quiet)
     (tmp_path / "predicted").mkdir()
