@@ -21,10 +21,10 @@
 # STOP_AFTER (costs, costs_large, cost_model, policies, mined, cost_model_3, policies_3) ends
 # the run after that step. Costs are the CPU type's own (the records' `cpu`; AMD EPYC and Intel
 # Xeon differ by composition, one type reproduces across sessions): one DIR per CPU type.
-# Measured on 2 AMD EPYC cores (session 11): costs 34 min,
-# first network 8 min, policies 2 min, mining 16 min;
-# session 15: large sets 30 min, third network 11 min (both cores); then an evaluation task takes
-# ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10, T=200 ~24).
+# Measured on 2 AMD EPYC cores (session 11): costs 34 min, first network 8 min, policies 2 min,
+# mining 16 min; session 15: large sets 30 min, third network 11 min (both cores); then an
+# evaluation task takes ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10,
+# T=200 ~24).
 set -euo pipefail
 
 DIR=${1:-runs/autoshard}

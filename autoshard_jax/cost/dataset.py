@@ -53,8 +53,8 @@ def host_cpu() -> str:
 
 def cpu_name(stamp: str) -> str:
     """The model name of a `host_cpu` stamp: what costs are kept apart by. Costs of two CPU
-    types differ by composition (fusion saves more on the Intel Xeon than on AMD EPYC Zen 4:
-    summing singles errs 22% there, 9% here), while the same entries re-measured in another
+    types differ by composition (summing measured singles errs 22% on the Intel Xeon, 9% on AMD
+    EPYC Zen 4: fusion saves more on the Xeon), while the same entries re-measured in another
     session on a machine of the same name agreed (session 23: median ratio 1.007, Spearman
     0.999 over 2,000 entries), so the name, not the detail, is the unit of comparability."""
     return stamp.split(" (")[0]
