@@ -26,6 +26,7 @@ from absl import logging
 
 from autoshard_jax.atomic import write_json
 from autoshard_jax.errors import ConfigError, DataError, ResumeError, check_range
+from autoshard_jax.host import cpu_name, host_cpu
 from autoshard_jax.train.loop import train_and_evaluate
 from scaling_laws.accounting import count_flops, count_params
 
@@ -237,7 +238,7 @@ def execute_run(run: RunSpec, sweep_dir: str, scaling: ml_collections.ConfigDict
                                        "num_examples")},
         "teacher": {k: final[k] for k in ("teacher_ne", "teacher_auc") if k in final},
         "wall_time_s": wall,
-        "host": {"cpu": _cpu_model(), "backend": jax.default_backend(),
+        "host": {"cpu": cpu_name(host_cpu()), "backend": jax.default_backend(),
                  "devices": jax.device_count(), "python": platform.python_version()},
         "run_config": run.identity(),
     }
@@ -245,17 +246,6 @@ def execute_run(run: RunSpec, sweep_dir: str, scaling: ml_collections.ConfigDict
     if not scaling.keep_run_checkpoints:
         shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     return record
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_result(path: str, run: RunSpec) -> dict | None:

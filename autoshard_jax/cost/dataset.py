@@ -9,16 +9,15 @@ Table specs live beside the data in the collection's `tables.json`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-import platform
 from collections.abc import Iterator
 
 import jax
 import numpy as np
 
 from autoshard_jax.errors import DataError
+from autoshard_jax.host import cpu_name, host_cpu
 from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.tables.spec import TableSpec, load_tables
 
@@ -27,37 +26,6 @@ TABLES_FILE = "tables.json"
 COLLECTION_FILE = "collection.json"
 MS_FIELDS = ("total_ms", "forward_ms", "backward_ms", "compute_ms", "exchange_ms")
 INDEX_STRIDE = 10_000_000  # index offset per collection when several are read together
-
-
-@functools.cache
-def host_cpu() -> str:
-    """The host CPU as stamped on cost records: the model name, then family / model / stepping
-    and cache size from /proc/cpuinfo (KVM shows one name, "Intel(R) Xeon(R) Processor", for
-    several generations), or the platform's processor string elsewhere."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if not key.strip():  # the first processor's block ends
-                    break
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
-    detail = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
-    if "cache size" in fields:
-        detail.append(f"cache {fields['cache size']}")
-    return f"{name} ({', '.join(detail)})" if detail else name
-
-
-def cpu_name(stamp: str) -> str:
-    """The model name of a `host_cpu` stamp: what costs are kept apart by. Costs of two CPU
-    types differ by composition (summing measured singles errs 22% on the Intel Xeon, 9% on AMD
-    EPYC Zen 4: fusion saves more on the Xeon), while the same entries re-measured in another
-    session on a machine of the same name agreed (session 23: median ratio 1.007, Spearman
-    0.999 over 2,000 entries), so the name, not the detail, is the unit of comparability."""
-    return stamp.split(" (")[0]
 
 
 def environment() -> dict:
@@ -73,12 +41,12 @@ def environment() -> dict:
 def cpu_mismatch(meta: dict) -> str | None:
     """Why a cost model's predictions may not rank this host's costs (its data was measured on
     another CPU type), or None. Models without a recorded CPU are not judged."""
-    cpu = meta.get("cpu")
-    if meta.get("backend", "cpu") != "cpu" or cpu is None or cpu_name(cpu) == cpu_name(host_cpu()):
+    cpu, here = meta.get("cpu"), cpu_name(host_cpu())
+    if meta.get("backend", "cpu") != "cpu" or cpu is None or cpu_name(cpu) == here:
         return None
     return (f"the cost model was fit on costs measured on {cpu_name(cpu)!r}, but this host's "
-            f"CPU is {cpu_name(host_cpu())!r}: its ranking of plans may not hold here (collect "
-            "costs on this CPU type: launch/autoshard_pipeline.sh with a new directory)")
+            f"CPU is {here!r}: its ranking of plans may not hold here (collect costs on this "
+            "CPU type: launch/autoshard_pipeline.sh with a new directory)")
 
 
 def check_program(records: list[dict], where: str) -> None:
