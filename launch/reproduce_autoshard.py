@@ -16,7 +16,8 @@ Tasks come from the test half of the pool (`--tables`, or the synthetic 856-tabl
 the development split on which a method change is judged before it meets the test tasks (every
 table of a task from that half, so no setting may mix halves). Rerunning with the same workdir
 skips finished tasks (and refuses flags that would draw other tasks: `run.json`);
-`--report_only` rewrites results.md from every finished task (runs split across processes);
+results.md covers every finished task in the workdir, whichever run finished it, and
+`--report_only` rewrites it without measuring (after runs split across processes);
 `--reference_from` re-evaluates changed methods against an earlier run's reference plans.
 Each objective ends with a summary: per setting, the learned methods' paired gap to the best
 heuristic with its standard error, and the verdict (`harness.summary`).
@@ -233,10 +234,9 @@ def reproduce(f, log=print) -> str:
         return harness.predicted_scorer(task, cost)
 
     split = "" if f.split == "test" else "; training-half tasks (development split)"
-    report = [f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
-              f"{f.num_tasks} tasks per setting{unit}{split})\n"]
+    title = (f"# AutoShard evaluation ({f.measure}; cost model {cost.name}; "
+             f"{f.num_tasks} tasks per setting in this run{unit}{split})\n")
     for objective in f.objectives.split(","):
-        by_setting = {}
         if f.policy and objective not in policies:
             log(f"no --policy was trained for objective {objective}: its tables have no "
                 "autoshard rows")
@@ -246,13 +246,13 @@ def reproduce(f, log=print) -> str:
                                        policies.get(objective), results, f.reference_budget,
                                        f.search_time_s, log,
                                        f.rounds if f.measure == "oracle" else 0, stored)
-            report.append(section(s, recs, objective, f.tie_rel))
-            by_setting[s.name] = recs
             if s.name == "base":
                 harness.bar_chart(recs[0], objective,
                                   os.path.join(f.workdir, f"bars_{objective}.png"))
-        report.append(summary_section(by_setting, objective))
-    return write_report(f.workdir, report, log)
+    # The report covers every finished task in the workdir, so a run of some settings does
+    # not drop the sections of settings that earlier runs (or other processes) finished.
+    finished = harness.read_results(results)
+    return write_report(f.workdir, [title, *sections_from_results(finished, f)], log)
 
 
 def section(s: harness.Setting, recs: list[dict], objective: str, tie_rel: float) -> str:
@@ -268,20 +268,28 @@ def summary_section(by_setting: dict[str, list[dict]], objective: str) -> str:
 
 
 def report_from_results(f) -> list[str]:
-    """results.md's sections from every finished task on disk, settings in the usual order."""
+    """results.md rebuilt from every finished task on disk (--report_only)."""
     path = os.path.join(f.workdir, "results.jsonl")
     if not os.path.isfile(path):
         raise InputError(f"--report_only: {path} does not exist (no finished tasks to report)")
+    records = harness.read_results(path)
+    if not records:
+        raise InputError(f"--report_only: {path} holds no finished tasks")
+    return [f"# AutoShard evaluation (rebuilt from {path})\n",
+            *sections_from_results(records, f)]
+
+
+def sections_from_results(records: list[dict], f) -> list[str]:
+    """results.md's sections from finished task records, settings in the usual order, a
+    summary per objective."""
     # A task run twice (two processes on one setting) counts once: the later record, as a
     # resumed run reads it (`harness.run_setting`).
-    latest = {(r["objective"], r["setting"], r["task"]): r for r in harness.read_results(path)}
+    latest = {(r["objective"], r["setting"], r["task"]): r for r in records}
     grouped: dict[str, dict[str, list[dict]]] = {}
     for (objective, setting, _), rec in sorted(latest.items(), key=lambda kv: kv[0][2]):
         grouped.setdefault(objective, {}).setdefault(setting, []).append(rec)
-    if not grouped:
-        raise InputError(f"--report_only: {path} holds no finished tasks")
     order = [s.name for s in harness.settings(f.base_tables, f.base_devices)]
-    report = [f"# AutoShard evaluation (rebuilt from {path})\n"]
+    report = []
     for objective, by_setting in grouped.items():
         names = sorted(by_setting, key=lambda n: (order.index(n) if n in order else len(order), n))
         by_setting = {n: by_setting[n] for n in names}

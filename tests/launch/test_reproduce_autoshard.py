@@ -122,6 +122,16 @@ def test_train_split_draws_training_tables_and_a_workdir_keeps_its_tasks(tmp_pat
     assert len(open(os.path.join(dev, "results.jsonl")).read().splitlines()) == 4
 
 
+def test_a_run_of_some_settings_keeps_the_others_in_the_report(tmp_path):
+    work, quiet = str(tmp_path / "w"), (lambda *_: None)
+    one = dict(objectives="spmd", num_tasks=1)
+    reproduce(args(work, settings="base", **one), log=quiet)
+    text = reproduce(args(work, settings="D=3", **one), log=quiet)
+    assert "## base (T=8, D=2" in text and "## D=3 (T=8, D=3" in text
+    assert open(os.path.join(work, "results.md")).read() == text
+    assert "| base | 1 |" in text and "| D=3 | 1 |" in text  # both in the summary
+
+
 @pytest.mark.parametrize("kw,err,culprit", [
     ({"num_tasks": 0}, ConfigError, "num_tasks"),
     ({"rounds": -1}, ConfigError, "rounds"),
