@@ -167,6 +167,7 @@ class FitConfig:
     batch_sets: int = 256
     batch_plans: int = 32
     learning_rate: float = 1e-2
+    weight_decay: float = 1e-4  # AdamW's decoupled decay
     eval_every: int = 100
     seed: int = 0
 
@@ -204,7 +205,8 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         val = train
         model = CostModel(start.params, start.mean_I, start.std_I, start.meta, start.net)
         params = start.params
-    tx = optax.adamw(optax.cosine_decay_schedule(config.learning_rate, config.steps), 1e-4)
+    tx = optax.adamw(optax.cosine_decay_schedule(config.learning_rate, config.steps),
+                     weight_decay=config.weight_decay)
     opt_state = tx.init(params)
 
     def set_loss(params, feats, assign, fwd, bwd):
