@@ -34,6 +34,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 3000, "Training steps.")
     flags.DEFINE_float("learning_rate", 1e-2, "Peak Adam learning rate (cosine decay).")
     flags.DEFINE_float("weight_decay", 1e-4, "AdamW's decoupled weight decay.")
+    flags.DEFINE_float("reuse_noise", 0.0, "Log-normal noise (sd) on the reuse-histogram bins "
+                       "of the tables in each training batch (0: none), against learning "
+                       "per-table corrections.")
     flags.DEFINE_integer("seed", 0, "Initialisation and batch-order seed.")
     flags.DEFINE_integer("restarts", 1, "Fits with seeds seed .. seed+restarts-1; the one with "
                          "the lowest val MAPE is kept (test is only reported).")
@@ -42,7 +45,8 @@ def define_flags() -> None:
 
 def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
                      learning_rate: float = 1e-2, seed: int = 0, restarts: int = 1,
-                     log=logging.info, weight_decay: float = 1e-4) -> dict:
+                     log=logging.info, weight_decay: float = 1e-4,
+                     reuse_noise: float = 0.0) -> dict:
     """Trains (`restarts` seeds, the best by val kept), evaluates and saves; returns the
     report dict."""
     import numpy as np
@@ -54,6 +58,7 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     check_range("steps", steps, low=1, integer=True)
     check_range("learning_rate", learning_rate, low=1e-7, high=1.0)
     check_range("weight_decay", weight_decay, low=0.0, high=10.0)
+    check_range("reuse_noise", reuse_noise, low=0.0, high=10.0)
     check_range("restarts", restarts, low=1, high=100, integer=True)
     records, pool = dataset.read_collections(data)
     if not records:
@@ -75,7 +80,7 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
             "row_optimizer": row_optimizer,
             "num_sets": 0 if sets is None else len(sets.index),
             "num_plans": sum(len(p.index) for p in plans.values()), "data": list(data),
-            "weight_decay": weight_decay,
+            "weight_decay": weight_decay, "reuse_noise": reuse_noise,
             # the unit predictions are in (oracle.use_model_unit pins measurements to it)
             "reference_ms": dataset.collections_unit(list(data))}
     log(f"training on {meta['num_sets']} sets and {meta['num_plans']} plans ({backend}, "
@@ -84,7 +89,8 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     for s in range(seed, seed + restarts):
         model, history = fit.fit_cost_model(
             sets, plans, fit.FitConfig(steps=steps, learning_rate=learning_rate,
-                                       weight_decay=weight_decay, seed=s), meta,
+                                       weight_decay=weight_decay, reuse_noise=reuse_noise,
+                                       seed=s), meta,
             log=log)
         val = min((h["val_mape"] for h in history if np.isfinite(h["val_mape"])),
                   default=float("inf"))
@@ -125,7 +131,7 @@ def main(argv):
     del argv
     result = train_cost_model(FLAGS.workdir, FLAGS.data or [FLAGS.workdir], FLAGS.steps,
                               FLAGS.learning_rate, FLAGS.seed, FLAGS.restarts,
-                              weight_decay=FLAGS.weight_decay)
+                              weight_decay=FLAGS.weight_decay, reuse_noise=FLAGS.reuse_noise)
     from autoshard_jax.cost.report import markdown
 
     print(markdown(result["test"], result["noise"], result["meta"]))

@@ -28,10 +28,11 @@ from autoshard_jax.cost.network import (
     init_params,
 )
 from autoshard_jax.errors import DataError
-from autoshard_jax.tables.features import table_features
+from autoshard_jax.tables.features import FEATURE_NAMES, table_features
 from autoshard_jax.tables.spec import TableSpec
 
 # A harmless table that fills padded rows (its assignment row is zero, so it adds nothing).
+_BINS = FEATURE_NAMES.index("bin_0")  # first reuse-histogram column of the raw features
 _PAD_FEATS = table_features([TableSpec("pad", 1, 1)])[0]
 MAX_CLASSES = 8
 
@@ -168,6 +169,10 @@ class FitConfig:
     batch_plans: int = 32
     learning_rate: float = 1e-2
     weight_decay: float = 1e-4  # AdamW's decoupled decay
+    # Log-normal noise (sd) on each reuse-histogram bin of every table in a training batch, the
+    # histogram renormalised: 17 exact bins fingerprint a table, which lets the network learn
+    # per-table corrections that do not carry over to unseen tables.
+    reuse_noise: float = 0.0
     eval_every: int = 100
     seed: int = 0
 
@@ -222,7 +227,15 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         return jnp.mean((jnp.log(c) - jnp.log(compute)) ** 2 + ex_term)
 
     @jax.jit
-    def step(params, opt_state, set_batch, plan_batches):
+    def step(params, opt_state, set_batch, plan_batches, key):
+        if config.reuse_noise:
+            keys = jax.random.split(key, 1 + len(plan_batches))
+            if set_batch is not None:
+                set_batch = (jitter_reuse(keys[0], set_batch[0], config.reuse_noise),
+                             *set_batch[1:])
+            plan_batches = tuple((jitter_reuse(k, b[0], config.reuse_noise), *b[1:])
+                                 for k, b in zip(keys[1:], plan_batches, strict=True))
+
         def loss_fn(p):
             loss = set_loss(p, *set_batch) if set_batch is not None else 0.0
             for b in plan_batches:
@@ -234,6 +247,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
 
     validate = _validator(model, sets, plans, val)
     rng = np.random.default_rng(config.seed)
+    noise_key = jax.random.key(config.seed + 1)
     pick = lambda mask, n: rng.choice(np.flatnonzero(mask), n)  # noqa: E731
     best, best_val, history = params, math.inf, []
     for i in range(config.steps):
@@ -247,7 +261,8 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
                 j = pick(train[d], config.batch_plans)
                 plan_batches.append((p.feats[j], p.assign[j], p.classes[j], p.compute[j],
                                      p.exchange[j]))
-        params, opt_state, loss = step(params, opt_state, set_batch, tuple(plan_batches))
+        params, opt_state, loss = step(params, opt_state, set_batch, tuple(plan_batches),
+                                       jax.random.fold_in(noise_key, i))
         if (i + 1) % config.eval_every == 0 or i + 1 == config.steps:
             v = validate(params)
             history.append({"step": i + 1, "train_loss": float(loss), "val_mape": v})
@@ -257,6 +272,16 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
                 log(f"step {i + 1}: train loss {float(loss):.4f}, val MAPE {v:.4f}")
     model.params = best
     return model, history
+
+
+def jitter_reuse(key: jax.Array, feats_NxTxF: jax.Array, sigma: float) -> jax.Array:
+    """Every table's reuse bins times exp(sigma * N(0, 1)), renormalised to the histogram's
+    own total (tables without a histogram, e.g. padding, are left as they are)."""
+    bins = feats_NxTxF[..., _BINS:]
+    noisy = bins * jnp.exp(sigma * jax.random.normal(key, bins.shape))
+    total, new_total = bins.sum(-1, keepdims=True), noisy.sum(-1, keepdims=True)
+    noisy = jnp.where(new_total > 0, noisy * total / jnp.maximum(new_total, 1e-30), bins)
+    return feats_NxTxF.at[..., _BINS:].set(noisy)
 
 
 def predict_sets(model: CostModel, sets: SetData, mask: np.ndarray) -> np.ndarray:

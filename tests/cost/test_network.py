@@ -22,7 +22,7 @@ from autoshard_jax.cost.network import (
 from autoshard_jax.errors import InputError
 from autoshard_jax.placement.costs import get_cost
 from autoshard_jax.sharding.device_step import PROGRAM_VERSION
-from autoshard_jax.tables.features import table_features
+from autoshard_jax.tables.features import FEATURE_NAMES, table_features
 from autoshard_jax.tables.pools import synthetic_pool
 from autoshard_jax.tables.spec import TableSpec
 
@@ -70,10 +70,27 @@ def test_network_fits_a_known_non_additive_cost():
     assert fit.mape(additive, sets.total[test]) > 0.1
 
 
+def test_reuse_noise_blurs_only_the_reuse_histograms():
+    feats = jnp.asarray(table_features(POOL[:5]))
+    pad = jnp.zeros_like(feats[:1]).at[:, :2].set(1.0)  # a padding row: no histogram
+    x = jnp.stack([jnp.concatenate([feats, pad])] * 2)
+    y = np.asarray(fit.jitter_reuse(jax.random.key(0), x, 0.3))
+    first = FEATURE_NAMES.index("bin_0")
+    bins, x = slice(first, None), np.asarray(x)
+    np.testing.assert_array_equal(y[..., :first], x[..., :first])
+    np.testing.assert_allclose(y[..., bins].sum(-1), x[..., bins].sum(-1), rtol=1e-5)
+    assert (y[..., bins] >= 0).all() and np.abs(y[:, :5, bins] - x[:, :5, bins]).max() > 0.01
+    assert not np.array_equal(y[0], y[1])  # each occurrence of a table gets its own draw
+    np.testing.assert_array_equal(y[:, 5], x[:, 5])
+    np.testing.assert_allclose(fit.jitter_reuse(jax.random.key(0), jnp.asarray(x), 0.0), x,
+                               rtol=1e-6)
+
+
 def test_cost_fn_is_batched_and_device_count_agnostic(tmp_path):
     records = _synthetic_sets(200, seed=1)
     sets = fit.set_data(records, {s.name: s for s in POOL})
-    model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=20, eval_every=10), {"x": 1},
+    model, _ = fit.fit_cost_model(sets, {}, fit.FitConfig(steps=20, eval_every=10,  # noisy too
+                                                          reuse_noise=0.3), {"x": 1},
                                   log=lambda _: None)
     specs = POOL[:7]
     feats = jnp.asarray(table_features(specs))

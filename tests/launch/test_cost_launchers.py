@@ -118,6 +118,8 @@ def test_restarts_keep_the_seed_with_the_lowest_val_mape(collection, tmp_path):
     (["--data=/nonexistent"], "/nonexistent"),
     (["--steps=0"], "config.steps must be >= 1"),
     (["--restarts=0"], "restarts must be >= 1"),
+    (["--weight_decay=-1"], "weight_decay must be >= 0"),
+    (["--reuse_noise=-0.5"], "reuse_noise must be >= 0"),
 ])
 def test_train_cost_model_bad_input(collection, tmp_path, args, culprit):
     args = [a if a != "--data=COLL" else f"--data={collection}" for a in args]
