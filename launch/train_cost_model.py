@@ -38,6 +38,9 @@ def define_flags() -> None:
                        "of the tables in each training batch (0: none), against learning "
                        "per-table corrections.")
     flags.DEFINE_integer("seed", 0, "Initialisation and batch-order seed.")
+    flags.DEFINE_list("unseen", [], "Cost collections of tables the training data never had "
+                      "(e.g. collect_costs --pool=synthetic --pool_seed=1): the report adds the "
+                      "network's scores on them, how it generalises to new tables.")
     flags.DEFINE_integer("restarts", 1, "Fits with seeds seed .. seed+restarts-1; the one with "
                          "the lowest val MAPE is kept (test is only reported).")
     flags.mark_flags_as_required(["workdir"])
@@ -46,7 +49,7 @@ def define_flags() -> None:
 def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
                      learning_rate: float = 1e-2, seed: int = 0, restarts: int = 1,
                      log=logging.info, weight_decay: float = 1e-4,
-                     reuse_noise: float = 0.0) -> dict:
+                     reuse_noise: float = 0.0, unseen: list[str] = ()) -> dict:
     """Trains (`restarts` seeds, the best by val kept), evaluates and saves; returns the
     report dict."""
     import numpy as np
@@ -73,6 +76,7 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     if len(cpus) > 1:
         raise DataError(f"cost data mixes CPU types {cpus}: their costs differ by composition, "
                         "not by one scale; train one model per CPU type")
+    unseen_data = _unseen_data(list(data), list(unseen), pool) if unseen else None
     has_sets = any(r["kind"] == "set" for r in records)
     sets = fit.set_data(records, pool) if has_sets else None
     plans = fit.plan_data(records, pool)
@@ -105,10 +109,12 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     scores = fit.evaluate(model, sets, plans, batch_size, singles)
     noise = fit.noise(records)
     out = {"meta": meta, "test": scores, "noise": noise, "history": history}
+    if unseen_data is not None:
+        out["unseen"] = {"data": list(unseen), **fit.unseen_scores(model, *unseen_data)}
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(report.markdown(scores, noise, meta))
+        f.write(report.markdown(scores, noise, meta, out.get("unseen")))
     panels = {}
     if sets is not None:
         te = fit.split_mask(sets.index, "test")
@@ -127,14 +133,34 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     return out
 
 
+def _unseen_data(data: list[str], unseen: list[str], train_pool: dict) -> tuple:
+    """(sets, plans) of the --unseen collections, in the first training collection's unit;
+    refused where one of their tables is a training table."""
+    from autoshard_jax.cost import dataset, fit
+    from autoshard_jax.errors import DataError
+
+    records, pool = dataset.read_collections(data[:1] + unseen)
+    records = [r for r in records if r["index"] >= dataset.INDEX_STRIDE]
+    if not records:
+        raise DataError(f"--unseen: no cost records in {unseen}")
+    seen = sorted({n for r in records for n in r["tables"] if train_pool.get(n) == pool[n]})
+    if seen:
+        raise DataError(f"--unseen: {len(seen)} of its tables are in the training data "
+                        f"(e.g. {seen[0]!r}); give collections of other tables (another pool "
+                        "seed)")
+    has_sets = any(r["kind"] == "set" for r in records)
+    return (fit.set_data(records, pool) if has_sets else None), fit.plan_data(records, pool)
+
+
 def main(argv):
     del argv
     result = train_cost_model(FLAGS.workdir, FLAGS.data or [FLAGS.workdir], FLAGS.steps,
                               FLAGS.learning_rate, FLAGS.seed, FLAGS.restarts,
-                              weight_decay=FLAGS.weight_decay, reuse_noise=FLAGS.reuse_noise)
+                              weight_decay=FLAGS.weight_decay, reuse_noise=FLAGS.reuse_noise,
+                              unseen=FLAGS.unseen)
     from autoshard_jax.cost.report import markdown
 
-    print(markdown(result["test"], result["noise"], result["meta"]))
+    print(markdown(result["test"], result["noise"], result["meta"], result.get("unseen")))
 
 
 if __name__ == "__main__":

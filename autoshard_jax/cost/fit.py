@@ -390,6 +390,31 @@ def evaluate(model: CostModel, sets: SetData | None, plans: dict[int, PlanData],
     return report
 
 
+def unseen_scores(model: CostModel, sets: SetData | None, plans: dict[int, PlanData]) -> dict:
+    """The network's scores on every entry of collections whose tables its training data never
+    had (e.g. `collect_costs --pool=synthetic --pool_seed=1`), per setting.
+
+    Besides `scores`, `spread` is the standard deviation of log(predicted / measured) about its
+    mean: what a planner comparing plans of one task faces, since a scale common to all entries
+    drops out of its choice (and the unit of a separately calibrated collection is such a scale).
+    """
+    out = {}
+    if sets is not None:
+        out["max_device"] = _with_spread(predict_sets(model, sets, np.ones(len(sets.index), bool)),
+                                         sets.total)
+    if plans:
+        pred = [predict_plans(model.cost_fn, p, np.ones(len(p.index), bool))
+                for p in plans.values()]
+        out["spmd"] = _with_spread(np.concatenate(pred),
+                                   np.concatenate([p.total for p in plans.values()]))
+    return out
+
+
+def _with_spread(pred: np.ndarray, true: np.ndarray) -> dict:
+    log_err = np.log(pred / true)
+    return {**scores(pred, true), "spread": float(np.std(log_err - log_err.mean()))}
+
+
 def _plan_singles(p: PlanData, mask: np.ndarray, singles: dict[str, float]) -> np.ndarray:
     """SPMD sum of singles: per width class, the busiest device's summed single-table ms."""
     out = []

@@ -10,7 +10,7 @@ SETTINGS = {"max_device": "max_device (one device's fused tables; the papers')",
             "spmd": "spmd (padded SPMD program + exchange; this project's)"}
 
 
-def markdown(report: dict, noise: dict, meta: dict) -> str:
+def markdown(report: dict, noise: dict, meta: dict, unseen: dict | None = None) -> str:
     lines = [f"# Cost models, held-out test split ({meta.get('backend')}, batch "
              f"{meta.get('batch_size')}, {meta.get('num_sets', 0)} sets, "
              f"{meta.get('num_plans', 0)} plans)", ""]
@@ -26,6 +26,18 @@ def markdown(report: dict, noise: dict, meta: dict) -> str:
         for model, s in report[key].items():
             lines.append(f"| {model} | {s['mape']:.4f} | {s['r2']:.4f} | "
                          f"{s['kendall_tau']:.4f} | {s['n']} |")
+        lines.append("")
+    if unseen:
+        where = ", ".join(unseen["data"])
+        lines += [f"## The network on tables the training data never had ({where})",
+                  "", "spread: sd of log(predicted / measured) about its mean (a common scale, "
+                  "such as the collection's unit, drops out)", "",
+                  "| setting | MAPE | spread | Kendall tau | n |", "|---|---|---|---|---|"]
+        for key in ("max_device", "spmd"):
+            if key in unseen:
+                s = unseen[key]
+                lines.append(f"| {key} | {s['mape']:.4f} | {s['spread']:.4f} | "
+                             f"{s['kendall_tau']:.4f} | {s['n']} |")
         lines.append("")
     return "\n".join(lines)
 

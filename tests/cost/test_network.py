@@ -86,6 +86,22 @@ def test_reuse_noise_blurs_only_the_reuse_histograms():
                                rtol=1e-6)
 
 
+def test_unseen_scores_spread_ignores_a_common_scale():
+    records = _synthetic_sets(300, seed=3)
+    pool = {s.name: s for s in POOL}
+    held = {s.name for s in POOL[40:]}
+    seen = [r for r in records if not held & set(r["tables"])]
+    unseen = [r for r in records if set(r["tables"]) <= held]
+    model, _ = fit.fit_cost_model(fit.set_data(seen, pool), {}, fit.FitConfig(steps=200), {},
+                                  log=lambda _: None)
+    sets = fit.set_data(unseen, pool)
+    got = fit.unseen_scores(model, sets, {})["max_device"]
+    assert got["n"] == len(unseen) > 5 and 0 < got["spread"] < 1
+    scaled = dataclasses.replace(sets, total=sets.total * 1.3)  # another unit
+    again = fit.unseen_scores(model, scaled, {})["max_device"]
+    assert again["spread"] == pytest.approx(got["spread"]) and again["mape"] != got["mape"]
+
+
 def test_cost_fn_is_batched_and_device_count_agnostic(tmp_path):
     records = _synthetic_sets(200, seed=1)
     sets = fit.set_data(records, {s.name: s for s in POOL})

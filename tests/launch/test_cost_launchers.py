@@ -38,6 +38,18 @@ def collection(tmp_path_factory):
     return work
 
 
+@pytest.fixture(scope="module")
+def unseen_collection(tmp_path_factory):
+    """A few costs of other tables (another pool seed and names)."""
+    work = str(tmp_path_factory.mktemp("unseen"))
+    config = CollectConfig(num_sets=6, num_plans=2, batch_size=32, max_tables=3,
+                           plan_tables=(2, 4), plan_devices=(2,), repeat_every=0, warmup=1,
+                           repeats=3, trim=0)
+    collect(work, config, synthetic_pool(4, seed=3, max_rows=1000, prefix="u"),
+            log=lambda _: None)
+    return work
+
+
 def test_collect_costs_runs_and_resumes(tmp_path):
     args = [f"--workdir={tmp_path}", "--pool=synthetic", "--pool_size=4", "--max_rows=500",
             "--num_sets=5", "--num_plans=1", "--batch_size=16", "--max_tables=2",
@@ -63,12 +75,17 @@ def test_collect_costs_bad_input(tmp_path, args, culprit):
     assert culprit in _error_line(_run("launch.collect_costs", f"--workdir={tmp_path}", *args))
 
 
-def test_train_then_measure_with_the_model(collection, tmp_path):
+def test_train_then_measure_with_the_model(collection, unseen_collection, tmp_path):
     model_dir = tmp_path / "model"
     proc = _run("launch.train_cost_model", f"--workdir={model_dir}", f"--data={collection}",
-                "--steps=30")
+                "--steps=30", f"--unseen={unseen_collection}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((model_dir / "report.json").read_text())
+    unseen = report["unseen"]  # scored on every entry of the other tables' collection
+    assert unseen["data"] == [unseen_collection]
+    assert unseen["max_device"]["n"] == 6 and unseen["spmd"]["n"] == 2  # its 4 singles included
+    assert all(0 <= unseen[k]["spread"] < 5 for k in ("max_device", "spmd"))
+    assert "tables the training data never had" in (model_dir / "report.md").read_text()
     assert {"network", "linear", "analytical"} <= set(report["test"].get("max_device", {})) \
         or report["meta"]["num_sets"] > 0
     assert (model_dir / "report.md").exists() and (model_dir / "cost_model.json").exists()
@@ -127,6 +144,13 @@ def test_train_cost_model_bad_input(collection, tmp_path, args, culprit):
         args.append(f"--data={collection}")
     assert culprit in _error_line(_run("launch.train_cost_model", f"--workdir={tmp_path}",
                                        *args))
+
+
+def test_unseen_data_must_be_of_other_tables(collection, tmp_path):
+    proc = _run("launch.train_cost_model", f"--workdir={tmp_path}", f"--data={collection}",
+                f"--unseen={collection}")
+    assert "--unseen: 5 of its tables are in the training data" in _error_line(proc)
+    assert not (tmp_path / "cost_model.json").exists()  # refused before training
 
 
 @pytest.mark.parametrize("sets_text, extra, culprit", [
