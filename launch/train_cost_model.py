@@ -76,7 +76,8 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     if len(cpus) > 1:
         raise DataError(f"cost data mixes CPU types {cpus}: their costs differ by composition, "
                         "not by one scale; train one model per CPU type")
-    unseen_data = _unseen_data(list(data), list(unseen), pool) if unseen else None
+    unseen_data = (_unseen_data(list(data), list(unseen), pool,
+                                (backend, batch_size, row_optimizer), cpus) if unseen else None)
     has_sets = any(r["kind"] == "set" for r in records)
     sets = fit.set_data(records, pool) if has_sets else None
     plans = fit.plan_data(records, pool)
@@ -133,9 +134,11 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     return out
 
 
-def _unseen_data(data: list[str], unseen: list[str], train_pool: dict) -> tuple:
+def _unseen_data(data: list[str], unseen: list[str], train_pool: dict, env: tuple,
+                 cpus: list[str]) -> tuple:
     """(sets, plans) of the --unseen collections, in the first training collection's unit;
-    refused where one of their tables is a training table."""
+    refused where one of their tables is a training table, or their setting (backend, batch
+    size, optimizer, CPU type) is not the training data's."""
     from autoshard_jax.cost import dataset, fit
     from autoshard_jax.errors import DataError
 
@@ -143,6 +146,12 @@ def _unseen_data(data: list[str], unseen: list[str], train_pool: dict) -> tuple:
     records = [r for r in records if r["index"] >= dataset.INDEX_STRIDE]
     if not records:
         raise DataError(f"--unseen: no cost records in {unseen}")
+    other = {(r["backend"], r["batch_size"], r["row_optimizer"]) for r in records} - {env}
+    other_cpus = {dataset.cpu_name(r["cpu"]) for r in records if r.get("cpu")} - set(cpus)
+    if other or (cpus and other_cpus):
+        raise DataError(f"--unseen: {unseen} were measured in another setting "
+                        f"({sorted(other) or sorted(other_cpus)}) than the training data "
+                        f"({env}{', ' + cpus[0] if cpus else ''})")
     seen = sorted({n for r in records for n in r["tables"] if train_pool.get(n) == pool[n]})
     if seen:
         raise DataError(f"--unseen: {len(seen)} of its tables are in the training data "

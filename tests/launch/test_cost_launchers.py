@@ -146,11 +146,20 @@ def test_train_cost_model_bad_input(collection, tmp_path, args, culprit):
                                        *args))
 
 
-def test_unseen_data_must_be_of_other_tables(collection, tmp_path):
+def test_unseen_data_must_be_of_other_tables_and_of_the_same_setting(
+        collection, unseen_collection, tmp_path):
     proc = _run("launch.train_cost_model", f"--workdir={tmp_path}", f"--data={collection}",
                 f"--unseen={collection}")
     assert "--unseen: 5 of its tables are in the training data" in _error_line(proc)
     assert not (tmp_path / "cost_model.json").exists()  # refused before training
+    other = tmp_path / "batch64"  # the unseen tables' costs at another batch size
+    shutil.copytree(unseen_collection, other)
+    records = [json.loads(line) for line in (other / "costs.jsonl").read_text().splitlines()]
+    (other / "costs.jsonl").write_text("".join(json.dumps({**r, "batch_size": 64}) + "\n"
+                                               for r in records))
+    proc = _run("launch.train_cost_model", f"--workdir={tmp_path}", f"--data={collection}",
+                f"--unseen={other}")
+    assert "were measured in another setting" in _error_line(proc)
 
 
 @pytest.mark.parametrize("sets_text, extra, culprit", [
