@@ -28,26 +28,25 @@ def _error_line(proc):
     return proc.stderr.strip().splitlines()[-1]
 
 
+def _collect(work, pool, **config) -> str:
+    """A small, quickly timed collection of `pool`'s costs in `work`."""
+    collect(str(work), CollectConfig(batch_size=32, max_tables=3, plan_devices=(2,), warmup=1,
+                                     repeats=3, trim=0, **config), pool, log=lambda _: None)
+    return str(work)
+
+
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
-    work = str(tmp_path_factory.mktemp("costs"))
-    config = CollectConfig(num_sets=30, num_plans=8, batch_size=32, max_tables=3,
-                           plan_tables=(2, 5), plan_devices=(2,), repeat_every=5, warmup=1,
-                           repeats=3, trim=0)
-    collect(work, config, POOL, log=lambda _: None)
-    return work
+    return _collect(tmp_path_factory.mktemp("costs"), POOL, num_sets=30, num_plans=8,
+                    plan_tables=(2, 5), repeat_every=5)
 
 
 @pytest.fixture(scope="module")
 def unseen_collection(tmp_path_factory):
     """A few costs of other tables (another pool seed and names)."""
-    work = str(tmp_path_factory.mktemp("unseen"))
-    config = CollectConfig(num_sets=6, num_plans=2, batch_size=32, max_tables=3,
-                           plan_tables=(2, 4), plan_devices=(2,), repeat_every=0, warmup=1,
-                           repeats=3, trim=0)
-    collect(work, config, synthetic_pool(4, seed=3, max_rows=1000, prefix="u"),
-            log=lambda _: None)
-    return work
+    return _collect(tmp_path_factory.mktemp("unseen"),
+                    synthetic_pool(4, seed=3, max_rows=1000, prefix="u"), num_sets=6,
+                    num_plans=2, plan_tables=(2, 4), repeat_every=0)
 
 
 def test_collect_costs_runs_and_resumes(tmp_path):
