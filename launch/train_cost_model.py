@@ -66,13 +66,11 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     records, pool = dataset.read_collections(data)
     if not records:
         raise DataError(f"no cost records in {data}")
-    envs = {(r["backend"], r["batch_size"], r["row_optimizer"]) for r in records}
+    envs, cpus = _settings(records)
     if len(envs) > 1:
         raise DataError(f"cost data mixes backends / batch sizes / optimizers {sorted(envs)}: "
                         "train one model per setting")
     backend, batch_size, row_optimizer = envs.pop()
-    # Records collected before session 23 carry no CPU; those that do must agree on its type.
-    cpus = sorted({dataset.cpu_name(r["cpu"]) for r in records if r.get("cpu")})
     if len(cpus) > 1:
         raise DataError(f"cost data mixes CPU types {cpus}: their costs differ by composition, "
                         "not by one scale; train one model per CPU type")
@@ -134,24 +132,38 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     return out
 
 
+def _settings(records: list[dict]) -> tuple[set[tuple], list[str]]:
+    """The (backend, batch size, optimizer) triples and the CPU types of cost records (records
+    collected before session 23 carry no CPU; those that do must agree on its type)."""
+    from autoshard_jax.cost import dataset
+
+    return ({(r["backend"], r["batch_size"], r["row_optimizer"]) for r in records},
+            sorted({dataset.cpu_name(r["cpu"]) for r in records if r.get("cpu")}))
+
+
 def _unseen_data(data: list[str], unseen: list[str], train_pool: dict, env: tuple,
                  cpus: list[str]) -> tuple:
-    """(sets, plans) of the --unseen collections, in the first training collection's unit;
-    refused where one of their tables is a training table, or their setting (backend, batch
-    size, optimizer, CPU type) is not the training data's."""
+    """(sets, plans) of the --unseen collections, in the training data's unit; refused where
+    one of their tables is a training table, or their setting (backend, batch size, optimizer,
+    CPU type) is not the training data's."""
     from autoshard_jax.cost import dataset, fit
     from autoshard_jax.errors import DataError
 
-    records, pool = dataset.read_collections(data[:1] + unseen)
-    records = [r for r in records if r["index"] >= dataset.INDEX_STRIDE]
+    records, pool = dataset.read_collections(unseen)
     if not records:
         raise DataError(f"--unseen: no cost records in {unseen}")
-    other = {(r["backend"], r["batch_size"], r["row_optimizer"]) for r in records} - {env}
-    other_cpus = {dataset.cpu_name(r["cpu"]) for r in records if r.get("cpu")} - set(cpus)
-    if other or (cpus and other_cpus):
+    envs, unseen_cpus = _settings(records)
+    if envs != {env} or (cpus and set(unseen_cpus) - set(cpus)):
         raise DataError(f"--unseen: {unseen} were measured in another setting "
-                        f"({sorted(other) or sorted(other_cpus)}) than the training data "
+                        f"({sorted(envs - {env}) or unseen_cpus}) than the training data "
                         f"({env}{', ' + cpus[0] if cpus else ''})")
+    unit, theirs = dataset.collections_unit(data), dataset.collections_unit(unseen)
+    if (unit is None) != (theirs is None):
+        raise DataError(f"--unseen: {unseen} and the training data mix raw and normalized "
+                        "times: collect them with one protocol")
+    if unit:
+        records = [{**r, **{f: r[f] * unit / theirs for f in dataset.MS_FIELDS if f in r}}
+                   for r in records]
     seen = sorted({n for r in records for n in r["tables"] if train_pool.get(n) == pool[n]})
     if seen:
         raise DataError(f"--unseen: {len(seen)} of its tables are in the training data "

@@ -261,8 +261,8 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
                 j = pick(train[d], config.batch_plans)
                 plan_batches.append((p.feats[j], p.assign[j], p.classes[j], p.compute[j],
                                      p.exchange[j]))
-        params, opt_state, loss = step(params, opt_state, set_batch, tuple(plan_batches),
-                                       jax.random.fold_in(noise_key, i))
+        key = jax.random.fold_in(noise_key, i) if config.reuse_noise else None
+        params, opt_state, loss = step(params, opt_state, set_batch, tuple(plan_batches), key)
         if (i + 1) % config.eval_every == 0 or i + 1 == config.steps:
             v = validate(params)
             history.append({"step": i + 1, "train_loss": float(loss), "val_mape": v})
