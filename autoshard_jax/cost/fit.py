@@ -135,8 +135,12 @@ def mape(pred, true) -> float:
 
 
 def r2(pred, true) -> float:
+    """Coefficient of determination; nan where the target is constant (R^2 is undefined)."""
     pred, true = np.asarray(pred, float), np.asarray(true, float)
-    return float(1.0 - np.sum((pred - true) ** 2) / np.sum((true - true.mean()) ** 2))
+    spread = np.sum((true - true.mean()) ** 2)
+    if spread == 0.0:
+        return float("nan")
+    return float(1.0 - np.sum((pred - true) ** 2) / spread)
 
 
 def kendall_tau(a, b) -> float:

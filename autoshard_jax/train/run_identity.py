@@ -86,9 +86,9 @@ def check_same_run(saved: dict, current: dict, where: str, *, saved_as: str = "c
     diffs = [f"{k}: {saved_as} {_short(saved.get(k, '<absent>'))}, {current_as} {_short(v)}"
              for k, v in current.items() if _plain(saved.get(k, "<absent>")) != v]
     if diffs:
-        raise ResumeError(f"cannot resume from {where}: the {current_as} and the {saved_as} of "
-                          f"the run that wrote it differ ({'; '.join(diffs)}); use the original "
-                          f"{current_as} or a new workdir")
+        raise ResumeError(f"cannot resume from {where}: this run's {current_as} and the "
+                          f"{saved_as} disagree ({'; '.join(diffs)}); rerun with the original "
+                          f"{current_as} or use a new workdir")
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -4,6 +4,7 @@ ensembles of fits."""
 import dataclasses
 import itertools
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,8 @@ def test_metrics_against_brute_force():
     assert fit.kendall_tau(a, b) == pytest.approx(concordant / (30 * 29 / 2))
     assert fit.mape([1.1, 1.8], [1.0, 2.0]) == pytest.approx(0.1)
     assert fit.r2([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
+    assert fit.r2([1.0, 3.0], [2.0, 4.0]) == pytest.approx(1.0 - 2.0 / 2.0)
+    assert math.isnan(fit.r2([1.0, 2.0], [2.0, 2.0]))  # a constant target: undefined
     assert fit.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
 
 
