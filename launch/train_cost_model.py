@@ -149,7 +149,7 @@ def _unseen_data(data: list[str], unseen: list[str], train_pool: dict, env: tupl
     from autoshard_jax.cost import dataset, fit
     from autoshard_jax.errors import DataError
 
-    records, pool = dataset.read_collections(unseen)
+    records, pool = dataset.read_collections(unseen, unit_of=data)
     if not records:
         raise DataError(f"--unseen: no cost records in {unseen}")
     envs, unseen_cpus = _settings(records)
@@ -157,13 +157,6 @@ def _unseen_data(data: list[str], unseen: list[str], train_pool: dict, env: tupl
         raise DataError(f"--unseen: {unseen} were measured in another setting "
                         f"({sorted(envs - {env}) or unseen_cpus}) than the training data "
                         f"({env}{', ' + cpus[0] if cpus else ''})")
-    unit, theirs = dataset.collections_unit(data), dataset.collections_unit(unseen)
-    if (unit is None) != (theirs is None):
-        raise DataError(f"--unseen: {unseen} and the training data mix raw and normalized "
-                        "times: collect them with one protocol")
-    if unit:
-        records = [{**r, **{f: r[f] * unit / theirs for f in dataset.MS_FIELDS if f in r}}
-                   for r in records]
     seen = sorted({n for r in records for n in r["tables"] if train_pool.get(n) == pool[n]})
     if seen:
         raise DataError(f"--unseen: {len(seen)} of its tables are in the training data "

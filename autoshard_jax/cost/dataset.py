@@ -127,25 +127,27 @@ def iter_files(paths: str | list[str]) -> Iterator[dict]:
         yield from read_records(path)
 
 
-def read_collections(paths: list[str]) -> tuple[list[dict], dict[str, TableSpec]]:
+def read_collections(paths: list[str], unit_of: list[str] | None = None
+                     ) -> tuple[list[dict], dict[str, TableSpec]]:
     """(records, pool by name) of several collections trained on together.
 
     Entry indices restart in every collection, so the k-th one's are offset by k x
     INDEX_STRIDE: splits and noise pairs never mix two collections' entries, and the first
     collection keeps its own split. Each collection is normalized to its own calibration of the
-    reference step (`reference_ms` in its collection.json); times are rescaled to the first
-    collection's unit. Collections may come from different pools (random sets from the cost
-    pool, planners' plans from the evaluation pool's train half): a name that an earlier
-    collection gave another spec is renamed `<name>@<k>` in the k-th collection's records."""
-    records, pool, unit = [], {}, None
+    reference step (`reference_ms` in its collection.json); times are rescaled to the unit of
+    `unit_of` (other collections a model was trained on; default: `paths`), which is its first
+    collection's. Collections may come from different pools (random sets from the cost pool,
+    planners' plans from the evaluation pool's train half): a name that an earlier collection
+    gave another spec is renamed `<name>@<k>` in the k-th collection's records."""
+    records, pool = [], {}
+    unit = collections_unit(unit_of or paths)
     for k, path in enumerate(paths):
         shift = k * INDEX_STRIDE
         base = path if os.path.isdir(path) else os.path.dirname(path)
         ref = _collection_unit(base)
-        if k == 0:
-            unit = ref
-        elif (unit is None) != (ref is None):
-            raise DataError(f"collections in {paths} mix raw and normalized times "
+        if (unit is None) != (ref is None):
+            unit_src = "" if unit_of is None else f" (in the unit of {unit_of[0]})"
+            raise DataError(f"collections in {paths}{unit_src} mix raw and normalized times "
                             f"({path}: {'raw' if ref is None else 'normalized'}): collect them "
                             "with one protocol")
         scale = unit / ref if unit and ref else 1.0

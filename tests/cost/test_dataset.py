@@ -69,6 +69,9 @@ def test_collections_are_rescaled_to_the_first_ones_unit(tmp_path):
     b = _collection(tmp_path / "b", specs, [3.0], reference_ms=15.0)
     records, _ = dataset.read_collections([a, b])
     np.testing.assert_allclose([r["total_ms"] for r in records], [2.0, 2.5, 2.0, 3.5 * 10 / 15])
+    # Collections scored against a model (train_cost_model --unseen) take its data's unit.
+    alone, _ = dataset.read_collections([b], unit_of=[a])
+    np.testing.assert_allclose([r["total_ms"] for r in alone], [3.0 * 10 / 15, 3.5 * 10 / 15])
 
 
 def test_raw_and_normalized_collections_are_not_mixed(tmp_path):
@@ -77,6 +80,8 @@ def test_raw_and_normalized_collections_are_not_mixed(tmp_path):
     b = _collection(tmp_path / "b", specs, [3.0])
     with pytest.raises(DataError, match="mix raw and normalized times"):
         dataset.read_collections([a, b])
+    with pytest.raises(DataError, match=r"in the unit of .*a.* mix raw and normalized times"):
+        dataset.read_collections([b], unit_of=[a])
 
 
 @pytest.mark.parametrize("program, shown", [(None, "\\[1\\]"), (PROGRAM_VERSION + 1,
