@@ -8,11 +8,12 @@ count half) and the paired difference to Batch Update with its standard error ov
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from autoshard_jax.stats import mean_se
 
 
 def _mean_std(x: Sequence[float]) -> dict:
@@ -22,9 +23,8 @@ def _mean_std(x: Sequence[float]) -> dict:
 
 
 def _diff(a: Sequence[float], b: Sequence[float]) -> dict:
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
-    return {"mean": float(d.mean()), "se": se}
+    mean, se = mean_se(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    return {"mean": mean, "se": se}
 
 
 def summarize(rows: list[dict], methods: Sequence[str], seeds: Sequence[int],

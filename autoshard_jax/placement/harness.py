@@ -26,6 +26,7 @@ from autoshard_jax.placement.inference import LoadedPolicy
 from autoshard_jax.placement.jsonl import read_jsonl
 from autoshard_jax.placement.memory import memory_model
 from autoshard_jax.placement.tasks import Task, sample_task
+from autoshard_jax.stats import mean_se
 
 HEURISTIC_ROWS = ("random", "dim_greedy", "size_greedy", "lookup_greedy", "size_lookup_greedy",
                   "torchrec_greedy", "spmd_greedy")
@@ -418,13 +419,7 @@ def paired_gap(cost_N: np.ndarray, base_N: np.ndarray) -> tuple[float, float]:
     per-task ratio cancels what the task and the machine's drift share; its spread across
     tasks is the noise a verdict on the mean has to clear.
     """
-    return _mean_se(np.asarray(cost_N, float) / np.asarray(base_N, float) - 1.0)
-
-
-def _mean_se(x_N: np.ndarray) -> tuple[float, float]:
-    x_N = np.asarray(x_N, float)
-    se = float(x_N.std(ddof=1) / np.sqrt(len(x_N))) if len(x_N) > 1 else float("nan")
-    return float(x_N.mean()), se
+    return mean_se(np.asarray(cost_N, float) / np.asarray(base_N, float) - 1.0)
 
 
 def _gap_text(mean: float, se: float) -> str:
@@ -489,7 +484,7 @@ def summary(by_setting: dict[str, Sequence[dict]], objective: str) -> str:
             verdict = "no learned method"
         lines.append(f"| {name} | {len(recs)} | {best} {heur[best]:.2f} | "
                      + " | ".join(cells) + f" | {verdict} |")
-    done = [f"{m} {_gap_text(*_mean_se(v))} ({len(v)} tasks)" for m, v in pooled.items() if v]
+    done = [f"{m} {_gap_text(*mean_se(v))} ({len(v)} tasks)" for m, v in pooled.items() if v]
     if done:
         lines.append("\nPooled over the settings, gap to each setting's best heuristic: "
                      + "; ".join(done) + ".")
