@@ -22,8 +22,11 @@
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
 # STOP_AFTER (costs, costs_large, cost_model, policies, mined, other_pools, cost_model_3,
-# policies_3) ends the run after that step. Costs are the CPU type's own (the records' `cpu`; AMD EPYC and Intel
-# Xeon differ by composition, one type reproduces across sessions): one DIR per CPU type.
+# policies_3) ends the run after that step. Costs are the CPU type's own (the records' `cpu`;
+# AMD EPYC and Intel Xeon differ by composition, one type reproduces across sessions): one DIR
+# per CPU type. On AMD EPYC Zen 5 (session 26) the steps to policies_3 took 1 h 45 min: costs
+# 20 min, large sets 14, first network 4, policies 1, mining 11, other pool 23, three networks
+# 27 (beside a test run), final policies 4.
 # Measured on 2 AMD EPYC cores (session 11): costs 34 min, first network 8 min, policies 2 min,
 # mining 16 min; session 15: large sets 30 min, third network 11 min (both cores); then an
 # evaluation task takes ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10,
@@ -118,7 +121,7 @@ side_by_side other_pool
 done_with other_pools
 
 ALL_DATA="$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device,$DIR/costs_large,$DIR/costs_pool2"
-cost_model_3() {  # cost_model_3 SEED: ~11 min per fit on one core (Intel Xeon: 22 min with pools)
+cost_model_3() {  # cost_model_3 SEED: ~11 min per fit on one core (Zen 4, without pool 2)
   cost_model "$DIR/cost_model_3_seed$1" "$ALL_DATA" "$(( $1 % 2 ))" --seed="$1" \
     --unseen="$DIR/unseen_dev"
 }
