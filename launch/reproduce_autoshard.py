@@ -17,7 +17,8 @@ the development split on which a method change is judged before it meets the tes
 table of a task from that half, so no setting may mix halves). Rerunning with the same workdir
 skips finished tasks (and refuses flags that would draw other tasks: `run.json`);
 results.md covers every finished task in the workdir, whichever run finished it, and
-`--report_only` rewrites it without measuring (after runs split across processes);
+`--report_only` rewrites it without measuring (after runs split across processes; of
+`--settings` and `--objectives` only, when they name some);
 `--reference_from` re-evaluates changed methods against an earlier run's reference plans.
 Each objective ends with a summary: per setting, the learned methods' paired gap to the best
 heuristic with its standard error, and the verdict (`harness.summary`).
@@ -84,9 +85,9 @@ def define_flags() -> None:
                         "pool, seed and settings: each task's reference plan is taken from it "
                         "(and measured afresh) instead of searched again, so a changed method "
                         "is re-evaluated at the cost of measuring plans.")
-    flags.DEFINE_bool("report_only", False, "Measure nothing: rewrite results.md from every "
-                      "finished task in --workdir's results.jsonl (after runs split across "
-                      "processes, one setting each).")
+    flags.DEFINE_bool("report_only", False, "Measure nothing: rewrite results.md from the "
+                      "finished tasks of --settings and --objectives in --workdir's "
+                      "results.jsonl (after runs split across processes, one setting each).")
 
 
 def check_flags(f) -> None:
@@ -105,6 +106,17 @@ def check_flags(f) -> None:
         if obj not in OBJECTIVES:
             raise InputError(f"--objectives: unknown objective {obj!r}; choose from "
                              f"{list(OBJECTIVES)}")
+
+
+def chosen_settings(f) -> list[harness.Setting]:
+    """--settings parsed; a name that is no setting is refused, --report_only included."""
+    if f.settings == "all":
+        return harness.settings(f.base_tables, f.base_devices)
+    try:
+        return [harness.parse_setting(n, f.base_tables, f.base_devices)
+                for n in f.settings.split(",")]
+    except InputError as e:
+        raise InputError(f"--settings: {e}") from e
 
 
 def task_identity(f) -> dict:
@@ -174,14 +186,7 @@ def reproduce(f, log=print) -> str:
         raise InputError(f"--tables: file {f.tables!r} does not exist")
     train_pool, test_pool = (split_pool(load_tables(f.tables), f.pool_seed) if f.tables
                              else evaluation_pool(f.max_rows, f.pool_seed))
-    if f.settings == "all":
-        chosen = harness.settings(f.base_tables, f.base_devices)
-    else:
-        try:
-            chosen = [harness.parse_setting(n, f.base_tables, f.base_devices)
-                      for n in f.settings.split(",")]
-        except InputError as e:
-            raise InputError(f"--settings: {e}") from e
+    chosen = chosen_settings(f)
     for s in chosen:
         if s.num_tables > len(test_pool) or not 0 <= s.unseen <= 1 or s.num_devices < 1:
             raise InputError(f"--settings: {s.name} needs 1 <= D, unseen in 0..100% and at "
@@ -268,13 +273,26 @@ def summary_section(by_setting: dict[str, list[dict]], objective: str) -> str:
 
 
 def report_from_results(f) -> list[str]:
-    """results.md rebuilt from every finished task on disk (--report_only)."""
+    """results.md rebuilt from the finished tasks on disk (--report_only) of --settings (all
+    by default) and --objectives: a name with no finished task is refused, not left out."""
     path = os.path.join(f.workdir, "results.jsonl")
     if not os.path.isfile(path):
         raise InputError(f"--report_only: {path} does not exist (no finished tasks to report)")
     records = harness.read_results(path)
     if not records:
         raise InputError(f"--report_only: {path} holds no finished tasks")
+    objectives = f.objectives.split(",")
+    records = [r for r in records if r["objective"] in objectives]
+    if f.settings != "all":
+        names = [s.name for s in chosen_settings(f)]
+        found = sorted({r["setting"] for r in records})
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise InputError(f"--settings: {path} has no finished task of {missing} for "
+                             f"objectives {objectives} (it has {found})")
+        records = [r for r in records if r["setting"] in names]
+    if not records:
+        raise InputError(f"--objectives: {path} has no finished task of {objectives}")
     return [f"# AutoShard evaluation (rebuilt from {path})\n",
             *sections_from_results(records, f)]
 

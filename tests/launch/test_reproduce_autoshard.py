@@ -152,6 +152,20 @@ def test_report_only_needs_finished_tasks(tmp_path):
         reproduce(args(str(tmp_path), report_only=True), log=lambda *_: None)
 
 
+def test_report_only_keeps_the_named_settings_and_refuses_unknown_ones(tmp_path):
+    work, quiet = str(tmp_path / "w"), (lambda *_: None)
+    reproduce(args(work, num_tasks=1), log=quiet)  # base and D=3, both objectives
+    only = reproduce(args(work, report_only=True, settings="D=3", objectives="max_device"),
+                     log=quiet)
+    assert "## D=3 (T=8, D=3" in only and "## base" not in only
+    assert "objective max_device" in only and "objective spmd" not in only
+    assert open(os.path.join(work, "results.md")).read() == only
+    for settings, culprit in (("base,X=7", "unknown setting 'X=7'"),
+                              ("D=8", r"no finished task of \['D=8'\]")):
+        with pytest.raises(InputError, match=culprit):
+            reproduce(args(work, report_only=True, settings=settings), log=quiet)
+
+
 def test_cli_bad_flag_exits_2(tmp_path):
     proc = cli("launch.reproduce_autoshard", f"--workdir={tmp_path}", "--mem_factor=0.1")
     assert "mem_factor" in last_error(proc)
