@@ -23,7 +23,6 @@ from autoshard_jax.placement.costs import (
     check_objective,
     class_onehot,
     get_cost,
-    objective_value,
     plan_costs,
     single_costs,
     table_features,
@@ -53,8 +52,10 @@ DEFAULT_BATCH_SIZE = 512
 def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str, *,
           objective: str = "spmd", policy: LoadedPolicy | None = None, cost: Cost | None = None,
           seed: int = 0, row_optimizer: str = "sgd", search_rounds: int = 200,
-          search_time_s: float = 60.0) -> np.ndarray:
-    """Each table's device under `method` (memory-legal, or PlacementError naming a table)."""
+          search_time_s: float = 60.0, monotone: bool = True) -> np.ndarray:
+    """Each table's device under `method` (memory-legal, or PlacementError naming a table).
+    `monotone`: the searches floor a device's predicted max_device cost by its costliest
+    table alone (`search` module doc)."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {list(METHODS)}")
     check_objective(objective)
@@ -77,7 +78,7 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         return search.local_search(specs, num_devices, mem, cost, objective,
                                    policy_place(policy, specs, num_devices, mem, cost),
                                    max_rounds=search_rounds, time_budget_s=search_time_s,
-                                   min_gain=REFINE_MIN_GAIN)
+                                   min_gain=REFINE_MIN_GAIN, monotone=monotone)
     # greedy_search: refine the best start the cost model sees (spmd: among the starts with
     # the smallest padded program, which the search then never enlarges; see local_search)
     starts = []
@@ -90,7 +91,8 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
             failures.append(e)
     single = single_costs(cost, table_features(specs), class_onehot(specs))
     try:
-        starts.append(search.cost_greedy(specs, num_devices, mem, cost, objective, single))
+        starts.append(search.cost_greedy(specs, num_devices, mem, cost, objective, single,
+                                         monotone))
     except InputError as e:
         failures.append(e)
     if not starts:
@@ -98,10 +100,11 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
     if objective == "spmd":  # the search never enlarges the padded program: start smallest
         gather = search.padded_gather(specs, num_devices, np.stack(starts))
         starts = [d for d, g in zip(starts, gather, strict=True) if g <= gather.min() * (1 + 1e-9)]
-    start = min(starts, key=lambda d: objective_value(
-        *plan_costs(cost, specs, d, num_devices), objective))
+    start = min(starts, key=lambda d: search.predicted_objective(
+        specs, num_devices, cost, objective, d, single if monotone else None))
     return search.local_search(specs, num_devices, mem, cost, objective, start,
-                               max_rounds=search_rounds, time_budget_s=search_time_s)
+                               max_rounds=search_rounds, time_budget_s=search_time_s,
+                               monotone=monotone)
 
 
 def place_method(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str,

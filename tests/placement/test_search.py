@@ -4,12 +4,23 @@ import functools
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoshard_jax.placement import api, heuristics, search
-from autoshard_jax.placement.costs import get_cost, objective_value, plan_costs, width_classes
+from autoshard_jax.placement.costs import (
+    Cost,
+    class_onehot,
+    get_cost,
+    objective_value,
+    plan_costs,
+    single_costs,
+    table_features,
+    width_classes,
+)
 from autoshard_jax.placement.inference import LoadedPolicy
 from autoshard_jax.placement.memory import PlacementError, memory_model
 from autoshard_jax.placement.policy import PolicyNet, init_params
@@ -129,6 +140,39 @@ def test_local_search_never_worsens_and_beats_a_bad_start():
 
 def test_cost_greedy_balances_equal_tables():
     specs = [TableSpec(f"t{i}", 100, 16, 4.0) for i in range(6)]
-    dev = search.cost_greedy(specs, 3, memory_model(specs, 1 << 30), COST, "max_device",
-                             np.ones(6))
+    single = single_costs(COST, table_features(specs), class_onehot(specs))
+    dev = search.cost_greedy(specs, 3, memory_model(specs, 1 << 30), COST, "max_device", single)
     assert np.bincount(dev, minlength=3).tolist() == [2, 2, 2]
+
+
+def _fusing(feats_TxF, assign_TxD, class_TxK):
+    """A non-monotone cost: a device with two or more tables costs 0.8x their sum, so a small
+    table beside a big one is predicted to make that device faster."""
+    del class_TxK
+    sum_D = feats_TxF[:, 0] @ assign_TxD / 100.0
+    dev_D = sum_D * jnp.where(assign_TxD.sum(0) >= 2, 0.8, 1.0)
+    return dev_D, jnp.max(dev_D)
+
+
+def test_max_device_search_does_not_follow_a_non_monotone_cost():
+    """A device costs at least its costliest table alone: with the floor (the default) neither
+    search puts a table beside the big one; without it both do, for a predicted gain."""
+    fusing = Cost(_fusing, "fusing", 128)
+    specs = [TableSpec("big", 1000, 16, 1.0)] + [TableSpec(f"s{i}", 100, 16, 1.0)
+                                                 for i in range(3)]
+    mem = memory_model(specs, 1 << 30)
+    start = np.array([0, 1, 2, 1])  # the big table alone sets the max (10)
+    for monotone in (True, False):
+        out = search.local_search(specs, 3, mem, fusing, "max_device", start, min_gain=0.01,
+                                  monotone=monotone)
+        assert ((out == out[0]).sum() == 1) == monotone
+        greedy = search.cost_greedy(specs, 3, mem, fusing, "max_device",
+                                    single_costs(fusing, table_features(specs),
+                                                 class_onehot(specs)), monotone)
+        assert ((greedy == greedy[0]).sum() == 1) == monotone
+        predicted = search.predicted_objective(specs, 3, fusing, "max_device", out,
+                                               np.array([10.0, 1, 1, 1]) if monotone else None)
+        assert predicted == pytest.approx(10.0 if monotone else 8.8)
+    # spmd takes no floor: the same start is refined on the unfloored cost.
+    out = search.local_search(specs, 3, mem, fusing, "spmd", start, keep_padding=False)
+    assert (out == out[0]).sum() > 1
