@@ -8,8 +8,8 @@ refinement", which takes only moves with a clear predicted gain) by the best leg
 single-table move or two-table swap among tables on the critical devices, all candidates
 scored in batched cost_fn calls, until no candidate improves or the round budget is spent.
 
-For max_device both search against a monotone floor: a device costs at least its costliest
-table alone (`floor_D`). Adding work never makes a device faster, but the network is not
+For max_device both searches work against a monotone floor: a device costs at least its
+costliest table alone (`floor_D`). Adding work never makes a device faster, but the network is not
 monotone in a device's set of tables, and a search finds where it is not: on session 27's
 held-out max_device tasks of 8 and 16 devices the refinement put tables beside the one that
 alone sets the slowest device, predicted 3-6% below that table alone and measured 3-5% above.
