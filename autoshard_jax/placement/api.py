@@ -104,7 +104,7 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         specs, num_devices, cost, objective, d, single if monotone else None))
     return search.local_search(specs, num_devices, mem, cost, objective, start,
                                max_rounds=search_rounds, time_budget_s=search_time_s,
-                               monotone=monotone)
+                               monotone=monotone, single_T=single)
 
 
 def place_method(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str,

@@ -21,7 +21,13 @@ import numpy as np
 
 from autoshard_jax.errors import InputError
 from autoshard_jax.placement import api, search
-from autoshard_jax.placement.costs import Cost, plan_costs
+from autoshard_jax.placement.costs import (
+    Cost,
+    class_onehot,
+    plan_costs,
+    single_costs,
+    table_features,
+)
 from autoshard_jax.placement.inference import LoadedPolicy
 from autoshard_jax.placement.jsonl import read_jsonl
 from autoshard_jax.placement.memory import memory_model
@@ -97,9 +103,10 @@ def reference_search(task: Task, start_T: np.ndarray, cost: Cost, objective: str
     mem = memory_model(task.specs, task.memory_bytes)
     rng = np.random.default_rng(seed)
     best_T, best = np.asarray(start_T).copy(), start or score(start_T)
+    single_T = single_costs(cost, table_features(task.specs), class_onehot(task.specs))
     for _ in range(budget):
         cand = search.local_search(task.specs, task.num_devices, mem, cost, objective, best_T,
-                                   max_rounds=1)
+                                   max_rounds=1, single_T=single_T)
         if (cand == best_T).all():
             cand = best_T.copy()
             t = int(rng.integers(len(cand)))

@@ -174,8 +174,8 @@ def _apply(device_T: np.ndarray, cand_Cx4: np.ndarray) -> np.ndarray:
 def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, cost: Cost,
                  objective: str, device_T: np.ndarray, max_rounds: int = 200,
                  time_budget_s: float = 60.0, max_candidates: int = 4096,
-                 keep_padding: bool = True, min_gain: float = 0.0, monotone: bool = True
-                 ) -> np.ndarray:
+                 keep_padding: bool = True, min_gain: float = 0.0, monotone: bool = True,
+                 single_T: np.ndarray | None = None) -> np.ndarray:
     """Best-improvement moves and swaps of tables on the critical devices (the slowest device;
     for spmd also each width class's busiest device by predicted class cost) until none
     improves, `max_rounds` moves, or `time_budget_s`.
@@ -193,13 +193,14 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
     good plan should not follow differences the network cannot resolve.
 
     With `monotone` (max_device), a device's predicted cost is floored by its costliest table's
-    predicted single cost (module doc).
+    predicted single cost (module doc; `single_T`: those costs, if the caller has them).
     """
     feats, cls = _inputs(specs)
     floor_T = None
     if monotone and objective == "max_device":
-        floor_T = jnp.asarray(single_costs(cost, np.asarray(feats), np.asarray(cls)),
-                              jnp.float32)
+        if single_T is None:
+            single_T = single_costs(cost, np.asarray(feats), np.asarray(cls))
+        floor_T = jnp.asarray(single_T, jnp.float32)
     cls_np = np.asarray(cls)
     device_T = np.asarray(device_T, np.int64).copy()
     t_count, d_count = len(specs), num_devices
