@@ -78,8 +78,9 @@ def _score_candidates(cost_fn, feats, assign, cls, t1_C, d1_C, t2_C, d2_C, objec
 
     def one(t1, d1, t2, d2):
         a = assign.at[t1].set((jnp.arange(d) == d1).astype(assign.dtype))
-        row2 = jnp.where(t2 >= 0, (jnp.arange(d) == d2).astype(assign.dtype), a[t2])
-        a = a.at[jnp.maximum(t2, 0)].set(row2)
+        t2_row = jnp.maximum(t2, 0)  # a move (t2 < 0) rewrites row 0 with itself
+        row2 = jnp.where(t2 >= 0, (jnp.arange(d) == d2).astype(assign.dtype), a[t2_row])
+        a = a.at[t2_row].set(row2)
         return _objective(cost_fn, feats, a, cls, objective, single_T)
 
     return jax.vmap(one)(t1_C, d1_C, t2_C, d2_C)

@@ -176,3 +176,28 @@ def test_max_device_search_does_not_follow_a_non_monotone_cost():
     # spmd takes no floor: the same start is refined on the unfloored cost.
     out = search.local_search(specs, 3, mem, fusing, "spmd", start, keep_padding=False)
     assert (out == out[0]).sum() > 1
+
+
+@pytest.mark.parametrize("objective", ["spmd", "max_device"])
+def test_candidate_scores_match_the_plans_they_stand_for(objective):
+    """Each move / swap candidate is scored as the plan `_apply` makes of it (a move used to be
+    scored with table 0 moved onto the last table's device as well)."""
+    rng = np.random.default_rng(3)
+    specs = [TableSpec(f"t{i}", int(rng.integers(50, 3000)), int(rng.choice([8, 16, 32])),
+                       float(rng.uniform(0.5, 20))) for i in range(9)]
+    device_T = np.array([0, 1, 2, 3, 0, 1, 2, 3, 1])
+    cand_Cx4 = np.array([[1, 3, -1, 0], [4, 2, -1, 0], [0, 2, -1, 0], [2, 0, 5, 2],
+                         [8, 0, 0, 1], [3, 1, -1, 0]])
+    feats, cls = search._inputs(specs)
+
+    def assign_of(dev_T):
+        return jnp.asarray(np.eye(4, dtype=np.float32)[dev_T])
+
+    main_C, second_C = search._score_candidates(
+        COST.fn, feats, assign_of(device_T), cls, *(jnp.asarray(c, jnp.int32)
+                                                     for c in cand_Cx4.T), objective)
+    for plan_T, main, second in zip(search._apply(device_T, cand_Cx4), main_C, second_C,
+                                    strict=True):
+        ref = search._objective(COST.fn, feats, assign_of(plan_T), cls, objective)
+        assert float(main) == pytest.approx(float(ref[0]), rel=1e-5)
+        assert float(second) == pytest.approx(float(ref[1]), rel=1e-5)
