@@ -52,10 +52,12 @@ DEFAULT_BATCH_SIZE = 512
 def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str, *,
           objective: str = "spmd", policy: LoadedPolicy | None = None, cost: Cost | None = None,
           seed: int = 0, row_optimizer: str = "sgd", search_rounds: int = 200,
-          search_time_s: float = 60.0, monotone: bool = True) -> np.ndarray:
+          search_time_s: float = 60.0, monotone: bool = True,
+          sigma: float = 0.0) -> np.ndarray:
     """Each table's device under `method` (memory-legal, or PlacementError naming a table).
     `monotone`: the searches floor a device's predicted max_device cost by its costliest
-    table alone (`search` module doc)."""
+    table alone (`search` module doc); `sigma`: for max_device they minimise the expected
+    measured maximum under that per-device error (`costs.expected_max`; 0: the maximum)."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {list(METHODS)}")
     check_objective(objective)
@@ -78,7 +80,7 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         return search.local_search(specs, num_devices, mem, cost, objective,
                                    policy_place(policy, specs, num_devices, mem, cost),
                                    max_rounds=search_rounds, time_budget_s=search_time_s,
-                                   min_gain=REFINE_MIN_GAIN, monotone=monotone)
+                                   min_gain=REFINE_MIN_GAIN, monotone=monotone, sigma=sigma)
     # greedy_search: refine the best start the cost model sees (spmd: among the starts with
     # the smallest padded program, which the search then never enlarges; see local_search)
     starts = []
@@ -92,7 +94,7 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
     single = single_costs(cost, table_features(specs), class_onehot(specs))
     try:
         starts.append(search.cost_greedy(specs, num_devices, mem, cost, objective, single,
-                                         monotone))
+                                         monotone, sigma))
     except InputError as e:
         failures.append(e)
     if not starts:
@@ -101,10 +103,10 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         gather = search.padded_gather(specs, num_devices, np.stack(starts))
         starts = [d for d, g in zip(starts, gather, strict=True) if g <= gather.min() * (1 + 1e-9)]
     start = min(starts, key=lambda d: search.predicted_objective(
-        specs, num_devices, cost, objective, d, single if monotone else None))
+        specs, num_devices, cost, objective, d, single if monotone else None, sigma))
     return search.local_search(specs, num_devices, mem, cost, objective, start,
                                max_rounds=search_rounds, time_budget_s=search_time_s,
-                               monotone=monotone, single_T=single)
+                               monotone=monotone, single_T=single, sigma=sigma)
 
 
 def place_method(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autoshard_jax.cost.analytical import BoundCost
+from autoshard_jax.placement.costs import expected_max, floor_D
 from autoshard_jax.placement.memory import MemoryModel
 from autoshard_jax.tables.spec import TableSpec
 
@@ -192,6 +193,16 @@ def final_cost(task: dict, assign_TxD, bound: BoundCost
     device_ms_D, spmd_ms = bound.cost_of(assign_TxD)
     max_ms = jnp.max(jnp.where(task["valid_D"] > 0, device_ms_D, -jnp.inf))
     return device_ms_D, max_ms, spmd_ms
+
+
+def scored_max_ms(task: dict, device_ms_D, max_ms, assign_TxD, sigma: float) -> jax.Array:
+    """The max_device cost an episode is rewarded by: its slowest device's predicted cost, or
+    with `sigma` > 0 the expected measured maximum (`costs.expected_max`) of its device costs
+    floored at their costliest table alone (`costs.floor_D`), as the searches score a plan."""
+    if sigma <= 0:
+        return max_ms
+    dev_D = jnp.maximum(device_ms_D, floor_D(assign_TxD, task["single_T"]))
+    return expected_max(dev_D, sigma, task["valid_D"])
 
 
 def reward(task: dict, device_ms_D, max_ms, spmd_ms, objective: str, kind: str) -> jax.Array:

@@ -28,6 +28,8 @@ import numpy as np
 from autoshard_jax.placement.costs import (
     Cost,
     class_onehot,
+    expected_max,
+    floor_D,
     single_costs,
     table_features,
     width_classes,
@@ -38,11 +40,6 @@ from autoshard_jax.tables.spec import TableSpec
 _CHUNK = 256
 
 
-def floor_D(assign_TxD, single_T):
-    """Each device's costliest table alone ([D]; 0 on an empty device)."""
-    return jnp.max(jnp.where(assign_TxD > 0, single_T[:, None], 0.0), axis=0)
-
-
 def _device_costs(cost_fn, feats, assign, cls, single_T, objective: str):
     """cost_fn's (device_ms_D, spmd_ms); for max_device floored by `floor_D` (module doc)."""
     dev_D, spmd = cost_fn(feats, assign, cls)
@@ -51,28 +48,31 @@ def _device_costs(cost_fn, feats, assign, cls, single_T, objective: str):
     return dev_D, spmd
 
 
-def _objective(cost_fn, feats, assign, cls, objective: str, single_T=None):
+def _objective(cost_fn, feats, assign, cls, objective: str, single_T=None, sigma: float = 0.0):
     dev_D, spmd = _device_costs(cost_fn, feats, assign, cls, single_T, objective)
-    main = spmd if objective == "spmd" else jnp.max(dev_D)
+    if objective == "spmd":
+        main = spmd
+    else:  # with sigma, the slowest device a measurement will report (`costs.expected_max`)
+        main = expected_max(dev_D, sigma) if sigma > 0 else jnp.max(dev_D)
     # Secondary: spread of device costs, so plateaus (several devices at the max) still move.
     return main, jnp.sum(dev_D**2) / jnp.maximum(jnp.sum(dev_D) ** 2, 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "objective"))
-def _whatif(cost_fn, feats, assign, cls, t, objective: str, single_T=None):
+@functools.partial(jax.jit, static_argnames=("cost_fn", "objective", "sigma"))
+def _whatif(cost_fn, feats, assign, cls, t, objective: str, single_T=None, sigma: float = 0.0):
     """Objective with table t added on each device d ([D] main, [D] secondary)."""
     d = assign.shape[1]
 
     def one(dev):
         a = assign.at[t].set((jnp.arange(d) == dev).astype(assign.dtype))
-        return _objective(cost_fn, feats, a, cls, objective, single_T)
+        return _objective(cost_fn, feats, a, cls, objective, single_T, sigma)
 
     return jax.vmap(one)(jnp.arange(d))
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "objective"))
+@functools.partial(jax.jit, static_argnames=("cost_fn", "objective", "sigma"))
 def _score_candidates(cost_fn, feats, assign, cls, t1_C, d1_C, t2_C, d2_C, objective: str,
-                      single_T=None):
+                      single_T=None, sigma: float = 0.0):
     """Objective of each candidate: t1 -> d1 and (if t2 >= 0) t2 -> d2."""
     d = assign.shape[1]
 
@@ -81,7 +81,7 @@ def _score_candidates(cost_fn, feats, assign, cls, t1_C, d1_C, t2_C, d2_C, objec
         t2_row = jnp.maximum(t2, 0)  # a move (t2 < 0) rewrites row 0 with itself
         row2 = jnp.where(t2 >= 0, (jnp.arange(d) == d2).astype(assign.dtype), a[t2_row])
         a = a.at[t2_row].set(row2)
-        return _objective(cost_fn, feats, a, cls, objective, single_T)
+        return _objective(cost_fn, feats, a, cls, objective, single_T, sigma)
 
     return jax.vmap(one)(t1_C, d1_C, t2_C, d2_C)
 
@@ -91,10 +91,12 @@ def _inputs(specs):
 
 
 def cost_greedy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, cost: Cost,
-                objective: str, single_T: np.ndarray, monotone: bool = True) -> np.ndarray:
+                objective: str, single_T: np.ndarray, monotone: bool = True,
+                sigma: float = 0.0) -> np.ndarray:
     """Each table (descending predicted single cost) on the legal device minimising the
     predicted objective after it is placed (ties: lower secondary, lower index); with
-    `monotone`, max_device device costs are floored (module doc)."""
+    `monotone`, max_device device costs are floored (module doc); with `sigma` > 0 the
+    max_device objective is the expected measured maximum (`costs.expected_max`)."""
     floor_T = jnp.asarray(single_T, jnp.float32) if monotone else None
     feats, cls = _inputs(specs)
     assign = jnp.zeros((len(specs), num_devices), jnp.float32)
@@ -106,7 +108,7 @@ def cost_greedy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, 
         if not fits.any():
             raise mem.does_not_fit(specs, t, num_devices)
         main, second = (np.asarray(x) for x in
-                        _whatif(cost.fn, feats, assign, cls, t, objective, floor_T))
+                        _whatif(cost.fn, feats, assign, cls, t, objective, floor_T, sigma))
         d = min(np.flatnonzero(fits), key=lambda d: (main[d], second[d], d))
         device_T[t] = d
         phys_D[d] += mem.phys_T[t]
@@ -117,13 +119,15 @@ def cost_greedy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, 
 
 def predicted_objective(specs: Sequence[TableSpec], num_devices: int, cost: Cost,
                         objective: str, device_T: np.ndarray,
-                        single_T: np.ndarray | None = None) -> float:
-    """The objective the search minimises, of one plan (max_device floored by `single_T`)."""
+                        single_T: np.ndarray | None = None, sigma: float = 0.0) -> float:
+    """The objective the search minimises, of one plan (max_device floored by `single_T`,
+    and with `sigma` > 0 the expected measured maximum)."""
     feats, cls = _inputs(specs)
     assign = np.zeros((len(specs), num_devices), np.float32)
     assign[np.arange(len(specs)), np.asarray(device_T)] = 1.0
     floor_T = None if single_T is None else jnp.asarray(single_T, jnp.float32)
-    return float(_objective(cost.fn, feats, jnp.asarray(assign), cls, objective, floor_T)[0])
+    return float(_objective(cost.fn, feats, jnp.asarray(assign), cls, objective, floor_T,
+                            sigma)[0])
 
 
 def _legal(mem: MemoryModel, device_T, phys_D, keys_D, t1, d1, t2, d2) -> np.ndarray:
@@ -176,7 +180,7 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
                  objective: str, device_T: np.ndarray, max_rounds: int = 200,
                  time_budget_s: float = 60.0, max_candidates: int = 4096,
                  keep_padding: bool = True, min_gain: float = 0.0, monotone: bool = True,
-                 single_T: np.ndarray | None = None) -> np.ndarray:
+                 single_T: np.ndarray | None = None, sigma: float = 0.0) -> np.ndarray:
     """Best-improvement moves and swaps of tables on the critical devices (the slowest device;
     for spmd also each width class's busiest device by predicted class cost) until none
     improves, `max_rounds` moves, or `time_budget_s`.
@@ -195,6 +199,8 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
 
     With `monotone` (max_device), a device's predicted cost is floored by its costliest table's
     predicted single cost (module doc; `single_T`: those costs, if the caller has them).
+    With `sigma` > 0 the max_device objective is the expected measured maximum
+    (`costs.expected_max`), and every device within 2 sigma of the slowest is critical.
     """
     feats, cls = _inputs(specs)
     floor_T = None
@@ -213,7 +219,7 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
         return jnp.asarray(a)
 
     cur = tuple(float(x) for x in _objective(cost.fn, feats, assign_of(device_T), cls,
-                                             objective, floor_T))
+                                             objective, floor_T, sigma))
     guard = keep_padding and objective == "spmd"
     for _ in range(max_rounds):
         if time.perf_counter() - t0 > time_budget_s:
@@ -221,6 +227,8 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
         assign = assign_of(device_T)
         dev_D = np.asarray(_device_costs(cost.fn, feats, assign, cls, floor_T, objective)[0])
         critical = {int(np.argmax(dev_D))}
+        if objective == "max_device" and sigma > 0:
+            critical |= set(np.flatnonzero(dev_D >= dev_D.max() * np.exp(-2 * sigma)).tolist())
         if objective == "spmd":
             for k in range(cls_np.shape[1]):
                 members = np.flatnonzero(cls_np[:, k] > 0)
@@ -251,7 +259,7 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
             part = np.concatenate([part, np.repeat(part[:1], pad, 0)])  # one compiled shape
             m, s = _score_candidates(cost.fn, feats, assign, cls,
                                      *(jnp.asarray(c, jnp.int32) for c in part.T), objective,
-                                     floor_T)
+                                     floor_T, sigma)
             main.append(np.asarray(m)[:_CHUNK - pad])
             second.append(np.asarray(s)[:_CHUNK - pad])
         main, second = np.concatenate(main), np.concatenate(second)

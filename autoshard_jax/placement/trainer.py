@@ -67,8 +67,9 @@ def check_config(c) -> None:
         check_range(key, obj[name], low=low, integer=True)
     for key, low, high in (("learning_rate", 1e-8, 1.0), ("entropy_coef", 0.0, 10.0),
                            ("value_coef", 0.0, 100.0), ("mem_factor", 1.0, 1000.0),
-                           ("unseen", 0.0, 1.0), ("cost_pessimism", 0.0, 100.0)):
-        check_range(key, c[key], low=low, high=high)
+                           ("unseen", 0.0, 1.0), ("cost_pessimism", 0.0, 100.0),
+                           ("max_device_sigma", 0.0, 1.0)):
+        check_range(key, c.get(key, 0.0), low=low, high=high)
     if not c.train_shapes:
         raise ConfigError("config.train_shapes must list at least one (num_tables, devices)")
     for shape in c.train_shapes:
@@ -90,12 +91,18 @@ def load_pool(c) -> list:
 
 @functools.lru_cache(maxsize=8)
 def make_train_step(net: PolicyNet, tx, cost_fn: Callable, objective: str, reward_kind: str,
-                    value_coef: float, entropy_coef: float, episodes_per_task: int) -> Callable:
-    """The jitted A2C step; memoised so a resumed or repeated run reuses its compilation."""
+                    value_coef: float, entropy_coef: float, episodes_per_task: int,
+                    sigma: float = 0.0) -> Callable:
+    """The jitted A2C step; memoised so a resumed or repeated run reuses its compilation.
+    `sigma`: a max_device episode's cost, `env.scored_max_ms`."""
 
     def one(params, task, key):
         out = rollout(net, params, task, key, cost_fn, greedy=False)
-        r = env_lib.reward(task, out["device_ms_D"], out["max_ms"], out["spmd_ms"], objective,
+        scored_ms = out["max_ms"]
+        if objective == "max_device":
+            scored_ms = env_lib.scored_max_ms(task, out["device_ms_D"], out["max_ms"],
+                                              out["assign_TxD"], sigma)
+        r = env_lib.reward(task, out["device_ms_D"], scored_ms, out["spmd_ms"], objective,
                            reward_kind)
         cost = out["spmd_ms"] if objective == "spmd" else out["max_ms"]
         return out, jnp.where(out["dead"], r - 1.0, r), cost
@@ -166,7 +173,8 @@ def _baseline_costs(tasks, cost: Cost, objective: str, method: str) -> list[floa
 
 def _train_step_for(net, tx, cost: Cost, c) -> Callable:
     return make_train_step(net, tx, cost.fn, c.objective, c.reward, float(c.value_coef),
-                           float(c.entropy_coef), int(c.episodes_per_task))
+                           float(c.entropy_coef), int(c.episodes_per_task),
+                           float(c.get("max_device_sigma", 0.0)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -206,6 +214,7 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
     meta = {"objective": c.objective, "reward": c.reward, "hidden": c.hidden,
             "learning_rate": c.learning_rate, "total_steps": c.num_iterations,
             "cost_model": cost.name, "cost_pessimism": c.cost_pessimism,
+            "max_device_sigma": float(c.get("max_device_sigma", 0.0)),
             "batch_size": c.batch_size,
             "train_shapes": [list(s) for s in c.train_shapes]}
     with open(os.path.join(workdir, POLICY_JSON), "w") as f:

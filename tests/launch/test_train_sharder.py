@@ -60,7 +60,7 @@ def test_trains_resumes_and_shards(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("num_iterations", 0), ("objective", "fast"),
                                        ("train_shapes", ((500, 2),)), ("mem_factor", 0.5),
-                                       ("cost_pessimism", -1.0)])
+                                       ("cost_pessimism", -1.0), ("max_device_sigma", 1.5)])
 def test_config_checks_name_the_key(tmp_path, key, value):
     with pytest.raises(ConfigError, match=key):
         train(tiny_config(**{key: value}), str(tmp_path / "w"))

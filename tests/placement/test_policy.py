@@ -152,3 +152,22 @@ def test_a_cost_order_dead_end_is_placed_in_size_order():
     specs.append(TableSpec("big3", 4000, 16, 1.0))
     with pytest.raises(PlacementError, match="does not fit"):
         policy_place(pol, specs, 2, memory_model(specs, budget), COST)
+
+
+def test_max_device_reward_with_sigma_floors_and_expects_the_measured_maximum():
+    """sigma 0: the predicted slowest device. sigma > 0: device 0 is floored at its costliest
+    table alone (the network put it 1 ms below that), and near-equal devices cost more than
+    one device well below the other; the padding device (cost 9) never counts."""
+    task = {"single_T": jnp.asarray([5.0, 1.0, 1.0, 0.0]),
+            "valid_D": jnp.asarray([1.0, 1.0, 0.0])}
+    assign_TxD = jnp.asarray([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]], jnp.float32)
+
+    def scored(dev, sigma):
+        dev_D = jnp.asarray(dev)
+        return float(env_lib.scored_max_ms(task, dev_D, jnp.max(dev_D[:2]), assign_TxD, sigma))
+
+    assert scored([4.0, 2.0, 9.0], 0.0) == pytest.approx(4.0)
+    far = scored([4.0, 2.0, 9.0], 0.06)
+    near = scored([4.0, 5.0, 9.0], 0.06)
+    assert 5.0 * 0.98 < far < 5.0 * 1.03
+    assert near > far * 1.02

@@ -14,6 +14,7 @@ from autoshard_jax.placement import api, heuristics, search
 from autoshard_jax.placement.costs import (
     Cost,
     class_onehot,
+    expected_max,
     get_cost,
     objective_value,
     plan_costs,
@@ -176,6 +177,43 @@ def test_max_device_search_does_not_follow_a_non_monotone_cost():
     # spmd takes no floor: the same start is refined on the unfloored cost.
     out = search.local_search(specs, 3, mem, fusing, "spmd", start, keep_padding=False)
     assert (out == out[0]).sum() > 1
+
+
+def test_expected_max_matches_a_monte_carlo_reference():
+    """The slowest device a measurement reports when each device errs by sigma (log scale):
+    several devices near the top raise it, devices well below do not; padding is ignored."""
+    z_NxD = np.random.default_rng(0).standard_normal((200_000, 3))
+    for dev in ([10.0, 9.9, 9.9], [10.0, 9.6, 4.8], [10.0, 7.2, 7.2]):
+        ref = np.mean(np.max(np.asarray(dev) * np.exp(0.06 * z_NxD - 0.5 * 0.06**2), axis=1))
+        assert float(expected_max(jnp.asarray(dev), 0.06)) == pytest.approx(ref, rel=0.01)
+    assert float(expected_max(jnp.asarray([10.0, 9.9, 9.9]), 0.06)) > 10.3
+    assert float(expected_max(jnp.asarray([10.0, 7.2, 7.2]), 0.06)) < 10.1
+    assert float(expected_max(jnp.asarray([3.0, 2.0]), 1e-6)) == pytest.approx(3.0)
+    padded = expected_max(jnp.asarray([3.0, 50.0]), 0.06, jnp.asarray([1.0, 0.0]))
+    assert float(padded) == pytest.approx(3.0, rel=0.05)
+
+
+def _additive(feats_TxF, assign_TxD, class_TxK):
+    del class_TxK
+    dev_D = feats_TxF[:, 0] @ assign_TxD / 100.0
+    return dev_D, jnp.max(dev_D)
+
+
+def test_max_device_search_with_sigma_keeps_the_other_devices_off_the_top():
+    """The big table alone sets the predicted maximum (10); a device of 9.6 beside it would
+    often measure slower. The maximum cannot tell the plans apart, the expected measured
+    maximum can: with sigma the refinement evens out the other two devices (7.2 each)."""
+    additive = Cost(_additive, "additive", 128)
+    specs = [TableSpec("big", 1000, 16, 1.0)] + [TableSpec(f"s{i}", 240, 16, 1.0)
+                                                 for i in range(6)]
+    mem = memory_model(specs, 1 << 30)
+    start = np.array([0, 1, 1, 1, 1, 2, 2])
+    for sigma in (0.0, 0.06):
+        out = search.local_search(specs, 3, mem, additive, "max_device", start, min_gain=0.01,
+                                  sigma=sigma)
+        counts = np.bincount(out, minlength=3).tolist()
+        assert counts == ([1, 3, 3] if sigma else [1, 4, 2])
+        assert out[0] == 0 and (out == 0).sum() == 1
 
 
 @pytest.mark.parametrize("objective", ["spmd", "max_device"])
