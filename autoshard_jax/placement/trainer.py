@@ -69,7 +69,8 @@ def check_config(c) -> None:
                            ("value_coef", 0.0, 100.0), ("mem_factor", 1.0, 1000.0),
                            ("unseen", 0.0, 1.0), ("cost_pessimism", 0.0, 100.0),
                            ("max_device_sigma", 0.0, 1.0)):
-        check_range(key, c.get(key, 0.0), low=low, high=high)
+        value = c.get(key, 0.0) if key == "max_device_sigma" else c[key]  # older configs
+        check_range(key, value, low=low, high=high)
     if not c.train_shapes:
         raise ConfigError("config.train_shapes must list at least one (num_tables, devices)")
     for shape in c.train_shapes:
