@@ -51,6 +51,11 @@ CURVE = "learning_curve.png"
 REWARDS = ("cost", "ratio")
 
 
+def max_device_sigma(c) -> float:
+    """The config's `max_device_sigma` (`env.scored_max_ms`); configs before it have none: 0."""
+    return float(c.get("max_device_sigma", 0.0))
+
+
 def check_config(c) -> None:
     """Every numeric field range-checked (and names validated) before anything compiles."""
     if c.objective not in OBJECTIVES:
@@ -69,7 +74,7 @@ def check_config(c) -> None:
                            ("value_coef", 0.0, 100.0), ("mem_factor", 1.0, 1000.0),
                            ("unseen", 0.0, 1.0), ("cost_pessimism", 0.0, 100.0),
                            ("max_device_sigma", 0.0, 1.0)):
-        value = c.get(key, 0.0) if key == "max_device_sigma" else c[key]  # older configs
+        value = max_device_sigma(c) if key == "max_device_sigma" else c[key]
         check_range(key, value, low=low, high=high)
     if not c.train_shapes:
         raise ConfigError("config.train_shapes must list at least one (num_tables, devices)")
@@ -175,7 +180,7 @@ def _baseline_costs(tasks, cost: Cost, objective: str, method: str) -> list[floa
 def _train_step_for(net, tx, cost: Cost, c) -> Callable:
     return make_train_step(net, tx, cost.fn, c.objective, c.reward, float(c.value_coef),
                            float(c.entropy_coef), int(c.episodes_per_task),
-                           float(c.get("max_device_sigma", 0.0)))
+                           max_device_sigma(c))
 
 
 @functools.lru_cache(maxsize=8)
@@ -215,7 +220,7 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
     meta = {"objective": c.objective, "reward": c.reward, "hidden": c.hidden,
             "learning_rate": c.learning_rate, "total_steps": c.num_iterations,
             "cost_model": cost.name, "cost_pessimism": c.cost_pessimism,
-            "max_device_sigma": float(c.get("max_device_sigma", 0.0)),
+            "max_device_sigma": max_device_sigma(c),
             "batch_size": c.batch_size,
             "train_shapes": [list(s) for s in c.train_shapes]}
     with open(os.path.join(workdir, POLICY_JSON), "w") as f:
