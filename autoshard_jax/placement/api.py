@@ -53,11 +53,13 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
           objective: str = "spmd", policy: LoadedPolicy | None = None, cost: Cost | None = None,
           seed: int = 0, row_optimizer: str = "sgd", search_rounds: int = 200,
           search_time_s: float = 60.0, monotone: bool = True,
-          sigma: float = 0.0) -> np.ndarray:
+          sigma: float = 0.0, shared: bool = False) -> np.ndarray:
     """Each table's device under `method` (memory-legal, or PlacementError naming a table).
     `monotone`: the searches floor a device's predicted max_device cost by its costliest
     table alone (`search` module doc); `sigma`: for max_device they minimise the expected
-    measured maximum under that per-device error (`costs.expected_max`; 0: the maximum)."""
+    measured maximum under that per-device error (`costs.expected_max`; 0: the maximum);
+    `shared`: with the floor they minimise the slowest device holding two or more tables,
+    which breaks the maximum's ties where one table alone sets it (`search` module doc)."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {list(METHODS)}")
     check_objective(objective)
@@ -80,7 +82,8 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         return search.local_search(specs, num_devices, mem, cost, objective,
                                    policy_place(policy, specs, num_devices, mem, cost),
                                    max_rounds=search_rounds, time_budget_s=search_time_s,
-                                   min_gain=REFINE_MIN_GAIN, monotone=monotone, sigma=sigma)
+                                   min_gain=REFINE_MIN_GAIN, monotone=monotone, sigma=sigma,
+                                   shared=shared)
     # greedy_search: refine the best start the cost model sees (spmd: among the starts with
     # the smallest padded program, which the search then never enlarges; see local_search)
     starts = []
@@ -94,7 +97,7 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
     single = single_costs(cost, table_features(specs), class_onehot(specs))
     try:
         starts.append(search.cost_greedy(specs, num_devices, mem, cost, objective, single,
-                                         monotone, sigma))
+                                         monotone, sigma, shared))
     except InputError as e:
         failures.append(e)
     if not starts:
@@ -103,10 +106,11 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         gather = search.padded_gather(specs, num_devices, np.stack(starts))
         starts = [d for d, g in zip(starts, gather, strict=True) if g <= gather.min() * (1 + 1e-9)]
     start = min(starts, key=lambda d: search.predicted_objective(
-        specs, num_devices, cost, objective, d, single if monotone else None, sigma))
+        specs, num_devices, cost, objective, d, single if monotone else None, sigma, shared))
     return search.local_search(specs, num_devices, mem, cost, objective, start,
                                max_rounds=search_rounds, time_budget_s=search_time_s,
-                               monotone=monotone, single_T=single, sigma=sigma)
+                               monotone=monotone, single_T=single, sigma=sigma,
+                               shared=shared)
 
 
 def place_method(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str,

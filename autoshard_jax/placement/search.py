@@ -13,6 +13,15 @@ costliest table alone (`floor_D`). Adding work never makes a device faster, but 
 monotone in a device's set of tables, and a search finds where it is not: on session 27's
 held-out max_device tasks of 8 and 16 devices the refinement put tables beside the one that
 alone sets the slowest device, predicted 3-6% below that table alone and measured 3-5% above.
+
+With `shared` (and the floor) the max_device searches minimise the slowest *shared* device, one
+holding two or more tables. A table alone costs the same on any device, so with the floor a
+plan's maximum is max(slowest shared device, costliest single table): the shared maximum orders
+plans as the maximum does and breaks its ties. The ties matter where one table alone sets the
+slowest device, which no plan can lower: the maximum then sees nothing of the other devices, and
+a search (or policy) may leave them filled to just under it, where the network's error on a
+lone table (log spread 0.145 on session 28's held-out plans, against 0.06-0.10 on devices of
+four or more tables) puts them above it when measured.
 """
 
 from __future__ import annotations
@@ -48,31 +57,36 @@ def _device_costs(cost_fn, feats, assign, cls, single_T, objective: str):
     return dev_D, spmd
 
 
-def _objective(cost_fn, feats, assign, cls, objective: str, single_T=None, sigma: float = 0.0):
+def _objective(cost_fn, feats, assign, cls, objective: str, single_T=None, sigma: float = 0.0,
+               shared: bool = False):
     dev_D, spmd = _device_costs(cost_fn, feats, assign, cls, single_T, objective)
     if objective == "spmd":
         main = spmd
     else:  # with sigma, the slowest device a measurement will report (`costs.expected_max`)
-        main = expected_max(dev_D, sigma) if sigma > 0 else jnp.max(dev_D)
+        valid_D = (jnp.sum(assign, 0) >= 2 if shared else jnp.ones(dev_D.shape, bool))
+        valid_D = valid_D.astype(dev_D.dtype)
+        main = (expected_max(dev_D, sigma, valid_D) if sigma > 0
+                else jnp.max(jnp.where(valid_D > 0, dev_D, 0.0)))
     # Secondary: spread of device costs, so plateaus (several devices at the max) still move.
     return main, jnp.sum(dev_D**2) / jnp.maximum(jnp.sum(dev_D) ** 2, 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "objective", "sigma"))
-def _whatif(cost_fn, feats, assign, cls, t, objective: str, single_T=None, sigma: float = 0.0):
+@functools.partial(jax.jit, static_argnames=("cost_fn", "objective", "sigma", "shared"))
+def _whatif(cost_fn, feats, assign, cls, t, objective: str, single_T=None, sigma: float = 0.0,
+            shared: bool = False):
     """Objective with table t added on each device d ([D] main, [D] secondary)."""
     d = assign.shape[1]
 
     def one(dev):
         a = assign.at[t].set((jnp.arange(d) == dev).astype(assign.dtype))
-        return _objective(cost_fn, feats, a, cls, objective, single_T, sigma)
+        return _objective(cost_fn, feats, a, cls, objective, single_T, sigma, shared)
 
     return jax.vmap(one)(jnp.arange(d))
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "objective", "sigma"))
+@functools.partial(jax.jit, static_argnames=("cost_fn", "objective", "sigma", "shared"))
 def _score_candidates(cost_fn, feats, assign, cls, t1_C, d1_C, t2_C, d2_C, objective: str,
-                      single_T=None, sigma: float = 0.0):
+                      single_T=None, sigma: float = 0.0, shared: bool = False):
     """Objective of each candidate: t1 -> d1 and (if t2 >= 0) t2 -> d2."""
     d = assign.shape[1]
 
@@ -81,7 +95,7 @@ def _score_candidates(cost_fn, feats, assign, cls, t1_C, d1_C, t2_C, d2_C, objec
         t2_row = jnp.maximum(t2, 0)  # a move (t2 < 0) rewrites row 0 with itself
         row2 = jnp.where(t2 >= 0, (jnp.arange(d) == d2).astype(assign.dtype), a[t2_row])
         a = a.at[t2_row].set(row2)
-        return _objective(cost_fn, feats, a, cls, objective, single_T, sigma)
+        return _objective(cost_fn, feats, a, cls, objective, single_T, sigma, shared)
 
     return jax.vmap(one)(t1_C, d1_C, t2_C, d2_C)
 
@@ -92,12 +106,14 @@ def _inputs(specs):
 
 def cost_greedy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, cost: Cost,
                 objective: str, single_T: np.ndarray, monotone: bool = True,
-                sigma: float = 0.0) -> np.ndarray:
+                sigma: float = 0.0, shared: bool = False) -> np.ndarray:
     """Each table (descending predicted single cost) on the legal device minimising the
     predicted objective after it is placed (ties: lower secondary, lower index); with
     `monotone`, max_device device costs are floored (module doc); with `sigma` > 0 the
-    max_device objective is the expected measured maximum (`costs.expected_max`)."""
+    max_device objective is the expected measured maximum (`costs.expected_max`); with
+    `shared` (and `monotone`) it is the slowest shared device's (module doc)."""
     floor_T = jnp.asarray(single_T, jnp.float32) if monotone else None
+    shared = shared and monotone
     feats, cls = _inputs(specs)
     assign = jnp.zeros((len(specs), num_devices), jnp.float32)
     phys_D = np.zeros(num_devices, np.int64)
@@ -108,7 +124,8 @@ def cost_greedy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, 
         if not fits.any():
             raise mem.does_not_fit(specs, t, num_devices)
         main, second = (np.asarray(x) for x in
-                        _whatif(cost.fn, feats, assign, cls, t, objective, floor_T, sigma))
+                        _whatif(cost.fn, feats, assign, cls, t, objective, floor_T, sigma,
+                                shared))
         d = min(np.flatnonzero(fits), key=lambda d: (main[d], second[d], d))
         device_T[t] = d
         phys_D[d] += mem.phys_T[t]
@@ -119,15 +136,17 @@ def cost_greedy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, 
 
 def predicted_objective(specs: Sequence[TableSpec], num_devices: int, cost: Cost,
                         objective: str, device_T: np.ndarray,
-                        single_T: np.ndarray | None = None, sigma: float = 0.0) -> float:
+                        single_T: np.ndarray | None = None, sigma: float = 0.0,
+                        shared: bool = False) -> float:
     """The objective the search minimises, of one plan (max_device floored by `single_T`,
-    and with `sigma` > 0 the expected measured maximum)."""
+    with `sigma` > 0 the expected measured maximum, with `shared` and a floor the slowest
+    shared device's)."""
     feats, cls = _inputs(specs)
     assign = np.zeros((len(specs), num_devices), np.float32)
     assign[np.arange(len(specs)), np.asarray(device_T)] = 1.0
     floor_T = None if single_T is None else jnp.asarray(single_T, jnp.float32)
     return float(_objective(cost.fn, feats, jnp.asarray(assign), cls, objective, floor_T,
-                            sigma)[0])
+                            sigma, shared and floor_T is not None)[0])
 
 
 def _legal(mem: MemoryModel, device_T, phys_D, keys_D, t1, d1, t2, d2) -> np.ndarray:
@@ -180,7 +199,8 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
                  objective: str, device_T: np.ndarray, max_rounds: int = 200,
                  time_budget_s: float = 60.0, max_candidates: int = 4096,
                  keep_padding: bool = True, min_gain: float = 0.0, monotone: bool = True,
-                 single_T: np.ndarray | None = None, sigma: float = 0.0) -> np.ndarray:
+                 single_T: np.ndarray | None = None, sigma: float = 0.0,
+                 shared: bool = False) -> np.ndarray:
     """Best-improvement moves and swaps of tables on the critical devices (the slowest device;
     for spmd also each width class's busiest device by predicted class cost) until none
     improves, `max_rounds` moves, or `time_budget_s`.
@@ -201,6 +221,8 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
     predicted single cost (module doc; `single_T`: those costs, if the caller has them).
     With `sigma` > 0 the max_device objective is the expected measured maximum
     (`costs.expected_max`), and every device within 2 sigma of the slowest is critical.
+    With `shared` (and `monotone`) it is the slowest shared device's, and that device is the
+    critical one (module doc).
     """
     feats, cls = _inputs(specs)
     floor_T = None
@@ -208,6 +230,7 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
         if single_T is None:
             single_T = single_costs(cost, np.asarray(feats), np.asarray(cls))
         floor_T = jnp.asarray(single_T, jnp.float32)
+    shared = shared and floor_T is not None
     cls_np = np.asarray(cls)
     device_T = np.asarray(device_T, np.int64).copy()
     t_count, d_count = len(specs), num_devices
@@ -219,13 +242,15 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
         return jnp.asarray(a)
 
     cur = tuple(float(x) for x in _objective(cost.fn, feats, assign_of(device_T), cls,
-                                             objective, floor_T, sigma))
+                                             objective, floor_T, sigma, shared))
     guard = keep_padding and objective == "spmd"
     for _ in range(max_rounds):
         if time.perf_counter() - t0 > time_budget_s:
             break
         assign = assign_of(device_T)
         dev_D = np.asarray(_device_costs(cost.fn, feats, assign, cls, floor_T, objective)[0])
+        if shared and (np.bincount(device_T, minlength=d_count) >= 2).any():
+            dev_D = np.where(np.bincount(device_T, minlength=d_count) >= 2, dev_D, 0.0)
         critical = {int(np.argmax(dev_D))}
         if objective == "max_device" and sigma > 0:
             critical |= set(np.flatnonzero(dev_D >= dev_D.max() * np.exp(-2 * sigma)).tolist())
@@ -259,7 +284,7 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
             part = np.concatenate([part, np.repeat(part[:1], pad, 0)])  # one compiled shape
             m, s = _score_candidates(cost.fn, feats, assign, cls,
                                      *(jnp.asarray(c, jnp.int32) for c in part.T), objective,
-                                     floor_T, sigma)
+                                     floor_T, sigma, shared)
             main.append(np.asarray(m)[:_CHUNK - pad])
             second.append(np.asarray(s)[:_CHUNK - pad])
         main, second = np.concatenate(main), np.concatenate(second)

@@ -216,6 +216,40 @@ def test_max_device_search_with_sigma_keeps_the_other_devices_off_the_top():
         assert out[0] == 0 and (out == 0).sum() == 1
 
 
+def test_max_device_search_with_shared_keeps_the_other_devices_off_the_top():
+    """As above, without sigma: the slowest shared device (two or more tables) is what the
+    refinement lowers, so it evens out the other two devices too; the lone big table stays."""
+    additive = Cost(_additive, "additive", 128)
+    specs = [TableSpec("big", 1000, 16, 1.0)] + [TableSpec(f"s{i}", 240, 16, 1.0)
+                                                 for i in range(6)]
+    mem = memory_model(specs, 1 << 30)
+    start = np.array([0, 1, 1, 1, 1, 2, 2])
+    for shared in (False, True):
+        out = search.local_search(specs, 3, mem, additive, "max_device", start, min_gain=0.01,
+                                  shared=shared)
+        assert np.bincount(out, minlength=3).tolist() == ([1, 3, 3] if shared else [1, 4, 2])
+        assert out[0] == 0 and (out == 0).sum() == 1
+
+
+def test_shared_maximum_refines_the_floored_maximum():
+    """The shared maximum is the slowest device of two or more tables (numpy reference), and
+    with the costliest single table it gives back the floored maximum, on random plans."""
+    rng = np.random.default_rng(5)
+    specs = [TableSpec(f"t{i}", int(rng.integers(50, 3000)), 16, 1.0) for i in range(7)]
+    single_T = np.array([s.rows / 100.0 for s in specs])
+    additive = Cost(_additive, "additive", 128)
+    for _ in range(20):
+        device_T = rng.integers(0, 5, len(specs))
+        cost_D = np.bincount(device_T, single_T, 5)
+        count_D = np.bincount(device_T, minlength=5)
+        ref = max([c for c, n in zip(cost_D, count_D, strict=True) if n >= 2], default=0.0)
+        got = search.predicted_objective(specs, 5, additive, "max_device", device_T, single_T,
+                                         shared=True)
+        assert got == pytest.approx(ref, rel=1e-5)
+        full = search.predicted_objective(specs, 5, additive, "max_device", device_T, single_T)
+        assert max(got, single_T.max()) == pytest.approx(full, rel=1e-5)
+
+
 @pytest.mark.parametrize("objective", ["spmd", "max_device"])
 def test_candidate_scores_match_the_plans_they_stand_for(objective):
     """Each move / swap candidate is scored as the plan `_apply` makes of it (a move used to be
