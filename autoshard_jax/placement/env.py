@@ -195,14 +195,21 @@ def final_cost(task: dict, assign_TxD, bound: BoundCost
     return device_ms_D, max_ms, spmd_ms
 
 
-def scored_max_ms(task: dict, device_ms_D, max_ms, assign_TxD, sigma: float) -> jax.Array:
-    """The max_device cost an episode is rewarded by: its slowest device's predicted cost, or
-    with `sigma` > 0 the expected measured maximum (`costs.expected_max`) of its device costs
-    floored at their costliest table alone (`costs.floor_D`), as the searches score a plan."""
-    if sigma <= 0:
+def scored_max_ms(task: dict, device_ms_D, max_ms, assign_TxD, sigma: float,
+                  shared: bool = False) -> jax.Array:
+    """The max_device cost an episode is rewarded by: its slowest device's predicted cost, or,
+    as the searches score a plan, of its device costs floored at their costliest table alone
+    (`costs.floor_D`): with `sigma` > 0 the expected measured maximum (`costs.expected_max`),
+    with `shared` only over devices holding two or more tables (`search` module doc)."""
+    if sigma <= 0 and not shared:
         return max_ms
     dev_D = jnp.maximum(device_ms_D, floor_D(assign_TxD, task["single_T"]))
-    return expected_max(dev_D, sigma, task["valid_D"])
+    valid_D = task["valid_D"]
+    if shared:
+        valid_D = valid_D * (jnp.sum(assign_TxD, 0) >= 2)
+    if sigma > 0:
+        return expected_max(dev_D, sigma, valid_D)
+    return jnp.max(jnp.where(valid_D > 0, dev_D, 0.0))
 
 
 def reward(task: dict, device_ms_D, max_ms, spmd_ms, objective: str, kind: str) -> jax.Array:

@@ -56,6 +56,11 @@ def max_device_sigma(c) -> float:
     return float(c.get("max_device_sigma", 0.0))
 
 
+def max_device_shared(c) -> bool:
+    """The config's `max_device_shared` (`env.scored_max_ms`); configs before it: False."""
+    return bool(c.get("max_device_shared", False))
+
+
 def check_config(c) -> None:
     """Every numeric field range-checked (and names validated) before anything compiles."""
     if c.objective not in OBJECTIVES:
@@ -76,6 +81,9 @@ def check_config(c) -> None:
                            ("max_device_sigma", 0.0, 1.0)):
         value = max_device_sigma(c) if key == "max_device_sigma" else c[key]
         check_range(key, value, low=low, high=high)
+    if not isinstance(c.get("max_device_shared", False), bool):
+        raise ConfigError("config.max_device_shared must be True or False, got "
+                          f"{c.max_device_shared!r}")
     if not c.train_shapes:
         raise ConfigError("config.train_shapes must list at least one (num_tables, devices)")
     for shape in c.train_shapes:
@@ -98,16 +106,16 @@ def load_pool(c) -> list:
 @functools.lru_cache(maxsize=8)
 def make_train_step(net: PolicyNet, tx, cost_fn: Callable, objective: str, reward_kind: str,
                     value_coef: float, entropy_coef: float, episodes_per_task: int,
-                    sigma: float = 0.0) -> Callable:
+                    sigma: float = 0.0, shared: bool = False) -> Callable:
     """The jitted A2C step; memoised so a resumed or repeated run reuses its compilation.
-    `sigma`: a max_device episode's cost, `env.scored_max_ms`."""
+    `sigma`, `shared`: a max_device episode's cost, `env.scored_max_ms`."""
 
     def one(params, task, key):
         out = rollout(net, params, task, key, cost_fn, greedy=False)
         scored_ms = out["max_ms"]
         if objective == "max_device":
             scored_ms = env_lib.scored_max_ms(task, out["device_ms_D"], out["max_ms"],
-                                              out["assign_TxD"], sigma)
+                                              out["assign_TxD"], sigma, shared)
         r = env_lib.reward(task, out["device_ms_D"], scored_ms, out["spmd_ms"], objective,
                            reward_kind)
         cost = out["spmd_ms"] if objective == "spmd" else out["max_ms"]
@@ -180,7 +188,7 @@ def _baseline_costs(tasks, cost: Cost, objective: str, method: str) -> list[floa
 def _train_step_for(net, tx, cost: Cost, c) -> Callable:
     return make_train_step(net, tx, cost.fn, c.objective, c.reward, float(c.value_coef),
                            float(c.entropy_coef), int(c.episodes_per_task),
-                           max_device_sigma(c))
+                           max_device_sigma(c), max_device_shared(c))
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,7 +228,7 @@ def train(c, workdir: str, refine_fn: Callable | None = None, log=print,
     meta = {"objective": c.objective, "reward": c.reward, "hidden": c.hidden,
             "learning_rate": c.learning_rate, "total_steps": c.num_iterations,
             "cost_model": cost.name, "cost_pessimism": c.cost_pessimism,
-            "max_device_sigma": max_device_sigma(c),
+            "max_device_sigma": max_device_sigma(c), "max_device_shared": max_device_shared(c),
             "batch_size": c.batch_size,
             "train_shapes": [list(s) for s in c.train_shapes]}
     with open(os.path.join(workdir, POLICY_JSON), "w") as f:

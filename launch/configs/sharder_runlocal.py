@@ -29,6 +29,8 @@ def get_config():
     c.cost_pessimism = 0.0  # with several workdirs: optimise their mean + k x their std
     c.max_device_sigma = 0.0  # max_device reward: expected measured max under this per-device
     # log error (placement.costs.expected_max), of device costs floored at their costliest table
+    c.max_device_shared = False  # max_device reward: the slowest device of two or more tables
+    # (floored; placement.search's shared maximum), which breaks ties a lone table sets
     # what "" measures: every training table alone, then random sets and plans (2 cores: 11 min,
     # then 1 min to fit; the whole runlocal run took 12.6 min, session 14)
     c.own_costs = ml_collections.ConfigDict({

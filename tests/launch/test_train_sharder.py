@@ -66,6 +66,14 @@ def test_config_checks_name_the_key(tmp_path, key, value):
         train(tiny_config(**{key: value}), str(tmp_path / "w"))
 
 
+def test_config_check_refuses_a_shared_flag_that_is_not_a_bool(tmp_path):
+    c = tiny_config()
+    del c.max_device_shared  # a config file that sets it to a string
+    c.max_device_shared = "yes"
+    with pytest.raises(ConfigError, match="max_device_shared"):
+        train(c, str(tmp_path / "w"))
+
+
 def test_pessimism_needs_an_ensemble(tmp_path):
     with pytest.raises(InputError, match="needs an ensemble"):
         train(tiny_config(cost_pessimism=1.0), str(tmp_path / "w"))

@@ -171,3 +171,15 @@ def test_max_device_reward_with_sigma_floors_and_expects_the_measured_maximum():
     near = scored([4.0, 5.0, 9.0], 0.06)
     assert 5.0 * 0.98 < far < 5.0 * 1.03
     assert near > far * 1.02
+
+
+def test_max_device_reward_with_shared_scores_the_slowest_device_of_two_or_more_tables():
+    """Device 1 holds one table (predicted 6, the slowest): with `shared` the reward scores
+    device 0 (two tables, floored at its costliest one, 5) and never the padding device."""
+    task = {"single_T": jnp.asarray([5.0, 1.0, 6.0, 0.0]),
+            "valid_D": jnp.asarray([1.0, 1.0, 0.0])}
+    assign_TxD = jnp.asarray([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]], jnp.float32)
+    dev_D = jnp.asarray([4.0, 6.0, 9.0])
+    for shared, want in ((False, 6.0), (True, 5.0)):
+        got = env_lib.scored_max_ms(task, dev_D, jnp.asarray(6.0), assign_TxD, 0.0, shared)
+        assert float(got) == pytest.approx(want)
