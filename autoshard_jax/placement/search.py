@@ -21,7 +21,9 @@ plans as the maximum does and breaks its ties. The ties matter where one table a
 slowest device, which no plan can lower: the maximum then sees nothing of the other devices, and
 a search (or policy) may leave them filled to just under it, where the network's error on a
 lone table (log spread 0.145 on session 28's held-out plans, against 0.06-0.10 on devices of
-four or more tables) puts them above it when measured.
+four or more tables) puts them above it when measured. Judged on 45 development tasks (session
+29, README) against the maximum: autoshard_search -0.5% ± 0.6%, greedy_search -0.6% ± 0.5%,
+paired (-3.6% and -3.2% on 16 devices, one plan 24% lower); `api.place` uses it by default.
 """
 
 from __future__ import annotations
