@@ -251,8 +251,9 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
             break
         assign = assign_of(device_T)
         dev_D = np.asarray(_device_costs(cost.fn, feats, assign, cls, floor_T, objective)[0])
-        if shared and (np.bincount(device_T, minlength=d_count) >= 2).any():
-            dev_D = np.where(np.bincount(device_T, minlength=d_count) >= 2, dev_D, 0.0)
+        shared_D = np.bincount(device_T, minlength=d_count) >= 2
+        if shared and shared_D.any():  # else no device holds two tables: the slowest is critical
+            dev_D = np.where(shared_D, dev_D, 0.0)
         critical = {int(np.argmax(dev_D))}
         if objective == "max_device" and sigma > 0:
             critical |= set(np.flatnonzero(dev_D >= dev_D.max() * np.exp(-2 * sigma)).tolist())
