@@ -137,6 +137,19 @@ def expected_max(device_ms_D: jax.Array, sigma: float, valid_D: jax.Array | None
     return jnp.mean(jnp.max(jnp.where(valid_D[None, :] > 0, noisy_SxD, 0.0), axis=1))
 
 
+def max_device_score(device_ms_D: jax.Array, assign_TxD: jax.Array, sigma: float = 0.0,
+                     shared: bool = False, valid_D: jax.Array | None = None) -> jax.Array:
+    """The max_device cost a plan is scored by (device costs as given, e.g. floored): the
+    slowest valid device, or with `sigma` > 0 the expected measured maximum; with `shared`
+    only devices holding two or more tables count (`search` module doc)."""
+    valid_D = jnp.ones_like(device_ms_D) if valid_D is None else valid_D
+    if shared:
+        valid_D = valid_D * (jnp.sum(assign_TxD, 0) >= 2)
+    if sigma > 0:
+        return expected_max(device_ms_D, sigma, valid_D)
+    return jnp.max(jnp.where(valid_D > 0, device_ms_D, 0.0))
+
+
 def objective_value(device_ms_D: np.ndarray, spmd_ms: float, objective: str) -> float:
     return float(spmd_ms) if objective == "spmd" else float(np.max(device_ms_D))
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autoshard_jax.cost.analytical import BoundCost
-from autoshard_jax.placement.costs import expected_max, floor_D
+from autoshard_jax.placement.costs import floor_D, max_device_score
 from autoshard_jax.placement.memory import MemoryModel
 from autoshard_jax.tables.spec import TableSpec
 
@@ -204,12 +204,7 @@ def scored_max_ms(task: dict, device_ms_D, max_ms, assign_TxD, sigma: float,
     if sigma <= 0 and not shared:
         return max_ms
     dev_D = jnp.maximum(device_ms_D, floor_D(assign_TxD, task["single_T"]))
-    valid_D = task["valid_D"]
-    if shared:
-        valid_D = valid_D * (jnp.sum(assign_TxD, 0) >= 2)
-    if sigma > 0:
-        return expected_max(dev_D, sigma, valid_D)
-    return jnp.max(jnp.where(valid_D > 0, dev_D, 0.0))
+    return max_device_score(dev_D, assign_TxD, sigma, shared, task["valid_D"])
 
 
 def reward(task: dict, device_ms_D, max_ms, spmd_ms, objective: str, kind: str) -> jax.Array:

@@ -39,8 +39,8 @@ import numpy as np
 from autoshard_jax.placement.costs import (
     Cost,
     class_onehot,
-    expected_max,
     floor_D,
+    max_device_score,
     single_costs,
     table_features,
     width_classes,
@@ -65,10 +65,7 @@ def _objective(cost_fn, feats, assign, cls, objective: str, single_T=None, sigma
     if objective == "spmd":
         main = spmd
     else:  # with sigma, the slowest device a measurement will report (`costs.expected_max`)
-        valid_D = (jnp.sum(assign, 0) >= 2 if shared else jnp.ones(dev_D.shape, bool))
-        valid_D = valid_D.astype(dev_D.dtype)
-        main = (expected_max(dev_D, sigma, valid_D) if sigma > 0
-                else jnp.max(jnp.where(valid_D > 0, dev_D, 0.0)))
+        main = max_device_score(dev_D, assign, sigma, shared)
     # Secondary: spread of device costs, so plateaus (several devices at the max) still move.
     return main, jnp.sum(dev_D**2) / jnp.maximum(jnp.sum(dev_D) ** 2, 1e-12)
 
