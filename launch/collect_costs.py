@@ -8,6 +8,8 @@ disk are never measured again, a kill loses nothing.
   python -m launch.collect_costs --workdir=/tmp/costs                     # CPU pool, 2000 + 500
   python -m launch.collect_costs --workdir=/tmp/costs --num_sets=100 --num_plans=20   # quick
   python -m launch.collect_costs --workdir=/tmp/gpu --tables=tables.json --batch_size=65536
+  python -m launch.collect_costs --workdir=/tmp/wide --augment_dims=64,128 \
+      --augment_min_pooling=30 --max_tables=8 --num_plans=0   # the costly corner, re-dimmed
   python -m launch.collect_costs --workdir=/tmp/big --nosingles --min_tables=30 --max_tables=100 \
       --num_plans=0                      # a top-up of large sets, read beside the first collection
 
@@ -52,6 +54,10 @@ flags.DEFINE_integer("warmup", 5, "Warm-up runs per measurement.")
 flags.DEFINE_integer("trim", 2, "Fastest and slowest repeats dropped.")
 flags.DEFINE_integer("seed", 0, "Seed of the sets and plans.")
 define_clock_flag()
+flags.DEFINE_list("augment_dims", [], "Measure the pool's tables re-dimmed to these widths "
+                  "instead (`tables.pools.augment_dims`), e.g. 64,128.")
+flags.DEFINE_float("augment_min_pooling", 0.0, "With --augment_dims: only tables looking up at "
+                   "least this many ids per sample.")
 flags.DEFINE_integer("num_shards", 1, "Processes filling this collection together (one core "
                      "each, e.g. `taskset -c K`); start shard 0 first.")
 flags.DEFINE_integer("shard_index", 0, "This process's shard, 0 <= shard_index < num_shards.")
@@ -63,7 +69,7 @@ def main(argv):
     from autoshard_jax.cost.collect import CollectConfig, collect
     from autoshard_jax.errors import ConfigError, check_range
     from autoshard_jax.placement.tasks import evaluation_pool
-    from autoshard_jax.tables.pools import synthetic_pool
+    from autoshard_jax.tables.pools import augment_dims, synthetic_pool
     from autoshard_jax.tables.spec import load_tables
 
     devices = int_list("plan_devices", FLAGS.plan_devices)
@@ -87,6 +93,15 @@ def main(argv):
         pool = evaluation_pool(FLAGS.max_rows, FLAGS.pool_seed)[0]
     else:
         pool = synthetic_pool(FLAGS.pool_size, seed=FLAGS.pool_seed, max_rows=FLAGS.max_rows)
+    if FLAGS.augment_dims:
+        check_range("augment_min_pooling", FLAGS.augment_min_pooling, low=0.0)
+        dims = int_list("augment_dims", FLAGS.augment_dims)
+        if min(dims) < 1:
+            raise ConfigError(f"--augment_dims must be positive widths, got {FLAGS.augment_dims}")
+        pool = augment_dims(pool, dims, FLAGS.augment_min_pooling)
+        if not pool:
+            raise ConfigError(f"--augment_dims={','.join(FLAGS.augment_dims)} with "
+                              f"--augment_min_pooling={FLAGS.augment_min_pooling} leaves no table")
     counts = collect(FLAGS.workdir, config, pool, log=logging.info,
                      shard=(FLAGS.shard_index, FLAGS.num_shards))
     print(f"{FLAGS.workdir}: {counts['sets']} set records, {counts['plans']} plan records "

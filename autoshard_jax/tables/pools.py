@@ -145,3 +145,19 @@ def synthetic_pool(num_tables: int = 856, seed: int = 0, dims: Sequence[int] = D
                                pooling_factor=float(round(pf[t], 3)),
                                reuse_hist=tuple(float(round(h, 5)) for h in hist)))
     return specs
+
+
+def augment_dims(specs: Sequence[TableSpec], dims: Sequence[int],
+                 min_pooling: float = 0.0) -> list[TableSpec]:
+    """Copies of `specs` at other embedding widths (NeuroShard's augmentation: its pool is the
+    856 tables times every width), named `<name>_d<dim>`, for tables looking up at least
+    `min_pooling` ids per sample; a table's own width is skipped. Rows, pooling and reuse stay
+    the table's, so a cost collection can fill the costly corner (wide tables with many lookups)
+    that a pool's random widths leave sparse, without drawing a single test table."""
+    if not dims or any(isinstance(d, bool) or int(d) != d or d < 1 for d in dims):
+        raise ValueError(f"dims must be positive integers, got {tuple(dims)}")
+    if not np.isfinite(min_pooling) or min_pooling < 0:
+        raise ValueError(f"min_pooling must be a non-negative number, got {min_pooling!r}")
+    return [TableSpec(f"{s.name}_d{int(d)}", s.rows, int(d), s.pooling_factor, s.reuse_hist)
+            for s in specs if s.pooling_factor >= min_pooling
+            for d in sorted(set(int(d) for d in dims)) if d != s.dim]

@@ -62,6 +62,21 @@ def test_collect_costs_runs_and_resumes(tmp_path):
     assert (tmp_path / "costs.jsonl").read_text().splitlines() == lines
 
 
+def test_collect_costs_measures_the_redimmed_pool(tmp_path):
+    proc = _run("launch.collect_costs", f"--workdir={tmp_path}", "--pool=synthetic",
+                "--pool_size=4", "--max_rows=500", "--augment_dims=4,128", "--num_sets=5",
+                "--num_plans=0", "--batch_size=16", "--max_tables=2", "--repeats=3", "--trim=0",
+                "--warmup=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    source = synthetic_pool(4, seed=0, max_rows=500)
+    tables = json.loads((tmp_path / "tables.json").read_text())["tables"]
+    assert [(t["name"], t["rows"], t["dim"]) for t in tables] == [
+        (f"{s.name}_d{d}", s.rows, d) for s in source for d in (4, 128) if d != s.dim]
+    singles = [json.loads(line)["tables"] for line in
+               (tmp_path / "costs.jsonl").read_text().splitlines()][:len(tables)]
+    assert all(len(names) == 1 and names[0].endswith(("_d4", "_d128")) for names in singles)
+
+
 @pytest.mark.parametrize("args, culprit", [
     (["--batch_size=30", "--plan_devices=4"], "not divisible by plan_devices entry 4"),
     (["--plan_tables=3"], "--plan_tables takes MIN,MAX"),
@@ -69,6 +84,9 @@ def test_collect_costs_runs_and_resumes(tmp_path):
     (["--max_tables=500"], "config.max_tables must be <= 428"),
     (["--min_tables=20", "--max_tables=10", "--nosingles"], "config.min_tables must be <= 10"),
     (["--tables=/nonexistent/tables.json"], "/nonexistent/tables.json"),
+    (["--augment_dims=0,64"], "--augment_dims must be positive widths"),
+    (["--augment_dims=64", "--augment_min_pooling=-1"], "augment_min_pooling must be >= 0"),
+    (["--augment_dims=64", "--augment_min_pooling=1000"], "leaves no table"),
 ])
 def test_collect_costs_bad_input(tmp_path, args, culprit):
     assert culprit in _error_line(_run("launch.collect_costs", f"--workdir={tmp_path}", *args))

@@ -10,6 +10,7 @@ from autoshard_jax.tables.features import FEATURE_NAMES, table_features
 from autoshard_jax.tables.ids import generate_ids, reuse_bin, reuse_histogram
 from autoshard_jax.tables.pools import (
     DLRM_DATASETS_2021,
+    augment_dims,
     load_dlrm_datasets,
     mean_lookups_per_table,
     specs_from_arrays,
@@ -94,6 +95,19 @@ def test_synthetic_pool_matches_the_published_statistics():
     again = synthetic_pool(seed=0)
     assert again == pool and synthetic_pool(seed=1) != pool
     assert {s.dim for s in synthetic_pool(50, dims=(16, 32))} == {16, 32}
+
+
+def test_augment_dims_redims_the_heavy_tables_and_keeps_the_rest():
+    pool = [TableSpec("a", 500, 16, 40.0, tuple([1.0] + [0.0] * 16)),
+            TableSpec("b", 900, 128, 30.0), TableSpec("c", 700, 64, 2.0)]
+    wide = augment_dims(pool, (128, 64, 64), min_pooling=30.0)
+    assert [(s.name, s.dim) for s in wide] == [("a_d64", 64), ("a_d128", 128), ("b_d64", 64)]
+    for w, o in zip(wide, [pool[0], pool[0], pool[1]], strict=True):
+        assert (w.rows, w.pooling_factor, w.reuse_hist) == (o.rows, o.pooling_factor, o.reuse_hist)
+    assert len(augment_dims(pool, (4,))) == 3  # every table when no pooling floor is set
+    for dims, floor in [((), 0.0), ((0,), 0.0), ((16.5,), 0.0), ((16,), -1.0), ((16,), np.nan)]:
+        with pytest.raises(ValueError):
+            augment_dims(pool, dims, floor)
 
 
 def test_published_histogram_is_the_one_in_the_shared_stats_file():
