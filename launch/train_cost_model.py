@@ -41,6 +41,9 @@ def define_flags() -> None:
     flags.DEFINE_list("unseen", [], "Cost collections of tables the training data never had "
                       "(e.g. collect_costs --pool=synthetic --pool_seed=1): the report adds the "
                       "network's scores on them, how it generalises to new tables.")
+    flags.DEFINE_bool("unique_rows", True, "Inputs include the rows a batch touches "
+                      "(`cost.network.encode_features`); --nounique_rows fits the inputs of the "
+                      "networks of sessions up to 29.")
     flags.DEFINE_integer("restarts", 1, "Fits with seeds seed .. seed+restarts-1; the one with "
                          "the lowest val MAPE is kept (test is only reported).")
     flags.mark_flags_as_required(["workdir"])
@@ -49,7 +52,8 @@ def define_flags() -> None:
 def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
                      learning_rate: float = 1e-2, seed: int = 0, restarts: int = 1,
                      log=logging.info, weight_decay: float = 1e-4,
-                     reuse_noise: float = 0.0, unseen: list[str] = ()) -> dict:
+                     reuse_noise: float = 0.0, unseen: list[str] = (),
+                     unique_rows: bool = True) -> dict:
     """Trains (`restarts` seeds, the best by val kept), evaluates and saves; returns the
     report dict."""
     import numpy as np
@@ -83,7 +87,7 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
             "row_optimizer": row_optimizer,
             "num_sets": 0 if sets is None else len(sets.index),
             "num_plans": sum(len(p.index) for p in plans.values()), "data": list(data),
-            "weight_decay": weight_decay, "reuse_noise": reuse_noise,
+            "weight_decay": weight_decay, "reuse_noise": reuse_noise, "unique_rows": unique_rows,
             # the unit predictions are in (oracle.use_model_unit pins measurements to it)
             "reference_ms": dataset.collections_unit(list(data))}
     log(f"training on {meta['num_sets']} sets and {meta['num_plans']} plans ({backend}, "
@@ -171,7 +175,7 @@ def main(argv):
     result = train_cost_model(FLAGS.workdir, FLAGS.data or [FLAGS.workdir], FLAGS.steps,
                               FLAGS.learning_rate, FLAGS.seed, FLAGS.restarts,
                               weight_decay=FLAGS.weight_decay, reuse_noise=FLAGS.reuse_noise,
-                              unseen=FLAGS.unseen)
+                              unseen=FLAGS.unseen, unique_rows=FLAGS.unique_rows)
     from autoshard_jax.cost.report import markdown
 
     print(markdown(result["test"], result["noise"], result["meta"], result.get("unseen")))

@@ -26,6 +26,8 @@ from autoshard_jax.cost.network import (
     class_onehot,
     encode_features,
     init_params,
+    num_inputs,
+    unique_batch,
 )
 from autoshard_jax.errors import DataError
 from autoshard_jax.tables.features import FEATURE_NAMES, table_features
@@ -181,7 +183,8 @@ class FitConfig:
     seed: int = 0
 
 
-def _normaliser(sets: SetData | None, plans: dict[int, PlanData], train: dict):
+def _normaliser(sets: SetData | None, plans: dict[int, PlanData], train: dict,
+                batch: int | None):
     rows = []
     if sets is not None:
         m = train["sets"]
@@ -189,7 +192,7 @@ def _normaliser(sets: SetData | None, plans: dict[int, PlanData], train: dict):
     for d, p in plans.items():
         m = train[d]
         rows.append(p.feats[m][p.assign[m].sum(-1) > 0])
-    x = np.asarray(encode_features(jnp.asarray(np.concatenate(rows))))
+    x = np.asarray(encode_features(jnp.asarray(np.concatenate(rows)), batch))
     return x.mean(0), np.maximum(x.std(0), 1e-3)
 
 
@@ -205,9 +208,9 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         val = {"sets": split_mask(sets.index, "val")} if sets is not None else {}
         for d, p in plans.items():
             train[d], val[d] = split_mask(p.index, "train"), split_mask(p.index, "val")
-        mean_I, std_I = _normaliser(sets, plans, train)
+        mean_I, std_I = _normaliser(sets, plans, train, unique_batch(meta))
         model = CostModel(None, mean_I, std_I, meta, CostNet())
-        params = init_params(model.net, jax.random.key(config.seed))
+        params = init_params(model.net, jax.random.key(config.seed), num_inputs(meta))
     else:
         train = {"sets": np.ones(len(sets.index), bool)} if sets is not None else {}
         train.update({d: np.ones(len(p.index), bool) for d, p in plans.items()})
@@ -326,15 +329,15 @@ def _validator(model: CostModel, sets, plans, val) -> Callable[[dict], float]:
 
 
 # --- baselines ------------------------------------------------------------------------------
-def _set_feature_sums(sets: SetData) -> np.ndarray:
-    x = np.asarray(jax.vmap(encode_features)(jnp.asarray(sets.feats)))
+def _set_feature_sums(sets: SetData, batch: int | None) -> np.ndarray:
+    x = np.asarray(jax.vmap(lambda f: encode_features(f, batch))(jnp.asarray(sets.feats)))
     return np.einsum("ntf,nt->nf", x, sets.assign[..., 0])
 
 
-def _plan_feature_sums(p: PlanData) -> np.ndarray:
+def _plan_feature_sums(p: PlanData, batch: int | None) -> np.ndarray:
     """Per class, max over devices of summed features (the padded program), summed over
     classes; plus the device count: what a linear model of the SPMD cost can see."""
-    x = np.asarray(jax.vmap(encode_features)(jnp.asarray(p.feats)))
+    x = np.asarray(jax.vmap(lambda f: encode_features(f, batch))(jnp.asarray(p.feats)))
     z = np.einsum("ntf,ntd,ntk->ndkf", x, p.assign, p.classes)
     d = p.assign.shape[-1]
     return np.concatenate([z.max(1).sum(1), np.full((len(p.index), 1), np.log(d))], axis=1)
@@ -362,7 +365,7 @@ def evaluate(model: CostModel, sets: SetData | None, plans: dict[int, PlanData],
         if (te & known).any():
             sums = np.asarray([sum(singles.get(n, 0.0) for n in names) for names in sets.names])
             entry["sum_of_singles"] = scores(sums[te & known], y[te & known])
-        feats = _set_feature_sums(sets)
+        feats = _set_feature_sums(sets, unique_batch(model.meta))
         entry["linear"] = scores(_lstsq(feats[tr], y[tr], feats[te]), y[te])
         a_fn = jax.jit(jax.vmap(lambda x, a: analytic(x, a, a)[0][0]))
         a = np.asarray(a_fn(sets.feats, sets.assign), np.float64)
@@ -377,7 +380,7 @@ def evaluate(model: CostModel, sets: SetData | None, plans: dict[int, PlanData],
                 continue
             true.append(p.total[te])
             preds["network"].append(predict_plans(model.cost_fn, p, te))
-            feats = _plan_feature_sums(p)
+            feats = _plan_feature_sums(p, unique_batch(model.meta))
             preds["linear"].append(_lstsq(feats[tr], p.total[tr], feats[te]) if tr.any()
                                    else np.full(te.sum(), np.nan))
             a = predict_plans(analytic, p, np.ones(len(p.index), bool))

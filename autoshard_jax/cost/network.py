@@ -35,24 +35,50 @@ from autoshard_jax.errors import InputError
 from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.sharding.layout import padded_width
 from autoshard_jax.tables.features import FEATURE_NAMES, NUM_FEATURES
+from autoshard_jax.tables.ids import unique_rows
 from autoshard_jax.tables.spec import TableSpec
 
 MODEL_VERSION = 3
 _DIM = FEATURE_NAMES.index("dim")
 
 
-def encode_features(feats_TxF: jax.Array) -> jax.Array:
+def encode_features(feats_TxF: jax.Array, unique_batch: int | None = None) -> jax.Array:
     """Raw table features -> the network's inputs [T, 26]: log scales plus the work terms that
-    grow linearly with a table's ids (so sums over tables can stay linear where costs are)."""
+    grow linearly with a table's ids (so sums over tables can stay linear where costs are).
+
+    With `unique_batch` (the batch size the costs refer to), three more [T, 29]: the log of the
+    rows a batch touches (`tables.ids.unique_rows`), of those rows' values and of the unique
+    share of the lookups. The histogram's bins carry it only through its rarest top bins, which
+    a network does not learn from ~1,300 tables: session 30's ensemble erred with a log spread
+    of 0.185 on single heavy tables of an unseen pool, most where tables alike in rows, width
+    and lookups touch 100 or 2,000 rows."""
     rows, dim, pf, size = (feats_TxF[:, i] for i in range(4))
     hotness = jnp.maximum(1.0, jnp.ceil(pf))
     extra = jnp.stack([jnp.log(rows), jnp.log2(dim), jnp.log1p(pf), jnp.log1p(pf * dim),
                        jnp.log1p(size * 1e3), pf * dim / 256.0, hotness * dim / 256.0,
                        rows * dim / 1e7, jnp.ones_like(pf)], axis=1)
-    return jnp.concatenate([extra, feats_TxF[:, 4:]], axis=1)
+    parts = [extra, feats_TxF[:, 4:]]
+    if unique_batch is not None:
+        u_T = unique_rows(rows, pf, feats_TxF[:, 4:], unique_batch, xp=jnp)
+        lookups_T = jnp.maximum(pf * unique_batch, 1.0)
+        parts.append(jnp.stack([jnp.log(u_T), jnp.log(u_T * dim), jnp.log(u_T / lookups_T)],
+                               axis=1))
+    return jnp.concatenate(parts, axis=1)
 
 
 NUM_INPUTS = 9 + NUM_FEATURES - 4
+NUM_UNIQUE_INPUTS = 3  # with encode_features' unique_batch
+
+
+def num_inputs(meta: dict) -> int:
+    """The network's input width for a model of this provenance (`unique_batch`)."""
+    return NUM_INPUTS + (NUM_UNIQUE_INPUTS if unique_batch(meta) is not None else 0)
+
+
+def unique_batch(meta: dict) -> int | None:
+    """The batch size the unique-row inputs are computed at, or None for models fitted without
+    them (`unique_rows` in cost_model.json; those of sessions up to 29)."""
+    return int(meta["batch_size"]) if meta.get("unique_rows") else None
 
 
 NUM_WORK = 4  # columns of work_terms
@@ -205,7 +231,8 @@ class CostModel:
     def _bind_heads(self, params, feats_TxF, class_TxK):
         """(heads(assign_TxD), the device rows [e | work | single], device_ms(sums)) of one
         table set: the tables are encoded once."""
-        x_TxI = (encode_features(feats_TxF) - self.mean_I[None]) / self.std_I[None]
+        x_TxI = (encode_features(feats_TxF, unique_batch(self.meta)) - self.mean_I[None]) \
+            / self.std_I[None]
         logdim_T = jnp.log2(feats_TxF[:, _DIM])
         work_TxW = work_terms(feats_TxF)
         variables = {"params": params}
@@ -320,9 +347,9 @@ class CostEnsemble:
         return self._combine(np.asarray([m.predict_sets(sets_feats) for m in self.members]), np)
 
 
-def init_params(net: CostNet, rng: jax.Array) -> dict:
+def init_params(net: CostNet, rng: jax.Array, inputs: int = NUM_INPUTS) -> dict:
     t, d, k = 3, 2, 2
-    return net.init(rng, jnp.zeros((t, NUM_INPUTS)), jnp.ones((t, 4)), jnp.ones((t, d)),
+    return net.init(rng, jnp.zeros((t, inputs)), jnp.ones((t, 4)), jnp.ones((t, d)),
                     jnp.ones((t, k)), jnp.zeros((t,)), jnp.ones((2,)))["params"]
 
 

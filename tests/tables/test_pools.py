@@ -2,12 +2,13 @@
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from autoshard_jax.errors import DataError
 from autoshard_jax.tables.features import FEATURE_NAMES, table_features
-from autoshard_jax.tables.ids import generate_ids, reuse_bin, reuse_histogram
+from autoshard_jax.tables.ids import generate_ids, reuse_bin, reuse_histogram, unique_rows
 from autoshard_jax.tables.pools import (
     DLRM_DATASETS_2021,
     augment_dims,
@@ -136,6 +137,24 @@ def test_generated_ids_match_their_spec(rows, pf, batch):
     assert unique >= 500
     tv = 0.5 * np.abs(hist - np.asarray(spec.reuse_hist) / sum(spec.reuse_hist)).sum()
     assert tv < 0.06
+
+
+def test_unique_rows_is_what_the_draws_touch():
+    specs = synthetic_pool(40, seed=7, max_rows=100_000)
+    feats = table_features(specs)
+    for batch in (64, 512):
+        u_T = unique_rows(feats[:, 0], feats[:, 2], feats[:, 4:], batch)
+        drawn = []
+        for s in specs:
+            ids = generate_ids(s, batch, np.random.default_rng(0))
+            drawn.append(len(np.unique(ids[ids >= 0])))
+        np.testing.assert_allclose(u_T, drawn, rtol=0.02, atol=0.5)
+        np.testing.assert_allclose(
+            np.asarray(unique_rows(*map(jnp.asarray, (feats[:, 0], feats[:, 2], feats[:, 4:])),
+                                   batch, xp=jnp)), u_T, rtol=2e-3)  # float32
+    # never more than the table has, never fewer than one
+    assert unique_rows(np.float32(10), np.float32(50.0), np.eye(17)[0], 512) == 10
+    assert unique_rows(np.float32(100), np.float32(0.001), np.eye(17)[16], 512) == 1
 
 
 def test_ids_without_a_histogram_are_uniform():
