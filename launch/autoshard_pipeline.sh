@@ -9,7 +9,11 @@
 #   6. sets and plans of another pool's tables (seed 2), which the final networks also fit
 #      (session 25, Intel Xeon: with pool seed 2 the networks' spread of log error on unseen
 #      tables fell from 0.064 to 0.059, and to 0.0586 with seeds 2 and 3; robust spread 0.049);
-#   7. three networks on everything (seeds 0, 1, 2) and, 8., both objectives' final policies
+#   7. the heavy tables of the train half and of pool seed 2 re-dimmed to widths 64 and 128
+#      (NeuroShard's augmentation; session 30), then three networks on everything with the
+#      unique-row inputs (seeds 0, 1, 2; session 30: on pool seed 1's heavy tables the log
+#      spread of single-table errors fell from 0.185 to 0.151, on its 20-60-table sets from
+#      0.046 to 0.035) and, 8., both objectives' final policies
 #      (3,000 iterations) against their mean: a policy trained hard against one fit exploits
 #      that fit's errors (session 17), and seeds differ (session 16: seed 0 stalled);
 #      (sessions 11-15 also fit a network on steps 1 and 5 alone, `cost_model_2`, and policies
@@ -21,12 +25,13 @@
 #   bash launch/autoshard_pipeline.sh [DIR] [PYTHON]   # default: runs/autoshard .venv/bin/python
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh
 #
-# STOP_AFTER (costs, costs_large, cost_model, policies, mined, other_pools, cost_model_3,
-# policies_3) ends the run after that step. Costs are the CPU type's own (the records' `cpu`;
-# AMD EPYC and Intel Xeon differ by composition, one type reproduces across sessions): one DIR
-# per CPU type. On AMD EPYC Zen 5 (session 26) the steps to policies_3 took 1 h 45 min: costs
-# 20 min, large sets 14, first network 4, policies 1, mining 11, other pool 23, three networks
-# 27 (beside a test run), final policies 4.
+# STOP_AFTER (costs, costs_large, cost_model, policies, mined, other_pools, wide_tables,
+# cost_model_u, policies_u) ends the run after that step. Costs are the CPU type's own (the
+# records' `cpu`; AMD EPYC and Intel Xeon differ by composition, one type reproduces across
+# sessions): one DIR per CPU type. On AMD EPYC Zen 5 (session 26) the steps to the final
+# policies took 1 h 45 min: costs 20 min, large sets 14, first network 4, policies 1, mining
+# 11, other pool 23, three networks 27 (beside a test run), final policies 4; session 30's
+# re-dimmed tables 13 min, its three networks 17 (three fits on both cores), policies 3.
 # Measured on 2 AMD EPYC cores (session 11): costs 34 min, first network 8 min, policies 2 min,
 # mining 16 min; session 15: large sets 30 min, third network 11 min (both cores); then an
 # evaluation task takes ~2.5 min (spmd, D=4) or 4.5-10 min (max_device, D=4-8; T=100 ~10,
@@ -120,19 +125,33 @@ other_pool() {  # other_pool K: shard K of the sets and plans of pool seed 2's t
 side_by_side other_pool
 done_with other_pools
 
+wide_tables() {  # wide_tables K: shard K of the heavy tables re-dimmed to widths 64 and 128
+  # (NeuroShard's augmentation): the train half's, then pool seed 2's
+  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs_wide" --pool=train_half \
+    --augment_dims=64,128 --augment_min_pooling=30 --max_tables=8 --num_sets=900 \
+    --num_plans=0 --num_shards=2 --shard_index="$1"
+  pin "$1" "$PY" -m launch.collect_costs --workdir="$DIR/costs_wide_pool2" --pool=synthetic \
+    --pool_size=856 --pool_seed=2 --augment_dims=64,128 --augment_min_pooling=20 \
+    --max_tables=8 --num_sets=1000 --num_plans=0 --num_shards=2 --shard_index="$1"
+}
+side_by_side wide_tables
+done_with wide_tables
+
 ALL_DATA="$DIR/costs,$DIR/mined_spmd,$DIR/mined_max_device,$DIR/costs_large,$DIR/costs_pool2"
-cost_model_3() {  # cost_model_3 SEED: ~11 min per fit on one core (Zen 4, without pool 2)
-  cost_model "$DIR/cost_model_3_seed$1" "$ALL_DATA" "$(( $1 % 2 ))" --seed="$1" \
+ALL_DATA="$ALL_DATA,$DIR/costs_wide,$DIR/costs_wide_pool2"
+cost_model_u() {  # cost_model_u SEED: the final networks, with the unique-row inputs (the
+  # default); ~15 min per fit on one core (Zen 5, two at once)
+  cost_model "$DIR/cost_model_u_seed$1" "$ALL_DATA" "$(( $1 % 2 ))" --seed="$1" \
     --unseen="$DIR/unseen_dev"
 }
-side_by_side cost_model_3
-cost_model_3 2
-done_with cost_model_3
+side_by_side cost_model_u
+cost_model_u 2
+done_with cost_model_u
 
-COST_MODEL="$DIR/cost_model_3_seed0,$DIR/cost_model_3_seed1,$DIR/cost_model_3_seed2" \
-  ITERATIONS=3000 SUFFIX=_3 side_by_side policy  # ~20 min each
-done_with policies_3
-POLICY=("$DIR/sharder_3_spmd" "$DIR/sharder_3_max_device")  # per objective
+COST_MODEL="$DIR/cost_model_u_seed0,$DIR/cost_model_u_seed1,$DIR/cost_model_u_seed2" \
+  ITERATIONS=3000 SUFFIX=_u side_by_side policy  # ~4 min each (Zen 5)
+done_with policies_u
+POLICY=("$DIR/sharder_u_spmd" "$DIR/sharder_u_max_device")  # per objective
 
 reproduce() {  # reproduce K SETTINGS: objective K's evaluation of SETTINGS
   local objective=${OBJECTIVES[$1]}
