@@ -27,7 +27,7 @@ from autoshard_jax.cost.network import (
     encode_features,
     init_params,
     num_inputs,
-    unique_batch,
+    unique_rows_batch,
 )
 from autoshard_jax.errors import DataError
 from autoshard_jax.tables.features import FEATURE_NAMES, table_features
@@ -208,7 +208,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         val = {"sets": split_mask(sets.index, "val")} if sets is not None else {}
         for d, p in plans.items():
             train[d], val[d] = split_mask(p.index, "train"), split_mask(p.index, "val")
-        mean_I, std_I = _normaliser(sets, plans, train, unique_batch(meta))
+        mean_I, std_I = _normaliser(sets, plans, train, unique_rows_batch(meta))
         model = CostModel(None, mean_I, std_I, meta, CostNet())
         params = init_params(model.net, jax.random.key(config.seed), num_inputs(meta))
     else:
@@ -365,7 +365,7 @@ def evaluate(model: CostModel, sets: SetData | None, plans: dict[int, PlanData],
         if (te & known).any():
             sums = np.asarray([sum(singles.get(n, 0.0) for n in names) for names in sets.names])
             entry["sum_of_singles"] = scores(sums[te & known], y[te & known])
-        feats = _set_feature_sums(sets, unique_batch(model.meta))
+        feats = _set_feature_sums(sets, unique_rows_batch(model.meta))
         entry["linear"] = scores(_lstsq(feats[tr], y[tr], feats[te]), y[te])
         a_fn = jax.jit(jax.vmap(lambda x, a: analytic(x, a, a)[0][0]))
         a = np.asarray(a_fn(sets.feats, sets.assign), np.float64)
@@ -380,7 +380,7 @@ def evaluate(model: CostModel, sets: SetData | None, plans: dict[int, PlanData],
                 continue
             true.append(p.total[te])
             preds["network"].append(predict_plans(model.cost_fn, p, te))
-            feats = _plan_feature_sums(p, unique_batch(model.meta))
+            feats = _plan_feature_sums(p, unique_rows_batch(model.meta))
             preds["linear"].append(_lstsq(feats[tr], p.total[tr], feats[te]) if tr.any()
                                    else np.full(te.sum(), np.nan))
             a = predict_plans(analytic, p, np.ones(len(p.index), bool))

@@ -71,11 +71,11 @@ NUM_UNIQUE_INPUTS = 3  # with encode_features' unique_batch
 
 
 def num_inputs(meta: dict) -> int:
-    """The network's input width for a model of this provenance (`unique_batch`)."""
-    return NUM_INPUTS + (NUM_UNIQUE_INPUTS if unique_batch(meta) is not None else 0)
+    """The network's input width for a model of this provenance (`unique_rows_batch`)."""
+    return NUM_INPUTS + (NUM_UNIQUE_INPUTS if unique_rows_batch(meta) is not None else 0)
 
 
-def unique_batch(meta: dict) -> int | None:
+def unique_rows_batch(meta: dict) -> int | None:
     """The batch size the unique-row inputs are computed at, or None for models fitted without
     them (`unique_rows` in cost_model.json; those of sessions up to 29)."""
     return int(meta["batch_size"]) if meta.get("unique_rows") else None
@@ -231,7 +231,7 @@ class CostModel:
     def _bind_heads(self, params, feats_TxF, class_TxK):
         """(heads(assign_TxD), the device rows [e | work | single], device_ms(sums)) of one
         table set: the tables are encoded once."""
-        x_TxI = (encode_features(feats_TxF, unique_batch(self.meta)) - self.mean_I[None]) \
+        x_TxI = (encode_features(feats_TxF, unique_rows_batch(self.meta)) - self.mean_I[None]) \
             / self.std_I[None]
         logdim_T = jnp.log2(feats_TxF[:, _DIM])
         work_TxW = work_terms(feats_TxF)

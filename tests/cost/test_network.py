@@ -19,7 +19,7 @@ from autoshard_jax.cost.network import (
     load_cost_models,
     num_inputs,
     save_cost_model,
-    unique_batch,
+    unique_rows_batch,
     width_classes,
 )
 from autoshard_jax.errors import InputError
@@ -166,10 +166,10 @@ def test_unique_row_inputs_learn_what_the_histogram_hides(tmp_path):
     assert errors[True] < 0.6 * errors[False], errors
     save_cost_model(str(tmp_path), model)  # the inputs follow the saved provenance
     loaded = load_cost_model(str(tmp_path))
-    assert unique_batch(loaded.meta) == 256 and loaded.mean_I.shape == (num_inputs(meta),)
+    assert unique_rows_batch(loaded.meta) == 256 and loaded.mean_I.shape == (num_inputs(meta),)
     np.testing.assert_allclose(loaded.predict_sets([feats[:3]]), model.predict_sets([feats[:3]]),
                                rtol=1e-6)
-    assert unique_batch({"batch_size": 512}) is None  # networks fitted before the inputs
+    assert unique_rows_batch({"batch_size": 512}) is None  # networks fitted before the inputs
 
 
 def test_load_names_what_is_missing(tmp_path):
