@@ -8,7 +8,9 @@ python -m launch.shard --tables=tables.json --num_devices=8 --memory_gb=4 --meth
 Methods: random, dim_greedy, size_greedy, lookup_greedy, size_lookup_greedy, torchrec_greedy,
 spmd_greedy, autoshard (needs --policy), autoshard_search (with --policy: the policy's plan
 refined by local search on the cost model, moves predicted to gain >= 1% only; without: local
-search from the plan the cost model predicts best among the heuristics' and its own greedy's).
+search from the plan the cost model predicts best among the heuristics' and its own greedy's;
+for max_device both then split tables row-wise over all devices where the cost model predicts
+the slowest device gets faster, `--norow_wise` keeps every table whole).
 Prints the sharding time; the plan's `meta` records method, objective and time.
 """
 
@@ -44,6 +46,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Batch size the costs refer to.")
     flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer whose state counts in memory.")
     flags.DEFINE_integer("seed", 0, "Seed of the random method.")
+    flags.DEFINE_bool("row_wise", True, "autoshard_search, max_device: may split tables "
+                      "row-wise over all devices (placement.split); false keeps them whole.")
 
 
 def check_flags(f) -> None:
@@ -75,7 +79,7 @@ def shard_main(f: dict, out=sys.stdout) -> dict:
     cost = planning_cost(f["batch_size"], f["cost_model"], policy)
     plan = shard(specs, f["num_devices"], int(f["memory_gb"] * 2**30), f["method"],
                  objective=f["objective"], policy_dir=f["policy"], cost=cost, seed=f["seed"],
-                 row_optimizer=f["row_optimizer"])
+                 row_optimizer=f["row_optimizer"], row_wise=f.get("row_wise", True))
     save_plan(f["out"], plan)
     m = plan.meta
     print(f"sharded {len(specs)} tables onto {f['num_devices']} devices with {f['method']} in "
@@ -90,7 +94,7 @@ def main(argv):
         raise InputError(f"unexpected arguments {argv[1:]}")
     shard_main({name: FLAGS[name].value for name in
                 ("tables", "num_devices", "memory_gb", "method", "objective", "policy", "out",
-                 "cost_model", "batch_size", "row_optimizer", "seed")})
+                 "cost_model", "batch_size", "row_optimizer", "seed", "row_wise")})
 
 
 if __name__ == "__main__":

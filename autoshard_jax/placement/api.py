@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from autoshard_jax.errors import InputError
-from autoshard_jax.placement import heuristics, search
+from autoshard_jax.placement import heuristics, search, split
 from autoshard_jax.placement.costs import (
     Cost,
     check_objective,
@@ -45,6 +45,11 @@ GREEDY_SEARCH = "greedy_search"
 # the refinement's moves measured worse more often than better (README), so for now the
 # policy alone (`autoshard`) is the learned method to use.
 REFINE_MIN_GAIN = 0.01
+# A row-wise split (`split`) must be predicted to lower the maximum by 10%. On session 31's
+# development tasks each split predicted to lower it by 18-73% measured 15-70% lower, and each
+# predicted 1-3% lower measured between 1% lower and 3.5% higher: shards on every device are
+# sets the network has seen little of, and a small predicted gain is not evidence.
+SPLIT_MIN_GAIN = 0.10
 EVAL_METHODS = METHODS + (GREEDY_SEARCH,)
 DEFAULT_BATCH_SIZE = 512
 
@@ -53,14 +58,16 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
           objective: str = "spmd", policy: LoadedPolicy | None = None, cost: Cost | None = None,
           seed: int = 0, row_optimizer: str = "sgd", search_rounds: int = 200,
           search_time_s: float = 60.0, monotone: bool = True,
-          sigma: float = 0.0, shared: bool = True) -> np.ndarray:
+          sigma: float = 0.0, shared: bool = True, row_wise: bool = True) -> np.ndarray:
     """Each table's device under `method` (memory-legal, or PlacementError naming a table).
     `monotone`: the searches floor a device's predicted max_device cost by its costliest
     table alone (`search` module doc); `sigma`: for max_device they minimise the expected
     measured maximum under that per-device error (`costs.expected_max`; 0: the maximum);
     `shared`: with the floor they minimise the slowest device holding two or more tables,
     which breaks the maximum's ties where one table alone sets it (`search` module doc; on
-    by default since session 29's development judge)."""
+    by default since session 29's development judge); `row_wise`: for max_device the searches
+    then split tables row-wise where the cost model predicts the maximum falls (`split`; such a
+    table's entry is split.ROW_WISE)."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {list(METHODS)}")
     check_objective(objective)
@@ -80,11 +87,12 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
                              "launch.train_sharder)")
         return policy_place(policy, specs, num_devices, mem, cost)
     if policy is not None:  # autoshard_search: policy + refinement
-        return search.local_search(specs, num_devices, mem, cost, objective,
-                                   policy_place(policy, specs, num_devices, mem, cost),
-                                   max_rounds=search_rounds, time_budget_s=search_time_s,
-                                   min_gain=REFINE_MIN_GAIN, monotone=monotone, sigma=sigma,
-                                   shared=shared)
+        device_T = search.local_search(specs, num_devices, mem, cost, objective,
+                                       policy_place(policy, specs, num_devices, mem, cost),
+                                       max_rounds=search_rounds, time_budget_s=search_time_s,
+                                       min_gain=REFINE_MIN_GAIN, monotone=monotone,
+                                       sigma=sigma, shared=shared)
+        return _split(specs, num_devices, mem, cost, objective, device_T, row_wise)
     # greedy_search: refine the best start the cost model sees (spmd: among the starts with
     # the smallest padded program, which the search then never enlarges; see local_search)
     starts = []
@@ -108,10 +116,18 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
         starts = [d for d, g in zip(starts, gather, strict=True) if g <= gather.min() * (1 + 1e-9)]
     start = min(starts, key=lambda d: search.predicted_objective(
         specs, num_devices, cost, objective, d, single if monotone else None, sigma, shared))
-    return search.local_search(specs, num_devices, mem, cost, objective, start,
-                               max_rounds=search_rounds, time_budget_s=search_time_s,
-                               monotone=monotone, single_T=single, sigma=sigma,
-                               shared=shared)
+    device_T = search.local_search(specs, num_devices, mem, cost, objective, start,
+                                   max_rounds=search_rounds, time_budget_s=search_time_s,
+                                   monotone=monotone, single_T=single, sigma=sigma,
+                                   shared=shared)
+    return _split(specs, num_devices, mem, cost, objective, device_T, row_wise)
+
+
+def _split(specs, num_devices, mem, cost, objective, device_T, row_wise):
+    """The searches' last step for max_device: row-wise splits (`split` module doc)."""
+    if not row_wise or objective != "max_device":
+        return device_T
+    return split.split_heavy(specs, num_devices, mem, cost, device_T, min_gain=SPLIT_MIN_GAIN)
 
 
 def place_method(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str,
@@ -143,7 +159,7 @@ def shard(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
     t0 = time.perf_counter()
     device_T = place(specs, num_devices, memory_bytes, method, **args)
     elapsed = time.perf_counter() - t0
-    dev_D, spmd = plan_costs(cost, specs, device_T, num_devices)
+    dev_D, spmd = plan_costs(cost, *split.expand(specs, device_T, num_devices), num_devices)
     meta = {"method": method, "objective": objective, "time_s": round(elapsed, 6),
             "cost_model": cost.name, "predicted_max_ms": float(dev_D.max()),
             "predicted_spmd_ms": spmd, "seed": seed}
@@ -158,6 +174,8 @@ def shard(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
 
 def plan_of(specs: Sequence[TableSpec], device_T: Sequence[int], num_devices: int,
             memory_bytes: int, meta: dict | None = None) -> ShardingPlan:
-    """The table-wise plan putting specs[t] on device_T[t] (not validated)."""
-    return plan_from_mapping({s.name: int(d) for s, d in zip(specs, device_T, strict=True)},
+    """The plan putting specs[t] on device_T[t], row_wise where that is split.ROW_WISE (not
+    validated)."""
+    return plan_from_mapping({s.name: "row_wise" if d == split.ROW_WISE else int(d)
+                              for s, d in zip(specs, device_T, strict=True)},
                              num_devices, memory_bytes, meta)

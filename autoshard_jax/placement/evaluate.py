@@ -23,6 +23,7 @@ import numpy as np
 from autoshard_jax.errors import InputError
 from autoshard_jax.optim.sparse import state_kinds
 from autoshard_jax.placement.costs import Cost, plan_costs
+from autoshard_jax.placement.split import ROW_WISE, expand, row_wise_shard
 from autoshard_jax.sharding.plan import ShardingPlan
 from autoshard_jax.tables.spec import TableSpec
 
@@ -39,9 +40,8 @@ def device_tables(specs: Sequence[TableSpec], plan: ShardingPlan) -> list[list[T
         if p["type"] == "table_wise":
             out[p["device"]].append(s)
             continue
-        rows = -(-s.rows // d_count) if p["type"] == "row_wise" else s.rows
-        shard = dataclasses.replace(s, rows=max(1, rows), pooling_factor=s.pooling_factor
-                                    / d_count)
+        shard = (row_wise_shard(s, d_count) if p["type"] == "row_wise" else
+                 dataclasses.replace(s, pooling_factor=s.pooling_factor / d_count))
         for d in range(d_count):
             out[d].append(shard)
     return out
@@ -61,11 +61,13 @@ def padding_overhead(specs, plan: ShardingPlan, row_optimizer: str = "sgd") -> f
 
 def evaluate_predicted(specs: Sequence[TableSpec], plan: ShardingPlan, cost: Cost,
                        row_optimizer: str = "sgd") -> dict:
-    """Cost-model numbers of a table-wise plan."""
-    device_T = np.asarray([plan.placements[s.name].get("device", -1) for s in specs])
-    if (device_T < 0).any():
-        raise ValueError("predicted evaluation covers table_wise plans only")
-    dev_D, spmd = plan_costs(cost, specs, device_T, plan.num_devices)
+    """Cost-model numbers of a plan of table_wise and row_wise tables (`split.expand`)."""
+    kinds = {plan.placements[s.name]["type"] for s in specs}
+    if "replicated" in kinds:
+        raise InputError("predicted evaluation covers table_wise and row_wise plans only")
+    device_T = np.asarray([plan.placements[s.name].get("device", ROW_WISE) for s in specs])
+    dev_D, spmd = plan_costs(cost, *expand(specs, device_T, plan.num_devices),
+                             plan.num_devices)
     return summarize(dev_D, spmd, padding_overhead(specs, plan, row_optimizer))
 
 

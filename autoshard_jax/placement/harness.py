@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from autoshard_jax.errors import InputError
-from autoshard_jax.placement import api, search
+from autoshard_jax.placement import api, search, split
 from autoshard_jax.placement.costs import (
     Cost,
     class_onehot,
@@ -185,7 +185,9 @@ def run_task(task: Task, objective: str, cost: Cost, policy: LoadedPolicy | None
     else:
         if rounds:
             out = remeasure(out, make_score(task, objective), rounds)
-        ok = {m: r for m, r in out.items() if "failed" not in r}
+        # The reference searches table-wise plans: it starts from the best of them.
+        ok = {m: r for m, r in out.items()
+              if "failed" not in r and split.ROW_WISE not in r["device_T"]}
         start = min(ok, key=lambda m: objective_of(ok[m], objective))
         score = make_score(task, objective) if rounds else cached(make_score(task, objective))
         ref_T, ref = reference_search(task, np.asarray(ok[start]["device_T"]), cost, objective,
@@ -279,7 +281,8 @@ def cached(score: Callable[[np.ndarray], dict]) -> Callable[[np.ndarray], dict]:
 
 def predicted_scorer(task: Task, cost: Cost) -> Callable[[np.ndarray], dict]:
     def score(device_T):
-        dev_D, spmd = plan_costs(cost, task.specs, np.asarray(device_T), task.num_devices)
+        dev_D, spmd = plan_costs(cost, *split.expand(task.specs, device_T, task.num_devices),
+                                 task.num_devices)
         return {"device_ms": dev_D.tolist(), "max_ms": float(dev_D.max()), "spmd_ms": spmd}
     return score
 

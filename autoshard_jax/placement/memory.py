@@ -32,6 +32,7 @@ class MemoryModel:
     width: int
     phys_T: np.ndarray  # int64 physical rows of each table (row packed)
     keys_T: np.ndarray  # int64 logical rows
+    pack_T: np.ndarray  # int64 logical rows per physical row
     bytes_per_phys: int  # W x 4 x (1 + element-state leaves)
     bytes_per_key: int  # 4 x row-state leaves
 
@@ -46,6 +47,11 @@ class MemoryModel:
         phys = np.maximum(phys_D.max(), phys_D + self.phys_T[t])
         keys = np.maximum(keys_D.max(), keys_D + self.keys_T[t])
         return self.allocated(phys, keys) <= self.budget
+
+    def row_wise_D(self, t: int, num_devices: int) -> tuple[int, int]:
+        """(physical, logical) rows a row_wise table t puts on each device (its 1/D shard)."""
+        local = -(-int(self.keys_T[t]) // num_devices)
+        return -(-local // int(self.pack_T[t])), local
 
     def does_not_fit(self, specs: Sequence[TableSpec], t: int, num_devices: int
                      ) -> PlacementError:
@@ -64,5 +70,5 @@ def memory_model(specs: Sequence[TableSpec], budget: int, row_optimizer: str = "
     pack_T = np.asarray([width // padded_width(s.dim, width) for s in specs], np.int64)
     keys_T = np.asarray([s.rows for s in specs], np.int64)
     phys_T = -(-keys_T // pack_T)
-    return MemoryModel(int(budget), width, phys_T, keys_T,
+    return MemoryModel(int(budget), width, phys_T, keys_T, pack_T,
                        width * BYTES_PER_VALUE * (1 + n_elem), BYTES_PER_VALUE * n_row)

@@ -199,7 +199,7 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
                  time_budget_s: float = 60.0, max_candidates: int = 4096,
                  keep_padding: bool = True, min_gain: float = 0.0, monotone: bool = True,
                  single_T: np.ndarray | None = None, sigma: float = 0.0,
-                 shared: bool = False) -> np.ndarray:
+                 shared: bool = False, pinned_T: np.ndarray | None = None) -> np.ndarray:
     """Best-improvement moves and swaps of tables on the critical devices (the slowest device;
     for spmd also each width class's busiest device by predicted class cost) until none
     improves, `max_rounds` moves, or `time_budget_s`.
@@ -221,7 +221,8 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
     With `sigma` > 0 the max_device objective is the expected measured maximum
     (`costs.expected_max`), and every device within 2 sigma of the slowest is critical.
     With `shared` (and `monotone`) it is the slowest shared device's, and that device is the
-    critical one (module doc).
+    critical one (module doc). Tables where `pinned_T` is true stay where they are (the shards
+    of a row-wise table, `split`).
     """
     feats, cls = _inputs(specs)
     floor_T = None
@@ -233,6 +234,7 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
     cls_np = np.asarray(cls)
     device_T = np.asarray(device_T, np.int64).copy()
     t_count, d_count = len(specs), num_devices
+    movable_T = np.ones(t_count, bool) if pinned_T is None else ~np.asarray(pinned_T, bool)
     t0 = time.perf_counter()
 
     def assign_of(dev):
@@ -261,10 +263,10 @@ def local_search(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel,
                     sub = np.zeros((t_count, d_count), np.float32)
                     sub[members, device_T[members]] = 1.0
                     critical.add(int(np.argmax(np.asarray(cost.fn(feats, sub, cls)[0]))))
-        crit_T = np.flatnonzero(np.isin(device_T, list(critical)))
+        crit_T = np.flatnonzero(np.isin(device_T, list(critical)) & movable_T)
         moves = [(t, d, -1, 0) for t in crit_T for d in range(d_count) if d != device_T[t]]
         swaps = [(t, device_T[u], u, device_T[t]) for t in crit_T for u in range(t_count)
-                 if device_T[u] != device_T[t]]
+                 if device_T[u] != device_T[t] and movable_T[u]]
         cand = np.asarray(moves + swaps, np.int64).reshape(-1, 4)
         if len(cand) > max_candidates:
             keep = np.random.default_rng(len(cand)).choice(len(cand), max_candidates, False)

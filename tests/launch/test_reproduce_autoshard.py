@@ -8,7 +8,7 @@ import types
 import pytest
 
 from autoshard_jax.errors import ConfigError, InputError, ResumeError
-from autoshard_jax.placement import harness
+from autoshard_jax.placement import harness, split
 from autoshard_jax.placement.tasks import evaluation_pool
 from autoshard_jax.placement.trainer import train
 from launch.reproduce_autoshard import reproduce
@@ -43,8 +43,11 @@ def test_reports_every_method_and_resumes(tmp_path):
     lines = open(os.path.join(work, "results.jsonl")).read().splitlines()
     assert len(lines) == 8
     for rec in map(json.loads, lines):
+        # The reference searches table-wise plans from the best of them (a max_device search
+        # may split a table row-wise, split.ROW_WISE, and go below it).
         best = min(r["spmd_ms" if rec["objective"] == "spmd" else "max_ms"]
-                   for m, r in rec["methods"].items() if m != "reference")
+                   for m, r in rec["methods"].items()
+                   if m != "reference" and split.ROW_WISE not in r["device_T"])
         ref = rec["methods"]["reference"]
         assert ref["spmd_ms" if rec["objective"] == "spmd" else "max_ms"] <= best + 1e-9
     assert os.path.exists(os.path.join(work, "bars_spmd.png"))

@@ -1,5 +1,6 @@
 """launch.shard: every method writes a validated plan with its meta; bad input exits 2."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -55,6 +56,26 @@ def test_methods_write_valid_plans(tables, tmp_path, method, objective):
     assert plan.num_devices == 3 and plan.memory_bytes_per_device == int(0.5 * 2**30)
     assert plan.meta["method"] == method and plan.meta["objective"] == objective
     assert plan.meta["time_s"] == meta["time_s"] >= 0
+
+
+def test_max_device_search_splits_a_dominant_table_unless_told_not_to(tmp_path):
+    """One table with 50x the others' lookups sets the slowest device of any table-wise plan:
+    autoshard_search splits it row-wise over the devices; --norow_wise keeps it whole."""
+    specs = synthetic_pool(12, seed=3, max_rows=20_000)
+    specs[0] = dataclasses.replace(specs[0], pooling_factor=50 * max(s.pooling_factor
+                                                                    for s in specs))
+    path = str(tmp_path / "tables.json")
+    save_tables(path, specs)
+    kinds = {}
+    for row_wise in (True, False):
+        out = str(tmp_path / f"plan_{row_wise}.json")
+        meta = shard_main(flags(path, out, method="autoshard_search", objective="max_device",
+                                num_devices=4, row_wise=row_wise), out=open(os.devnull, "w"))
+        plan = load_plan(out)
+        plan.validate(specs)
+        kinds[row_wise] = (plan.placements[specs[0].name]["type"], meta["predicted_max_ms"])
+    assert kinds[True][0] == "row_wise" and kinds[False][0] == "table_wise"
+    assert kinds[True][1] < 0.9 * kinds[False][1]
 
 
 def test_cli_prints_the_sharding_time(tables, tmp_path):
