@@ -66,7 +66,8 @@ def define_flags() -> None:
     flags.DEFINE_string("objectives", "spmd,max_device", "Objectives to evaluate.")
     flags.DEFINE_float("mem_factor", 1.5, "Memory cap: x max(balanced share, largest table).")
     flags.DEFINE_integer("reference_budget", 30, "Scored proposals of the reference search.")
-    flags.DEFINE_float("search_time_s", 20.0, "Time budget of autoshard_search per task.")
+    flags.DEFINE_float("search_time_s", 20.0, "Time budget of autoshard_search per task "
+                       "(max_device: as much again for its row-wise splits).")
     flags.DEFINE_integer("rounds", 3, "With --measure=oracle: the final plans of a task are "
                          "measured afresh this many times, interleaved, and report the median "
                          "(0: the single measurement that chose them).")

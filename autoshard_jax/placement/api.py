@@ -92,7 +92,8 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
                                        max_rounds=search_rounds, time_budget_s=search_time_s,
                                        min_gain=REFINE_MIN_GAIN, monotone=monotone,
                                        sigma=sigma, shared=shared)
-        return _split(specs, num_devices, mem, cost, objective, device_T, row_wise)
+        return _split(specs, num_devices, mem, cost, objective, device_T, row_wise,
+                      search_time_s)
     # greedy_search: refine the best start the cost model sees (spmd: among the starts with
     # the smallest padded program, which the search then never enlarges; see local_search)
     starts = []
@@ -120,14 +121,16 @@ def place(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, metho
                                    max_rounds=search_rounds, time_budget_s=search_time_s,
                                    monotone=monotone, single_T=single, sigma=sigma,
                                    shared=shared)
-    return _split(specs, num_devices, mem, cost, objective, device_T, row_wise)
+    return _split(specs, num_devices, mem, cost, objective, device_T, row_wise, search_time_s)
 
 
-def _split(specs, num_devices, mem, cost, objective, device_T, row_wise):
-    """The searches' last step for max_device: row-wise splits (`split` module doc)."""
+def _split(specs, num_devices, mem, cost, objective, device_T, row_wise, time_s):
+    """The searches' last step for max_device: row-wise splits (`split` module doc), with a
+    time budget of its own as large as the search's."""
     if not row_wise or objective != "max_device":
         return device_T
-    return split.split_heavy(specs, num_devices, mem, cost, device_T, min_gain=SPLIT_MIN_GAIN)
+    return split.split_heavy(specs, num_devices, mem, cost, device_T, min_gain=SPLIT_MIN_GAIN,
+                             time_budget_s=time_s)
 
 
 def place_method(specs: Sequence[TableSpec], num_devices: int, memory_bytes: int, method: str,
