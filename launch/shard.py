@@ -10,7 +10,7 @@ spmd_greedy, autoshard (needs --policy), autoshard_search (with --policy: the po
 refined by local search on the cost model, moves predicted to gain >= 1% only; without: local
 search from the plan the cost model predicts best among the heuristics' and its own greedy's;
 for max_device both then split tables row-wise over all devices where the cost model predicts
-the slowest device gets faster, `--norow_wise` keeps every table whole).
+the slowest device gets 10% faster, `--norow_wise` keeps every table whole).
 Prints the sharding time; the plan's `meta` records method, objective and time.
 """
 
@@ -47,7 +47,8 @@ def define_flags() -> None:
     flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer whose state counts in memory.")
     flags.DEFINE_integer("seed", 0, "Seed of the random method.")
     flags.DEFINE_bool("row_wise", True, "autoshard_search, max_device: may split tables "
-                      "row-wise over all devices (placement.split); false keeps them whole.")
+                      "row-wise over all devices where that is predicted to make the slowest "
+                      "device 10% faster (placement.split); false keeps them whole.")
 
 
 def check_flags(f) -> None:
