@@ -23,11 +23,13 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from autoshard_jax.placement.costs import (
     Cost,
     class_onehot,
+    floor_D,
     plan_costs,
     single_costs,
     table_features,
@@ -45,30 +47,32 @@ def row_wise_shard(spec: TableSpec, num_devices: int) -> TableSpec:
                                pooling_factor=spec.pooling_factor / num_devices)
 
 
+def _flat_devices(device_T: np.ndarray, num_devices: int) -> np.ndarray:
+    """Each table's or shard's device in `expand`'s order: the whole tables, then per ROW_WISE
+    table its shards 0..D-1."""
+    rows = np.flatnonzero(device_T == ROW_WISE)
+    return np.concatenate([device_T[device_T != ROW_WISE], np.tile(np.arange(num_devices),
+                                                                   len(rows))])
+
+
 def expand(specs: Sequence[TableSpec], device_T: np.ndarray, num_devices: int
            ) -> tuple[list[TableSpec], np.ndarray]:
     """The table-wise equivalent of a plan with ROW_WISE tables: each such table becomes D
     shards, shard d on device d, appended after the table-wise tables."""
     device_T = np.asarray(device_T, np.int64)
-    whole = np.flatnonzero(device_T != ROW_WISE)
-    out = [specs[t] for t in whole]
-    devices = [device_T[whole]]
+    out = [specs[t] for t in np.flatnonzero(device_T != ROW_WISE)]
     for t in np.flatnonzero(device_T == ROW_WISE):
         out += [row_wise_shard(specs[t], num_devices)] * num_devices
-        devices.append(np.arange(num_devices))
-    return out, np.concatenate(devices)
+    return out, _flat_devices(device_T, num_devices)
 
 
 def _rows_D(mem: MemoryModel, device_T: np.ndarray, num_devices: int
             ) -> tuple[np.ndarray, np.ndarray]:
     """(physical, logical) rows on each device of a plan with ROW_WISE tables."""
-    whole = device_T != ROW_WISE
-    phys = np.bincount(device_T[whole], mem.phys_T[whole], num_devices)
-    keys = np.bincount(device_T[whole], mem.keys_T[whole], num_devices)
-    for t in np.flatnonzero(~whole):
-        p, k = mem.row_wise_D(int(t), num_devices)
-        phys, keys = phys + p, keys + k
-    return phys, keys
+    flat = _flat_memory(mem, device_T, num_devices)
+    flat_D = _flat_devices(device_T, num_devices)
+    return (np.bincount(flat_D, flat.phys_T, num_devices),
+            np.bincount(flat_D, flat.keys_T, num_devices))
 
 
 def _allocated(mem: MemoryModel, device_T: np.ndarray, num_devices: int) -> float:
@@ -113,9 +117,8 @@ def predicted_device_ms(specs: Sequence[TableSpec], device_T: np.ndarray, num_de
     flat, flat_D = expand(specs, device_T, num_devices)
     dev_D, _ = plan_costs(cost, flat, flat_D, num_devices)
     single = single_costs(cost, table_features(flat), class_onehot(flat))
-    floor = np.zeros(num_devices)
-    np.maximum.at(floor, flat_D, single)
-    return np.maximum(dev_D, floor)
+    assign = np.eye(num_devices, dtype=np.float32)[flat_D]
+    return np.maximum(dev_D, np.asarray(floor_D(jnp.asarray(assign), jnp.asarray(single))))
 
 
 def split_heavy(specs: Sequence[TableSpec], num_devices: int, mem: MemoryModel, cost: Cost,
