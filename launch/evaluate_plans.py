@@ -33,11 +33,14 @@ def define_flags() -> None:
                       "full sharded train step.")
     flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer of the measured update.")
     flags.DEFINE_integer("seed", 0, "Seed of the id draw.")
+    flags.DEFINE_bool("spmd_every_device", False, "Time every device's padded program and take "
+                      "the slowest as spmd_ms's compute, instead of the busiest device's by ids "
+                      "x width alone (D times the oracle time; see cost.oracle.measure_plan).")
 
 
 def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str = "oracle",
                   row_optimizer: str = "sgd", seed: int = 0, out=sys.stdout,
-                  protocol=None) -> list[dict]:
+                  protocol=None, spmd_every_device: bool = False) -> list[dict]:
     """The job: validates every input first, then measures; returns the printed records.
     `protocol` (the oracle's timing protocol) lets tests time fewer repeats."""
     if not tables or not plans:
@@ -69,7 +72,8 @@ def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str =
     records = []
     for path, plan in zip(paths, loaded, strict=True):
         rec = {"plan": path, **evaluate_measured(specs, plan, batch_size, measure,
-                                                 row_optimizer, seed, protocol)}
+                                                 row_optimizer, seed, protocol,
+                                                 spmd_every_device)}
         print(json.dumps(rec), file=out, flush=True)
         records.append(rec)
     return records
@@ -79,7 +83,7 @@ def main(argv):
     if len(argv) > 1:
         raise InputError(f"unexpected arguments {argv[1:]}")
     evaluate_main(FLAGS.tables, FLAGS.plans, FLAGS.batch_size, FLAGS.measure,
-                  FLAGS.row_optimizer, FLAGS.seed)
+                  FLAGS.row_optimizer, FLAGS.seed, spmd_every_device=FLAGS.spmd_every_device)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ def define_flags() -> None:
                         "pool, seed and settings: each task's reference plan is taken from it "
                         "(and measured afresh) instead of searched again, so a changed method "
                         "is re-evaluated at the cost of measuring plans.")
+    flags.DEFINE_bool("spmd_every_device", False, "With --measure=oracle: a plan's spmd step "
+                      "is timed on every device and its slowest taken, instead of on the "
+                      "busiest device by ids x width alone (cost.oracle.measure_plan; D times "
+                      "the oracle time).")
     flags.DEFINE_bool("report_only", False, "Measure nothing: rewrite results.md from the "
                       "finished tasks of --settings and --objectives in --workdir's "
                       "results.jsonl (after runs split across processes, one setting each).")
@@ -128,7 +132,7 @@ def task_identity(f) -> dict:
             "pool_seed": f.pool_seed, "split": f.split, "seed": f.seed,
             "mem_factor": f.mem_factor, "base_tables": f.base_tables,
             "base_devices": f.base_devices, "measure": f.measure, "clock": f.clock,
-            "batch_size": f.batch_size, **_host(f)}
+            "batch_size": f.batch_size, "spmd_every_device": f.spmd_every_device, **_host(f)}
 
 
 def _host(f) -> dict:
@@ -149,6 +153,7 @@ def check_workdir(f, log=print) -> None:
     if os.path.isfile(path):
         with open(path) as fh:
             saved = json.load(fh)
+        saved.setdefault("spmd_every_device", False)  # written before the flag: busiest only
         if "cpu" in current and "cpu" not in saved:  # written before the CPU was recorded
             log(f"{f.workdir}/run.json records no CPU type: recording this host's "
                 f"({current['cpu']}); its earlier results are taken to be measured on it")
@@ -236,7 +241,8 @@ def reproduce(f, log=print) -> str:
     def make_score(task, objective):
         if f.measure == "oracle":
             from autoshard_jax.cost.timing import Protocol
-            return harness.oracle_scorer(task, f.batch_size, Protocol(clock=f.clock), objective)
+            return harness.oracle_scorer(task, f.batch_size, Protocol(clock=f.clock), objective,
+                                         f.spmd_every_device)
         return harness.predicted_scorer(task, cost)
 
     split = "" if f.split == "test" else "; training-half tasks (development split)"

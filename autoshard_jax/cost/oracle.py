@@ -7,8 +7,9 @@ backend (CPU, GPU or TPU), with ids drawn from each table's statistics (`tables.
   pool) and backward (gradient spread + sparse optimizer update) are timed, total is their sum.
 * `measure_plan` is this project's SPMD setting: every device runs one program whose width classes
   are padded to the most loaded device (`sharding.lookup_meta`), plus the all_to_all exchange of
-  ids, pooled vectors and gradients. Compute is the padded program of the busiest device timed on
-  one device; exchange is the plan's collectives timed alone on its mesh.
+  ids, pooled vectors and gradients. Compute is the padded program of the busiest device (most
+  ids x width) timed on one device, or with `every_device` each device's program timed and the
+  slowest taken; exchange is the plan's collectives timed alone on its mesh.
 
 Every timed repeat is normalized by a fixed reference embedding step run in the same round
 (`timing.Reference`, on by default: `Protocol.normalize`), so costs are in "ms at the reference's
@@ -99,9 +100,10 @@ class PlanCost:
     compute_ms: float
     exchange_ms: float
     spread: float
-    busiest_device: int
+    busiest_device: int  # the device whose program `compute_ms` is (with every_device: slowest)
     exchange_bytes_per_device: int
     reference_ms: float = 0.0  # the reference step's raw time meanwhile (0: not normalized)
+    device_compute_ms: tuple[float, ...] = ()  # each device's program (every_device only)
 
 
 def device_memory_limit(device: jax.Device) -> int:
@@ -353,8 +355,15 @@ def _exchange_program(layout: Layout, batch_size: int, mesh: jax.sharding.Mesh, 
 
 def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int, *,
                  row_optimizer: str = "sgd", protocol: Protocol = DEFAULT_PROTOCOL, seed: int = 0,
-                 devices: Sequence[jax.Device] | None = None) -> PlanCost:
+                 devices: Sequence[jax.Device] | None = None, every_device: bool = False
+                 ) -> PlanCost:
     """SPMD step cost of a plan's embedding stage: padded compute + collectives.
+
+    Every device runs the same padded shapes, but on its own tables: its real ids gather rows
+    spread over those tables, its padding re-reads one zero row. A step waits for the slowest
+    device, and the most ids x width need not be it: on session 32's 2-device plans (80, of 18
+    tasks) the busiest by that count was not the slowest in 45, whose step it understated by
+    0.9-1.4% at the median and up to 23% (`every_device` times them all, at D times the cost).
 
     Args:
       specs: every table of the plan.
@@ -362,10 +371,12 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
       batch_size: global batch (divisible by the plan's device count).
       row_optimizer, protocol, seed: as in `measure_set`.
       devices: the mesh's devices (default: the backend's first `plan.num_devices`).
+      every_device: time each device's program (interleaved in the same rounds) and take the
+        slowest, instead of the busiest device's alone.
     Returns:
-      A PlanCost: total = compute (busiest device's padded program, timed on that device)
-      + exchange (the collectives on the mesh, per device: on simulated CPU devices the
-      summed time / D).
+      A PlanCost: total = compute (busiest device's padded program, timed on that device; with
+      `every_device` the slowest device's) + exchange (the collectives on the mesh, per device:
+      on simulated CPU devices the summed time / D).
     """
     specs = _checked(specs, batch_size)
     if batch_size % plan.num_devices:
@@ -375,29 +386,38 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
     mesh = mesh_lib.make_mesh(plan.num_devices, devices)
     dev_list = list(mesh.devices.flat)
     busiest = busiest_device(layout)
+    timed_devices = range(plan.num_devices) if every_device else [busiest]
 
     def build():
         ids, grads = draw_batch(specs, batch_size, seed)
-        programs, carries = _step_programs(layout, busiest, ids, grads, row_optimizer,
-                                           dev_list[busiest], split=False)
-        if plan.num_devices == 1:
-            return programs, carries
-        programs["exchange"], exchange = _exchange_program(layout, batch_size, mesh, ids)
-        return programs, lambda: {**carries(), "exchange": exchange}
+        programs, fresh = {}, {}  # fresh[name](): that program's initial carry
+        for d in timed_devices:
+            device_programs, carries = _step_programs(layout, d, ids, grads, row_optimizer,
+                                                      dev_list[d], split=False)
+            programs[f"device{d}"] = device_programs["total"]
+            fresh[f"device{d}"] = lambda carries=carries: carries()["total"]
+        if plan.num_devices > 1:
+            programs["exchange"], exchange = _exchange_program(layout, batch_size, mesh, ids)
+            fresh["exchange"] = lambda: exchange
+        return programs, lambda: {name: make() for name, make in fresh.items()}
 
     placements = tuple(sorted((n, tuple(sorted(p.items()))) for n, p in plan.placements.items()))
     programs, carries = _cached_programs(
-        ("plan", specs, placements, batch_size, row_optimizer, seed, tuple(dev_list)), build)
+        ("plan", specs, placements, batch_size, row_optimizer, seed, tuple(dev_list),
+         every_device), build)
     timed, ref_ms = _timed(programs, carries(), protocol, dev_list[busiest])
-    compute = timed["total"].ms
+    device_ms = {d: timed[f"device{d}"] for d in timed_devices}
+    slowest = max(device_ms, key=lambda d: device_ms[d].ms)
+    compute = device_ms[slowest].ms
     exchange = timed["exchange"].ms if "exchange" in timed else 0.0
     if dev_list[0].platform == "cpu":
         # Simulated devices share this process's cores: the collectives' time is every device's
         # share summed. One device's share (/ D) is what each waits on parallel hardware, and
         # what the busiest device's compute above is comparable to.
         exchange /= plan.num_devices
-    return PlanCost(compute + exchange, compute, exchange, timed["total"].spread, busiest,
-                    exchange_bytes(layout, batch_size) if plan.num_devices > 1 else 0, ref_ms)
+    return PlanCost(compute + exchange, compute, exchange, device_ms[slowest].spread, slowest,
+                    exchange_bytes(layout, batch_size) if plan.num_devices > 1 else 0, ref_ms,
+                    tuple(t.ms for t in device_ms.values()) if every_device else ())
 
 
 def _checked(specs: Sequence[TableSpec], batch_size: int) -> tuple[TableSpec, ...]:

@@ -73,8 +73,9 @@ def evaluate_predicted(specs: Sequence[TableSpec], plan: ShardingPlan, cost: Cos
 
 def evaluate_measured(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int,
                       measure: str = "oracle", row_optimizer: str = "sgd", seed: int = 0,
-                      protocol=None) -> dict:
-    """Oracle-measured numbers (and `step_ms` when measure == "step")."""
+                      protocol=None, every_device: bool = False) -> dict:
+    """Oracle-measured numbers (and `step_ms` when measure == "step"); `every_device`: the
+    step's compute is its slowest device's (`oracle.measure_plan`)."""
     from autoshard_jax.cost import oracle
 
     pad = padding_overhead(specs, plan, row_optimizer)
@@ -83,7 +84,7 @@ def evaluate_measured(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size
         kw["protocol"] = protocol
     dev = [oracle.measure_set(tables, batch_size, **kw).total_ms if tables else 0.0
            for tables in device_tables(specs, plan)]
-    spmd = oracle.measure_plan(specs, plan, batch_size, **kw).total_ms
+    spmd = oracle.measure_plan(specs, plan, batch_size, every_device=every_device, **kw).total_ms
     out = summarize(dev, spmd, pad)
     if measure == "step":
         out["step_ms"] = step_ms(specs, plan, batch_size, row_optimizer, seed)

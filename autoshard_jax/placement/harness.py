@@ -287,11 +287,12 @@ def predicted_scorer(task: Task, cost: Cost) -> Callable[[np.ndarray], dict]:
     return score
 
 
-def oracle_scorer(task: Task, batch_size: int, protocol=None, objective: str | None = None
-                  ) -> Callable[[np.ndarray], dict]:
+def oracle_scorer(task: Task, batch_size: int, protocol=None, objective: str | None = None,
+                  every_device: bool = False) -> Callable[[np.ndarray], dict]:
     """Measured costs of a plan. With `objective`, only what it ranks by is timed (oracle time
     is the evaluation's budget): spmd the plan's step, max_device each device's tables; the
-    other field is NaN."""
+    other field is NaN. `every_device`: the step's compute is its slowest device's
+    (`oracle.measure_plan`)."""
     from autoshard_jax.cost import oracle
     from autoshard_jax.placement.evaluate import device_tables
 
@@ -305,7 +306,8 @@ def oracle_scorer(task: Task, batch_size: int, protocol=None, objective: str | N
                                 for t in device_tables(task.specs, plan)]
             out["max_ms"] = max(out["device_ms"])
         if objective in (None, "spmd"):
-            out["spmd_ms"] = oracle.measure_plan(task.specs, plan, batch_size, **kw).total_ms
+            out["spmd_ms"] = oracle.measure_plan(task.specs, plan, batch_size,
+                                                 every_device=every_device, **kw).total_ms
         return out
     return score
 

@@ -147,8 +147,8 @@ def test_simulated_devices_exchange_is_one_devices_share(monkeypatch, num_device
     # is every device's share summed; the plan cost must hold one device's share, as compute
     # does, or the exchange weighs D times too much against the step it stands for.
     def fake_timed(programs, carries, protocol, device):
-        ms = {"total": 6.0, "exchange": 8.0}
-        return {k: timing.Timed(ms[k], 0.0, (ms[k],)) for k in programs if k in ms}, 0.0
+        ms = {k: 8.0 if k == "exchange" else 6.0 for k in programs}
+        return {k: timing.Timed(ms[k], 0.0, (ms[k],)) for k in programs}, 0.0
 
     monkeypatch.setattr(oracle, "_timed", fake_timed)
     specs = [TableSpec(f"t{i}", 200, 8, 2.0, HIST) for i in range(num_devices)]
@@ -157,6 +157,46 @@ def test_simulated_devices_exchange_is_one_devices_share(monkeypatch, num_device
     assert cost.compute_ms == 6.0
     assert cost.exchange_ms == pytest.approx(8.0 / num_devices)
     assert cost.total_ms == pytest.approx(6.0 + 8.0 / num_devices)
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4])
+def test_every_device_takes_the_slowest_program(monkeypatch, num_devices):
+    # A step waits for its slowest device, which need not be the one with the most ids x width:
+    # with every_device each device's program is timed and the slowest one is the compute.
+    specs = [TableSpec(f"t{i}", 200, 8, 2.0 + 3.0 * (i == 0), HIST) for i in range(num_devices)]
+    plan = plan_from_mapping({s.name: i for i, s in enumerate(specs)}, num_devices, 1 << 30)
+    assert busiest_device(plan.validate(specs)) == 0  # most pooling on device 0
+    slow = num_devices - 1  # yet device D - 1 is timed slowest
+    timed_names = []
+
+    def fake_timed(programs, carries, protocol, device):
+        assert set(carries) == set(programs)
+        timed_names.append(sorted(programs))
+        ms = {k: 8.0 if k == "exchange" else 5.0 + 4.0 * (k == f"device{slow}") for k in programs}
+        return {k: timing.Timed(ms[k], 0.0, (ms[k],)) for k in programs}, 0.0
+
+    monkeypatch.setattr(oracle, "_timed", fake_timed)
+    every = measure_plan(specs, plan, 64, protocol=FAST, every_device=True)
+    devices = [f"device{d}" for d in range(num_devices)]
+    assert timed_names[-1] == sorted(devices + ["exchange"] * (num_devices > 1))
+    assert every.device_compute_ms == tuple(5.0 + 4.0 * (d == slow) for d in range(num_devices))
+    assert every.compute_ms == 9.0 and every.busiest_device == slow
+    exchange = 8.0 / num_devices if num_devices > 1 else 0.0
+    assert every.total_ms == pytest.approx(9.0 + exchange)
+    busiest = measure_plan(specs, plan, 64, protocol=FAST)  # the default: device 0 alone
+    assert timed_names[-1] == sorted(["device0"] + ["exchange"] * (num_devices > 1))
+    assert busiest.compute_ms == (9.0 if num_devices == 1 else 5.0)
+    assert busiest.busiest_device == 0 and busiest.device_compute_ms == ()
+
+
+def test_every_device_times_real_programs():
+    specs = [TableSpec(f"t{i}", 200, (8, 32)[i % 2], 2.0 + i, HIST) for i in range(6)]
+    plan = plan_from_mapping({s.name: i % 2 for i, s in enumerate(specs)}, 2, 1 << 30)
+    cost = measure_plan(specs, plan, 64, protocol=FAST, every_device=True)
+    assert len(cost.device_compute_ms) == 2 and min(cost.device_compute_ms) > 0
+    assert cost.compute_ms == max(cost.device_compute_ms)
+    assert cost.busiest_device == int(np.argmax(cost.device_compute_ms))
+    assert cost.total_ms == pytest.approx(cost.compute_ms + cost.exchange_ms)
 
 
 def test_repeated_measurements_reuse_their_programs(monkeypatch):

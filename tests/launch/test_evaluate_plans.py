@@ -46,6 +46,22 @@ def test_records_in_order_with_contract_fields(files):
     assert set(step) == FIELDS | {"step_ms"} and step["step_ms"] > 0
 
 
+def test_spmd_every_device_reaches_the_oracle(files, monkeypatch):
+    from autoshard_jax.cost import oracle
+
+    tables, paths = files
+    seen = []
+    real = oracle.measure_plan
+    monkeypatch.setattr(oracle, "measure_plan",
+                        lambda *a, **k: seen.append(k["every_device"]) or real(*a, **k))
+    quick = Protocol(warmup=1, repeats=3, trim=0)
+    for every in (False, True):
+        (rec,) = evaluate_main(tables, paths[0], batch_size=16, out=io.StringIO(),
+                               protocol=quick, spmd_every_device=every)
+        assert rec["spmd_ms"] > 0
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("kw,culprit", [({"batch_size": 0}, "batch_size"),
                                         ({"batch_size": 15}, "divisible"),
                                         ({"measure": "guess"}, "--measure")])

@@ -21,7 +21,8 @@ def args(workdir, **kw):
              pool_seed=0, measure="predicted", clock="cpu", batch_size=512, num_tasks=2,
              base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
              mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0,
-             reference_ms=0.0, report_only=False, reference_from=None, split="test")
+             reference_ms=0.0, report_only=False, reference_from=None, split="test",
+             spmd_every_device=False)
     f.update(kw)
     return types.SimpleNamespace(**f)
 
@@ -216,6 +217,21 @@ def test_a_measuring_workdir_is_bound_to_its_cpu_type(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "host_cpu", lambda: "Another CPU (model 1)")
     with pytest.raises(ResumeError, match="cpu: workdir's run.json .*flags \"Another CPU\""):
         check_workdir(f, quiet)
+    monkeypatch.setattr(dataset, "host_cpu", lambda: name)
+    # The spmd step timed on every device is another measurement: recorded, and a resume that
+    # changes it refused; a run.json from before the flag timed the busiest device alone.
+    saved = json.loads(run_json.read_text())
+    assert saved.pop("spmd_every_device") is False
+    run_json.write_text(json.dumps(saved))
+    check_workdir(f, quiet)
+    with pytest.raises(ResumeError, match="spmd_every_device: workdir's run.json false"):
+        check_workdir(args(str(tmp_path), measure="oracle", spmd_every_device=True), quiet)
+    (tmp_path / "every").mkdir()
+    every = args(str(tmp_path / "every"), measure="oracle", spmd_every_device=True)
+    check_workdir(every, quiet)
+    assert json.loads((tmp_path / "every" / "run.json").read_text())["spmd_every_device"]
+    with pytest.raises(ResumeError, match="spmd_every_device"):
+        check_workdir(args(str(tmp_path / "every"), measure="oracle"), quiet)
     (tmp_path / "predicted").mkdir()
     check_workdir(args(str(tmp_path / "predicted")), quiet)  # the cost model's times: no CPU
     assert "cpu" not in json.loads((tmp_path / "predicted" / "run.json").read_text())
