@@ -413,7 +413,7 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
     if dev_list[0].platform == "cpu":
         # Simulated devices share this process's cores: the collectives' time is every device's
         # share summed. One device's share (/ D) is what each waits on parallel hardware, and
-        # what the busiest device's compute above is comparable to.
+        # what one device's compute above is comparable to.
         exchange /= plan.num_devices
     return PlanCost(compute + exchange, compute, exchange, device_ms[slowest].spread, slowest,
                     exchange_bytes(layout, batch_size) if plan.num_devices > 1 else 0, ref_ms,
