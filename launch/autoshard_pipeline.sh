@@ -21,6 +21,9 @@
 #   9. the oracle evaluation of every method on held-out tasks (reproduce_autoshard).
 # Each step resumes, or is skipped when its output is complete, so re-running the same command
 # continues where it stopped. Two processes at a time, one pinned core each.
+# Since session 33 every plan's SPMD step is timed on every device, the slowest device's
+# program its compute (`--spmd_every_device`, the default of collect_costs, mine_plan_costs
+# and reproduce_autoshard): a directory of busiest-device plans (before it) does not resume.
 #
 #   bash launch/autoshard_pipeline.sh [DIR] [PYTHON]   # default: runs/autoshard .venv/bin/python
 #   SETTINGS=base,D=8 NUM_TASKS=4 EVAL_SEED=2 STOP_AFTER=policies bash launch/autoshard_pipeline.sh

@@ -26,7 +26,13 @@ from __future__ import annotations
 import jax
 from absl import flags, logging
 
-from launch.common import define_clock_flag, int_list, run, timing_clock
+from launch.common import (
+    define_clock_flag,
+    define_spmd_every_device_flag,
+    int_list,
+    run,
+    timing_clock,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Collection directory (costs.jsonl, tables.json).")
@@ -54,6 +60,7 @@ flags.DEFINE_integer("warmup", 5, "Warm-up runs per measurement.")
 flags.DEFINE_integer("trim", 2, "Fastest and slowest repeats dropped.")
 flags.DEFINE_integer("seed", 0, "Seed of the sets and plans.")
 define_clock_flag()
+define_spmd_every_device_flag()
 flags.DEFINE_list("augment_dims", [], "Measure the pool's tables re-dimmed to these widths "
                   "instead (`tables.pools.augment_dims`), e.g. 64,128.")
 flags.DEFINE_float("augment_min_pooling", 0.0, "With --augment_dims: only tables looking up at "
@@ -83,7 +90,8 @@ def main(argv):
         max_tables=FLAGS.max_tables, min_tables=FLAGS.min_tables,
         singles=FLAGS.singles, plan_tables=plan_tables, plan_devices=devices,
         row_optimizer=FLAGS.row_optimizer, repeat_every=FLAGS.repeat_every, seed=FLAGS.seed,
-        warmup=FLAGS.warmup, repeats=FLAGS.repeats, trim=FLAGS.trim, clock=timing_clock())
+        warmup=FLAGS.warmup, repeats=FLAGS.repeats, trim=FLAGS.trim, clock=timing_clock(),
+        every_device=FLAGS.spmd_every_device)
     if FLAGS.row_optimizer not in ("sgd", "rowwise_adagrad", "adagrad"):
         raise ConfigError(f"--row_optimizer must be sgd, rowwise_adagrad or adagrad, got "
                           f"{FLAGS.row_optimizer!r}")

@@ -143,6 +143,14 @@ def define_clock_flag() -> None:
                       "CPU backend, wall on accelerators.")
 
 
+def define_spmd_every_device_flag() -> None:
+    """--spmd_every_device of the launchers that time plans' SPMD steps with the oracle."""
+    flags.DEFINE_bool("spmd_every_device", True, "A plan's spmd compute is every device's "
+                      "padded program timed, the slowest taken; --nospmd_every_device times "
+                      "the busiest device's by ids x width alone, as costs before session 33 "
+                      "were (D times less timing; see cost.oracle.measure_plan).")
+
+
 def timing_clock() -> str:
     """--clock resolved: on CPU, this process's CPU time on one pinned core (see cost/timing)."""
     if FLAGS.clock != "auto":

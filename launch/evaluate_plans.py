@@ -19,7 +19,7 @@ from absl import flags
 
 from autoshard_jax.errors import InputError, check_range
 from autoshard_jax.placement.evaluate import MEASURES
-from launch.common import run
+from launch.common import define_spmd_every_device_flag, run
 
 FLAGS = flags.FLAGS
 
@@ -33,14 +33,12 @@ def define_flags() -> None:
                       "full sharded train step.")
     flags.DEFINE_string("row_optimizer", "sgd", "Embedding optimizer of the measured update.")
     flags.DEFINE_integer("seed", 0, "Seed of the id draw.")
-    flags.DEFINE_bool("spmd_every_device", False, "Time every device's padded program and take "
-                      "the slowest as spmd_ms's compute, instead of the busiest device's by ids "
-                      "x width alone (D times the oracle time; see cost.oracle.measure_plan).")
+    define_spmd_every_device_flag()
 
 
 def evaluate_main(tables: str, plans: str, batch_size: int = 512, measure: str = "oracle",
                   row_optimizer: str = "sgd", seed: int = 0, out=sys.stdout,
-                  protocol=None, spmd_every_device: bool = False) -> list[dict]:
+                  protocol=None, spmd_every_device: bool = True) -> list[dict]:
     """The job: validates every input first, then measures; returns the printed records.
     `protocol` (the oracle's timing protocol) lets tests time fewer repeats."""
     if not tables or not plans:

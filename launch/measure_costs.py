@@ -19,7 +19,7 @@ import os
 import jax
 from absl import flags
 
-from launch.common import run
+from launch.common import define_spmd_every_device_flag, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tables", None, "tables.json with every table named in the sets or plans.")
@@ -32,6 +32,7 @@ flags.DEFINE_string("row_optimizer", "sgd", "sgd | rowwise_adagrad | adagrad.")
 flags.DEFINE_integer("repeats", 10, "Timed repeats per measurement.")
 flags.DEFINE_enum("clock", "auto", ["auto", "wall", "cpu"], "Timing clock (see collect_costs).")
 flags.DEFINE_integer("seed", 0, "Seed of the id draw.")
+define_spmd_every_device_flag()
 flags.mark_flags_as_required(["tables"])
 
 
@@ -63,12 +64,14 @@ def load_sets(path: str, known: set[str]) -> list[list[str]]:
 
 def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | None,
             batch_size: int, cost_model: str | None, row_optimizer: str, repeats: int,
-            clock: str, seed: int) -> list[dict]:
-    """One result dict per set or plan, in order."""
+            clock: str, seed: int, every_device: bool = True) -> list[dict]:
+    """One result dict per set or plan, in order. A plan's compute is its slowest device's
+    program (`every_device`; the busiest's alone where False), or with a cost model as the
+    model's data timed it (`network.times_every_device`)."""
     import jax.numpy as jnp
     import numpy as np
 
-    from autoshard_jax.cost.network import class_onehot, load_cost_models
+    from autoshard_jax.cost.network import class_onehot, load_cost_models, times_every_device
     from autoshard_jax.cost.oracle import measure_plan, measure_set, use_model_unit
     from autoshard_jax.cost.timing import Protocol
     from autoshard_jax.errors import ConfigError, check_range
@@ -89,8 +92,9 @@ def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | Non
         raise ConfigError(f"--cost_model was trained at batch size {model.meta.get('batch_size')}"
                           f", --batch_size is {batch_size}: measure at the model's batch size")
     protocol = Protocol(repeats=repeats, trim=2, clock=clock)
-    if model is not None:  # measured and predicted ms in one unit
+    if model is not None:  # measured and predicted ms in one unit, of one timing
         use_model_unit(model.meta, clock)
+        every_device = times_every_device(model.meta)
     out = []
     if sets_path is not None:
         for names in load_sets(sets_path, set(specs)):
@@ -110,9 +114,10 @@ def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | Non
         if missing:
             raise ConfigError(f"{path}: places tables {missing} that --tables does not define")
         cost = measure_plan(group, plan, batch_size, row_optimizer=row_optimizer,
-                            protocol=protocol, seed=seed)
+                            protocol=protocol, seed=seed, every_device=every_device)
         result = {"plan": path, "total_ms": cost.total_ms, "compute_ms": cost.compute_ms,
-                  "exchange_ms": cost.exchange_ms, "spread": cost.spread}
+                  "exchange_ms": cost.exchange_ms, "spread": cost.spread,
+                  "device_compute_ms": list(cost.device_compute_ms)}
         if model is not None:
             assign = np.zeros((len(group), plan.num_devices), np.float32)
             for i, s in enumerate(group):
@@ -132,7 +137,7 @@ def main(argv):
     del argv
     for result in measure(FLAGS.tables, FLAGS.sets, FLAGS.plans, FLAGS.batch_size,
                           FLAGS.cost_model, FLAGS.row_optimizer, FLAGS.repeats, _clock(),
-                          FLAGS.seed):
+                          FLAGS.seed, FLAGS.spmd_every_device):
         print(json.dumps(result), flush=True)
 
 

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from launch.common import define_clock_flag, int_list, run, timing_clock
+from launch.common import (
+    define_clock_flag,
+    define_spmd_every_device_flag,
+    int_list,
+    run,
+    timing_clock,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Collection directory.")
@@ -41,6 +47,7 @@ flags.DEFINE_float("search_time_s", 5.0, "Time budget of the searches per task."
 flags.DEFINE_integer("batch_size", 512, "Samples per step.")
 flags.DEFINE_integer("seed", 0, "Seed of the tasks.")
 define_clock_flag()
+define_spmd_every_device_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -62,7 +69,8 @@ def main(argv):
         objective=FLAGS.objective, num_tasks=FLAGS.num_tasks, table_counts=_ints("table_counts"),
         device_counts=_ints("device_counts"), methods=tuple(FLAGS.methods),
         mem_factor=FLAGS.mem_factor, search_time_s=FLAGS.search_time_s,
-        batch_size=FLAGS.batch_size, seed=FLAGS.seed, clock=timing_clock())
+        batch_size=FLAGS.batch_size, seed=FLAGS.seed, clock=timing_clock(),
+        every_device=FLAGS.spmd_every_device)
     if FLAGS.tables:
         pool = load_tables(FLAGS.tables)
     else:

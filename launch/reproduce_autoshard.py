@@ -37,7 +37,7 @@ from autoshard_jax.placement import harness
 from autoshard_jax.placement.costs import OBJECTIVES
 from autoshard_jax.placement.tasks import evaluation_pool, split_pool
 from autoshard_jax.train.run_identity import check_same_run, file_digest
-from launch.common import run
+from launch.common import define_spmd_every_device_flag, run
 
 FLAGS = flags.FLAGS
 
@@ -86,10 +86,7 @@ def define_flags() -> None:
                         "pool, seed and settings: each task's reference plan is taken from it "
                         "(and measured afresh) instead of searched again, so a changed method "
                         "is re-evaluated at the cost of measuring plans.")
-    flags.DEFINE_bool("spmd_every_device", False, "With --measure=oracle: a plan's spmd step "
-                      "is timed on every device and its slowest taken, instead of on the "
-                      "busiest device by ids x width alone (cost.oracle.measure_plan; D times "
-                      "the oracle time).")
+    define_spmd_every_device_flag()
     flags.DEFINE_bool("report_only", False, "Measure nothing: rewrite results.md from the "
                       "finished tasks of --settings and --objectives in --workdir's "
                       "results.jsonl (after runs split across processes, one setting each).")
@@ -231,7 +228,8 @@ def reproduce(f, log=print) -> str:
     if f.measure == "oracle":
         where = oracle_unit(f, cost)
         log(f"measured ms are normalized to the reference step at {where}")
-        unit = f"; oracle unit {where}"
+        timed = "every device" if f.spmd_every_device else "the busiest device alone"
+        unit = f"; oracle unit {where}; spmd compute timed on {timed}"
         from autoshard_jax.cost.dataset import cpu_mismatch
         mismatch = cost.model is not None and cpu_mismatch(cost.model.meta)
         if mismatch:

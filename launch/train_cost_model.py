@@ -89,7 +89,9 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
             "num_plans": sum(len(p.index) for p in plans.values()), "data": list(data),
             "weight_decay": weight_decay, "reuse_noise": reuse_noise, "unique_rows": unique_rows,
             # the unit predictions are in (oracle.use_model_unit pins measurements to it)
-            "reference_ms": dataset.collections_unit(list(data))}
+            "reference_ms": dataset.collections_unit(list(data)),
+            # how its plans' compute was timed (what measures beside it times the same way)
+            "spmd_timing": dataset.spmd_timings(records, ",".join(data)) or dataset.EVERY_DEVICE}
     log(f"training on {meta['num_sets']} sets and {meta['num_plans']} plans ({backend}, "
         f"batch {batch_size})")
     fits = []

@@ -58,6 +58,9 @@ class CollectConfig:
     trim: int = 2
     clock: str = "wall"
     normalize: bool = True  # by the oracle's reference step (see timing.Reference)
+    # A plan's compute: its slowest device's program (False: the busiest device's alone, as
+    # collections before session 33). Checked against the plans on disk when resuming.
+    every_device: bool = True
 
     def check(self, pool_size: int) -> None:
         check_range("num_sets", self.num_sets, low=0, integer=True)
@@ -201,6 +204,18 @@ def prepare_workdir(workdir: str, config, pool: Sequence[TableSpec] | None,
     return list(pool)
 
 
+def check_spmd_timing(on_disk: list[dict], every_device: bool, path: str) -> None:
+    """Raises unless the plans on disk were timed as this run times them (a resumed
+    collection would mix the slowest device's programs with the busiest's)."""
+    wanted = dataset.EVERY_DEVICE if every_device else dataset.BUSIEST
+    found = dataset.spmd_timings(on_disk, path)
+    if found not in (None, wanted):
+        said = {dataset.EVERY_DEVICE: "every device's program (the slowest taken)",
+                dataset.BUSIEST: "the busiest device's program alone"}
+        raise ResumeError(f"{path}: its plans' compute is {said[found]}, this run times "
+                          f"{said[wanted]}: use a new workdir")
+
+
 def pin_reference_unit(workdir: str, clock: str, log: Callable[[str], None],
                         first_shard: bool) -> None:
     """Measures in the unit the collection started with, or stores this process's."""
@@ -239,6 +254,7 @@ def collect(workdir: str, config: CollectConfig, pool: Sequence[TableSpec] | Non
     path = os.path.join(workdir, dataset.DATA_FILE)
     on_disk = dataset.read_records(path, repair=True)
     dataset.check_program(on_disk, path)
+    check_spmd_timing(on_disk, config.every_device, path)
     done = {dataset.entry_key(r) for r in on_disk}
     protocol = Protocol(config.warmup, config.repeats, config.trim, config.clock,
                         config.normalize)
@@ -265,7 +281,7 @@ def collect(workdir: str, config: CollectConfig, pool: Sequence[TableSpec] | Non
                 specs, plan = plan_task(index, pool, config)
                 cost = measure_plan(specs, plan, config.batch_size,
                                     row_optimizer=config.row_optimizer, protocol=protocol,
-                                    seed=index)
+                                    seed=index, every_device=config.every_device)
                 record = {**base, "tables": [s.name for s in specs],
                           "num_devices": plan.num_devices, "placements": plan.placements,
                           "style": plan.meta["style"], **dataclasses.asdict(cost)}

@@ -62,6 +62,28 @@ def check_program(records: list[dict], where: str) -> None:
                         "new workdir")
 
 
+EVERY_DEVICE, BUSIEST = "every_device", "busiest"
+
+
+def spmd_timing(record: dict) -> str:
+    """How a plan record's compute was timed: every device's program, the slowest taken
+    (`device_compute_ms` holds them all; the oracle's default since session 33), or the busiest
+    device's alone (records before it)."""
+    timed = len(record.get("device_compute_ms") or ())
+    return EVERY_DEVICE if record["num_devices"] in (1, timed) else BUSIEST
+
+
+def spmd_timings(records: list[dict], where: str) -> str | None:
+    """The one spmd timing of these records' plans (None: no plan), or DataError if they mix
+    two: a network fitted to both would learn neither step."""
+    timings = {spmd_timing(r) for r in records if r["kind"] == "plan"}
+    if len(timings) > 1:
+        raise DataError(f"{where}: plan costs timed on every device mixed with plan costs "
+                        "timed on the busiest device alone (collected before session 33): "
+                        "collect the plans afresh (the oracle now times every device)")
+    return timings.pop() if timings else None
+
+
 def entry_key(record: dict) -> tuple[str, int, bool]:
     return record["kind"], int(record["index"]), record.get("repeat_of") is not None
 

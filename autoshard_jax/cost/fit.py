@@ -22,7 +22,6 @@ from autoshard_jax.cost import dataset
 from autoshard_jax.cost.analytical import analytical_cost_fn
 from autoshard_jax.cost.network import (
     CostModel,
-    CostNet,
     class_onehot,
     encode_features,
     init_params,
@@ -56,7 +55,8 @@ class SetData:
 @dataclasses.dataclass
 class PlanData:
     """Measured plans with D devices, padded to T tables: feats [M, T, F], assign [M, T, D],
-    classes [M, T, K], targets [M]."""
+    classes [M, T, K], targets [M], and each device's program [M, D] where every device was
+    timed (NaN elsewhere)."""
 
     index: np.ndarray
     feats: np.ndarray
@@ -66,6 +66,7 @@ class PlanData:
     exchange: np.ndarray
     total: np.ndarray
     names: list
+    device_compute: np.ndarray
 
 
 def _pad(rows: np.ndarray, t: int) -> np.ndarray:
@@ -114,9 +115,12 @@ def plan_data(records: list[dict], pool: dict[str, TableSpec]) -> dict[int, Plan
             c[:len(specs)] = class_onehot(specs, MAX_CLASSES)
             classes.append(c)
         col = lambda k, g=group: np.asarray([r[k] for r in g], np.float64)  # noqa: E731
+        per_device = np.asarray([r.get("device_compute_ms") or [r["compute_ms"]] if
+                                 dataset.spmd_timing(r) == dataset.EVERY_DEVICE else
+                                 [np.nan] * d for r in group], np.float64)
         out[d] = PlanData(col("index").astype(int), np.stack(feats), np.stack(assign),
                           np.stack(classes), col("compute_ms"), col("exchange_ms"),
-                          col("total_ms"), [r["tables"] for r in group])
+                          col("total_ms"), [r["tables"] for r in group], per_device)
     return out
 
 
@@ -209,7 +213,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         for d, p in plans.items():
             train[d], val[d] = split_mask(p.index, "train"), split_mask(p.index, "val")
         mean_I, std_I = _normaliser(sets, plans, train, unique_rows_batch(meta))
-        model = CostModel(None, mean_I, std_I, meta, CostNet())
+        model = CostModel(None, mean_I, std_I, meta)
         params = init_params(model.net, jax.random.key(config.seed), num_inputs(meta))
     else:
         train = {"sets": np.ones(len(sets.index), bool)} if sets is not None else {}
@@ -217,6 +221,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         val = train
         model = CostModel(start.params, start.mean_I, start.std_I, start.meta, start.net)
         params = start.params
+    check_timing(model, plans)
     tx = optax.adamw(optax.cosine_decay_schedule(config.learning_rate, config.steps),
                      weight_decay=config.weight_decay)
     opt_state = tx.init(params)
@@ -226,12 +231,16 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         return jnp.mean((jnp.log(f[:, 0]) - jnp.log(fwd)) ** 2 +
                         (jnp.log(b[:, 0]) - jnp.log(bwd)) ** 2)
 
-    def plan_loss(params, feats, assign, classes, compute, exchange):
-        _, _, c, e = jax.vmap(lambda x, a, k: model.apply(params, x, a, k))(feats, assign,
-                                                                            classes)
+    def plan_loss(params, feats, assign, classes, compute, exchange, device_compute):
+        _, _, c_MxC, e = jax.vmap(lambda x, a, k: model.apply(params, x, a, k))(
+            feats, assign, classes)
         ex_term = jnp.where(exchange > 0, (jnp.log(e) - jnp.log(jnp.maximum(exchange, 1e-6)))
                             ** 2, 0.0)
-        return jnp.mean((jnp.log(c) - jnp.log(compute)) ** 2 + ex_term)
+        if model.net.every_device:  # every device's program is a target of its own
+            compute_term = jnp.mean((jnp.log(c_MxC) - jnp.log(device_compute)) ** 2, axis=1)
+        else:  # the busiest device's
+            compute_term = (jnp.log(c_MxC[:, 0]) - jnp.log(compute)) ** 2
+        return jnp.mean(compute_term + ex_term)
 
     @jax.jit
     def step(params, opt_state, set_batch, plan_batches, key):
@@ -267,7 +276,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
             if train[d].any():
                 j = pick(train[d], config.batch_plans)
                 plan_batches.append((p.feats[j], p.assign[j], p.classes[j], p.compute[j],
-                                     p.exchange[j]))
+                                     p.exchange[j], p.device_compute[j]))
         key = jax.random.fold_in(noise_key, i) if config.reuse_noise else None
         params, opt_state, loss = step(params, opt_state, set_batch, tuple(plan_batches), key)
         if (i + 1) % config.eval_every == 0 or i + 1 == config.steps:
@@ -279,6 +288,23 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
                 log(f"step {i + 1}: train loss {float(loss):.4f}, val MAPE {v:.4f}")
     model.params = best
     return model, history
+
+
+def check_timing(model: CostModel, plans: dict[int, PlanData]) -> None:
+    """Raises unless the plans were timed as the model predicts them: every device's program
+    (`device_compute` known) for an every-device network; a busiest-device network is
+    refitted only on busiest-device plans."""
+    for d, p in plans.items():
+        timed_each = ~np.isnan(p.device_compute).any(axis=1)
+        if model.net.every_device and not timed_each.all():
+            raise DataError(f"{(~timed_each).sum()} plan(s) of {d} devices were timed on the "
+                            "busiest device alone, but the network predicts every device's "
+                            "program: collect the plans afresh (the oracle now times every "
+                            "device)")
+        if not model.net.every_device and d > 1 and timed_each.any():
+            raise DataError(f"the network predicts the busiest device's program alone (fitted "
+                            f"before session 33), but {timed_each.sum()} plan(s) of {d} "
+                            "devices were timed on every device: fit a new network")
 
 
 def jitter_reuse(key: jax.Array, feats_NxTxF: jax.Array, sigma: float) -> jax.Array:
@@ -308,8 +334,8 @@ def _validator(model: CostModel, sets, plans, val) -> Callable[[dict], float]:
         return f[0] + b[0]
 
     def plan_total(params, x, a, k):
-        _, _, c, e = model.apply(params, x, a, k)
-        return c + e
+        _, _, c_C, e = model.apply(params, x, a, k)
+        return c_C.max() + e
 
     set_fn = jax.jit(jax.vmap(set_total, in_axes=(None, 0, 0)))
     plan_fn = jax.jit(jax.vmap(plan_total, in_axes=(None, 0, 0, 0)))

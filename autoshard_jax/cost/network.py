@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from autoshard_jax.cost.analytical import BoundCost, exchange_terms
+from autoshard_jax.cost.dataset import BUSIEST, EVERY_DEVICE
 from autoshard_jax.errors import InputError
 from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.sharding.layout import padded_width
@@ -79,6 +80,13 @@ def unique_rows_batch(meta: dict) -> int | None:
     """The batch size the unique-row inputs are computed at, or None for models fitted without
     them (`unique_rows` in cost_model.json; those of sessions up to 29)."""
     return int(meta["batch_size"]) if meta.get("unique_rows") else None
+
+
+def times_every_device(meta: dict) -> bool:
+    """Whether a model of this provenance predicts every device's padded program, the step
+    taking the slowest (`spmd_timing` in cost_model.json; models before session 33 predict the
+    busiest device's alone, as their data was timed)."""
+    return meta.get("spmd_timing", BUSIEST) == EVERY_DEVICE
 
 
 NUM_WORK = 4  # columns of work_terms
@@ -148,6 +156,9 @@ class CostNet(nn.Module):
 
     hidden: int = 128
     embed_dim: int = 32
+    # spmd: the class head predicts every device's padded program and the step takes the
+    # slowest (costs timed so, session 33 on); False: the busiest device's alone (older data).
+    every_device: bool = True
 
     def setup(self):
         # attribute names are the parameter names (those of the saved checkpoints)
@@ -180,7 +191,9 @@ class CostNet(nn.Module):
         return nn.relu(self.embed(h_TxH)), _exp(self.single(h_TxH))
 
     def devices(self, e_TxE, single_Tx2, work_TxW, assign_TxD, class_TxK, logdim_T, traffic_2):
-        """(fwd_D, bwd_D, compute_ms, exchange_ms) of one assignment of the encoded tables."""
+        """(fwd_D, bwd_D, compute_C, exchange_ms) of one assignment of the encoded tables:
+        compute_C is each device's padded program (C = D; the step's compute is their max), or
+        without `every_device` the busiest device's alone (C = 1)."""
         fwd_D, bwd_D = self.device_ms(
             assign_TxD.T @ jnp.concatenate([e_TxE, work_TxW, single_Tx2], axis=1))
         # spmd: per (device, class) sums; the padded program follows each class's busiest
@@ -192,15 +205,19 @@ class CostNet(nn.Module):
         base_K = base_DxK.max(axis=0)
         m_KxE = jnp.concatenate([z_DxKxE.max(axis=0), jnp.log1p(w_DxKxW.max(axis=0)),
                                  jnp.log(base_K + 1e-6)[:, None]], axis=1)
-        # The padded program is timed on the busiest device (most ids x width): its own tables
-        # are the real work, the rest of each class's padded size reads the spare zero row.
-        busiest = jnp.argmax(assign_TxD.T @ work_TxW[:, 0])
-        own_KxE = jnp.concatenate([z_DxKxE[busiest], jnp.log1p(w_DxKxW[busiest])], axis=1)
+        # Every device runs the padded program on its own tables: they are its real work, the
+        # rest of each class's padded size reads the spare zero row. A step waits for the
+        # slowest device (older data timed the busiest, most ids x width, alone).
+        own_CxKxE = jnp.concatenate([z_DxKxE, jnp.log1p(w_DxKxW)], axis=2)
+        if not self.every_device:
+            own_CxKxE = own_CxKxE[jnp.argmax(assign_TxD.T @ work_TxW[:, 0])][None]
         n_K = class_TxK.sum(0)
         width_K = (class_TxK * logdim_T[:, None]).sum(0) / jnp.maximum(n_K, 1.0)
-        head_in = jnp.concatenate([m_KxE, own_KxE, width_K[:, None]], axis=1)
-        class_ms_K = base_K * _exp(self.class_head(head_in)[:, 0])
-        compute = jnp.sum(jnp.where(n_K > 0, class_ms_K, 0.0))
+        c, k = own_CxKxE.shape[:2]
+        head_in = jnp.concatenate([jnp.broadcast_to(m_KxE, (c, *m_KxE.shape)), own_CxKxE,
+                                   jnp.broadcast_to(width_K[:, None], (c, k, 1))], axis=2)
+        class_ms_CxK = base_K[None] * _exp(self.class_head(head_in)[..., 0])
+        compute_C = jnp.sum(jnp.where(n_K > 0, class_ms_CxK, 0.0), axis=1)
         # exchange: the collectives' traffic (values per sample leaving each device) times a
         # learned time per value, which depends on the device count and the message sizes.
         num_devices = assign_TxD.shape[1]
@@ -211,7 +228,7 @@ class CostNet(nn.Module):
                                  jnp.log1p(values)[None]])
         exchange = values / 256.0 * _exp(self.exchange_head(ex_in)[0])
         exchange = jnp.where(num_devices > 1, exchange, 0.0)
-        return fwd_D, bwd_D, compute, exchange
+        return fwd_D, bwd_D, compute_C, exchange
 
 
 @dataclasses.dataclass
@@ -222,10 +239,15 @@ class CostModel:
     mean_I: np.ndarray
     std_I: np.ndarray
     meta: dict
-    net: CostNet = dataclasses.field(default_factory=CostNet)
+    net: CostNet | None = None  # default: as the provenance says (`times_every_device`)
+
+    def __post_init__(self):
+        if self.net is None:
+            self.net = CostNet(every_device=times_every_device(self.meta))
 
     def apply(self, params, feats_TxF, assign_TxD, class_TxK):
-        """All heads: (fwd_D, bwd_D, compute_ms, exchange_ms) for one plan or set."""
+        """All heads: (fwd_D, bwd_D, compute_C, exchange_ms) for one plan or set (see
+        CostNet.devices; the step's compute is compute_C's max)."""
         return self._bind_heads(params, feats_TxF, class_TxK)[0](assign_TxD)
 
     def _bind_heads(self, params, feats_TxF, class_TxK):
@@ -255,8 +277,8 @@ class CostModel:
         heads, rows_TxR, device_ms = self._bind_heads(self.params, feats_TxF, class_TxK)
 
         def cost_of(assign_TxD):
-            fwd_D, bwd_D, compute, exchange = heads(assign_TxD)
-            return fwd_D + bwd_D, compute + exchange
+            fwd_D, bwd_D, compute_C, exchange = heads(assign_TxD)
+            return fwd_D + bwd_D, compute_C.max() + exchange
         return BoundCost(cost_of, rows_TxR, device_ms)
 
     def cost_fn(self, feats_TxF, assign_TxD, class_TxK):
@@ -410,10 +432,12 @@ def load_cost_models(workdirs: str, pessimism: float = 0.0) -> CostModel | CostE
     models = [load_cost_model(d) for d in dirs]
     if len(models) == 1:
         return models[0]
-    units = {d: (m.meta.get("reference_ms"), m.meta.get("batch_size"))
+    units = {d: (m.meta.get("reference_ms"), m.meta.get("batch_size"),
+                 m.meta.get("spmd_timing", BUSIEST))
              for d, m in zip(dirs, models, strict=True)}
     if len(set(units.values())) > 1:
-        raise InputError(f"cost models predict in different units ((reference_ms, batch_size) "
+        raise InputError(f"cost models predict in different units ((reference_ms, batch_size, "
+                         f"spmd_timing) "
                          f"{units}): an ensemble averages fits to costs in one unit (the same "
                          "collections)")
     return CostEnsemble(tuple(models), float(pessimism))

@@ -7,9 +7,9 @@ backend (CPU, GPU or TPU), with ids drawn from each table's statistics (`tables.
   pool) and backward (gradient spread + sparse optimizer update) are timed, total is their sum.
 * `measure_plan` is this project's SPMD setting: every device runs one program whose width classes
   are padded to the most loaded device (`sharding.lookup_meta`), plus the all_to_all exchange of
-  ids, pooled vectors and gradients. Compute is the padded program of the busiest device (most
-  ids x width) timed on one device, or with `every_device` each device's program timed and the
-  slowest taken; exchange is the plan's collectives timed alone on its mesh.
+  ids, pooled vectors and gradients. Compute is the slowest device's padded program (each timed
+  on one device; `every_device=False`: the busiest device's, most ids x width, alone); exchange
+  is the plan's collectives timed alone on its mesh.
 
 Every timed repeat is normalized by a fixed reference embedding step run in the same round
 (`timing.Reference`, on by default: `Protocol.normalize`), so costs are in "ms at the reference's
@@ -100,7 +100,7 @@ class PlanCost:
     compute_ms: float
     exchange_ms: float
     spread: float
-    busiest_device: int  # the device whose program `compute_ms` is (with every_device: slowest)
+    busiest_device: int  # the device whose program `compute_ms` is (every_device: the slowest)
     exchange_bytes_per_device: int
     reference_ms: float = 0.0  # the reference step's raw time meanwhile (0: not normalized)
     device_compute_ms: tuple[float, ...] = ()  # each device's program (every_device only)
@@ -355,7 +355,7 @@ def _exchange_program(layout: Layout, batch_size: int, mesh: jax.sharding.Mesh, 
 
 def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int, *,
                  row_optimizer: str = "sgd", protocol: Protocol = DEFAULT_PROTOCOL, seed: int = 0,
-                 devices: Sequence[jax.Device] | None = None, every_device: bool = False
+                 devices: Sequence[jax.Device] | None = None, every_device: bool = True
                  ) -> PlanCost:
     """SPMD step cost of a plan's embedding stage: padded compute + collectives.
 
@@ -363,7 +363,10 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
     spread over those tables, its padding re-reads one zero row. A step waits for the slowest
     device, and the most ids x width need not be it: on session 32's 2-device plans (80, of 18
     tasks) the busiest by that count was not the slowest in 45, whose step it understated by
-    0.9-1.4% at the median and up to 23% (`every_device` times them all, at D times the cost).
+    0.9-1.4% at the median and up to 23%. So by default every device's program is timed, in
+    the same interleaved rounds, and the slowest taken; their programs have the same shapes and
+    compile once (JAX's executable cache), so this costs D times the timing, not the compiling
+    (`every_device=False`: the busiest alone, as sessions up to 32 measured).
 
     Args:
       specs: every table of the plan.
@@ -371,12 +374,12 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
       batch_size: global batch (divisible by the plan's device count).
       row_optimizer, protocol, seed: as in `measure_set`.
       devices: the mesh's devices (default: the backend's first `plan.num_devices`).
-      every_device: time each device's program (interleaved in the same rounds) and take the
-        slowest, instead of the busiest device's alone.
+      every_device: time each device's program and take the slowest (False: the busiest
+        device's alone).
     Returns:
-      A PlanCost: total = compute (busiest device's padded program, timed on that device; with
-      `every_device` the slowest device's) + exchange (the collectives on the mesh, per device:
-      on simulated CPU devices the summed time / D).
+      A PlanCost: total = compute (the slowest device's padded program; without
+      `every_device` the busiest's) + exchange (the collectives on the mesh, per device: on
+      simulated CPU devices the summed time / D).
     """
     specs = _checked(specs, batch_size)
     if batch_size % plan.num_devices:

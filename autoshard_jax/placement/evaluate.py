@@ -73,9 +73,10 @@ def evaluate_predicted(specs: Sequence[TableSpec], plan: ShardingPlan, cost: Cos
 
 def evaluate_measured(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int,
                       measure: str = "oracle", row_optimizer: str = "sgd", seed: int = 0,
-                      protocol=None, every_device: bool = False) -> dict:
+                      protocol=None, every_device: bool = True) -> dict:
     """Oracle-measured numbers (and `step_ms` when measure == "step"); `every_device`: the
-    step's compute is its slowest device's (`oracle.measure_plan`)."""
+    step's compute is its slowest device's (False: the busiest device's alone;
+    `oracle.measure_plan`)."""
     from autoshard_jax.cost import oracle
 
     pad = padding_overhead(specs, plan, row_optimizer)

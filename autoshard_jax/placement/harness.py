@@ -288,11 +288,11 @@ def predicted_scorer(task: Task, cost: Cost) -> Callable[[np.ndarray], dict]:
 
 
 def oracle_scorer(task: Task, batch_size: int, protocol=None, objective: str | None = None,
-                  every_device: bool = False) -> Callable[[np.ndarray], dict]:
+                  every_device: bool = True) -> Callable[[np.ndarray], dict]:
     """Measured costs of a plan. With `objective`, only what it ranks by is timed (oracle time
     is the evaluation's budget): spmd the plan's step, max_device each device's tables; the
-    other field is NaN. `every_device`: the step's compute is its slowest device's
-    (`oracle.measure_plan`)."""
+    other field is NaN. `every_device`: the step's compute is its slowest device's (False: the
+    busiest device's alone; `oracle.measure_plan`)."""
     from autoshard_jax.cost import oracle
     from autoshard_jax.placement.evaluate import device_tables
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from autoshard_jax.cost import dataset
-from autoshard_jax.cost.collect import pin_reference_unit, prepare_workdir
+from autoshard_jax.cost.collect import check_spmd_timing, pin_reference_unit, prepare_workdir
 from autoshard_jax.cost.oracle import measure_plan, measure_set
 from autoshard_jax.cost.timing import Protocol
 from autoshard_jax.errors import ConfigError, InputError, check_range
@@ -63,6 +63,7 @@ class MineConfig:
     trim: int = 2
     clock: str = "wall"
     normalize: bool = True
+    every_device: bool = True  # spmd: the slowest device's program (False: the busiest's)
 
     RESUME_KEYS = ("objective", "table_counts", "device_counts", "methods", "mem_factor",
                    "batch_size", "row_optimizer", "seed", "warmup", "repeats", "trim", "clock",
@@ -122,6 +123,7 @@ def mine(workdir: str, config: MineConfig, pool: Sequence[TableSpec] | None, pla
     path = os.path.join(workdir, dataset.DATA_FILE)
     on_disk = dataset.read_records(path, repair=True)
     dataset.check_program(on_disk, path)
+    check_spmd_timing(on_disk, config.every_device, path)
     # (task, method) on disk -> its plan (None in collections written before plans were kept)
     done = {(r["task"], r["method"]): tuple(r["device_T"]) if "device_T" in r else None
             for r in on_disk}
@@ -181,7 +183,8 @@ def _measure(task: Task, device_T: np.ndarray, config: MineConfig, protocol: Pro
     plan = plan_of(task.specs, device_T, task.num_devices, task.memory_bytes)
     kw = {"row_optimizer": config.row_optimizer, "protocol": protocol}
     if config.objective == "spmd":
-        cost = measure_plan(task.specs, plan, config.batch_size, seed=index, **kw)
+        cost = measure_plan(task.specs, plan, config.batch_size, seed=index,
+                            every_device=config.every_device, **kw)
         return [{"kind": "plan", "index": index, "tables": [s.name for s in task.specs],
                  "num_devices": plan.num_devices, "placements": plan.placements,
                  **dataclasses.asdict(cost)}]

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from autoshard_jax.cost.network import times_every_device
 from autoshard_jax.placement.api import plan_of
 from autoshard_jax.placement.costs import Cost, learned_cost
 from autoshard_jax.placement.evaluate import device_tables
@@ -41,9 +42,10 @@ def plans_of_batch(tasks: Sequence[Task], built: Sequence[tuple[dict, np.ndarray
 
 
 def measure_records(task: Task, device_T: np.ndarray, objective: str, batch_size: int,
-                    measure_set: Callable | None = None, measure_plan: Callable | None = None
-                    ) -> list[dict]:
-    """Oracle measurements of one plan (injectable measure functions for tests)."""
+                    measure_set: Callable | None = None, measure_plan: Callable | None = None,
+                    every_device: bool = True) -> list[dict]:
+    """Oracle measurements of one plan (injectable measure functions for tests);
+    `every_device`: a plan's compute is its slowest device's (False: the busiest's)."""
     if measure_set is None or measure_plan is None:
         from autoshard_jax.cost import oracle
         measure_set = measure_set or oracle.measure_set
@@ -51,7 +53,7 @@ def measure_records(task: Task, device_T: np.ndarray, objective: str, batch_size
     plan = plan_of(task.specs, device_T, task.num_devices, task.memory_bytes)
     base = {"batch_size": batch_size, "source": "refine"}
     if objective == "spmd":
-        cost = measure_plan(task.specs, plan, batch_size)
+        cost = measure_plan(task.specs, plan, batch_size, every_device=every_device)
         return [{**base, "kind": "plan", "tables": [s.name for s in task.specs],
                  "specs": [s.to_json() for s in task.specs],
                  "num_devices": plan.num_devices, "placements": plan.placements,
@@ -73,8 +75,10 @@ def make_refine_fn(workdir: str, log=print, **measure_kw) -> Callable:
             from autoshard_jax.cost.oracle import DEFAULT_PROTOCOL, use_model_unit
             use_model_unit(cost.model.meta, DEFAULT_PROTOCOL.clock)
         records = []
+        every_device = times_every_device(cost.model.meta)  # timed as its data was
         for task, device_T in plans_of_batch(tasks, built, assign, c.refine_plans):
-            records += measure_records(task, device_T, c.objective, c.batch_size, **measure_kw)
+            records += measure_records(task, device_T, c.objective, c.batch_size,
+                                       every_device=every_device, **measure_kw)
         with open(os.path.join(workdir, REFINE_FILE), "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         updated = cost.model.update(records)

@@ -56,9 +56,37 @@ def test_collect_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
     assert len(dataset.noise_pairs(records, "set")) == 2
     plan = next(r for r in records if r["kind"] == "plan")
     assert plan["compute_ms"] > 0 and set(plan["placements"]) == set(plan["tables"])
+    # every device's program timed (the default), the slowest one the compute
+    assert len(plan["device_compute_ms"]) == plan["num_devices"]
+    assert plan["compute_ms"] == max(plan["device_compute_ms"])
     assert collect(work, CONFIG, None, log=lambda _: None)["measured"] == 0
     assert oracle.reference_ms(CONFIG.clock) == 7.5
     assert all(r["reference_ms"] > 0 for r in records)
+
+
+def test_a_resume_keeps_the_plans_spmd_timing(tmp_path):
+    # Plans timed on the busiest device alone (collections before session 33) and on every
+    # device are different measurements: a resume that would mix them is refused; a collection
+    # of sets alone has no spmd timing and resumes either way.
+    busiest = CollectConfig(**{**CONFIG.__dict__, "every_device": False, "num_sets": 1})
+    work = str(tmp_path / "c")
+    collect(work, busiest, POOL, log=lambda _: None)
+    records = dataset.read_records(tmp_path / "c" / dataset.DATA_FILE)
+    plans = [r for r in records if r["kind"] == "plan"]
+    assert plans and all(r["device_compute_ms"] == [] for r in plans)
+    assert dataset.spmd_timings(records, work) == dataset.BUSIEST
+    with pytest.raises(ResumeError, match="busiest device's program alone, this run times "
+                                          "every device's"):
+        collect(work, CONFIG, None, log=lambda _: None)
+    sets_only = CollectConfig(**{**CONFIG.__dict__, "num_plans": 0, "num_sets": 2})
+    collect(str(tmp_path / "s"), sets_only, POOL, log=lambda _: None)
+    for every in (True, False):
+        collect(str(tmp_path / "s"), CollectConfig(**{**sets_only.__dict__, "num_sets": 3,
+                                                      "every_device": every}),
+                None, log=lambda _: None)
+    timed_each = {**plans[0], "device_compute_ms": [1.0] * plans[0]["num_devices"]}
+    with pytest.raises(DataError, match="mixed with plan costs timed on the busiest"):
+        dataset.spmd_timings(records + [timed_each], work)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

@@ -11,18 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autoshard_jax.cost import fit
+from autoshard_jax.cost import dataset, fit
 from autoshard_jax.cost.network import (
     CostEnsemble,
+    CostModel,
     class_onehot,
     load_cost_model,
     load_cost_models,
     num_inputs,
     save_cost_model,
+    times_every_device,
     unique_rows_batch,
     width_classes,
 )
-from autoshard_jax.errors import InputError
+from autoshard_jax.errors import DataError, InputError
 from autoshard_jax.placement.costs import get_cost
 from autoshard_jax.sharding.device_step import PROGRAM_VERSION
 from autoshard_jax.tables.features import FEATURE_NAMES, table_features
@@ -337,3 +339,83 @@ def test_an_ensemble_refuses_mixed_units_and_repeats(fits, tmp_path):
         load_cost_models(" , ")
     with pytest.raises(InputError, match="holds no cost model"):
         load_cost_models(f"{a},{tmp_path / 'missing'}")
+
+
+def _work_T(specs):
+    return np.asarray([s.pooling_factor * s.dim for s in specs])
+
+
+def test_the_spmd_head_predicts_every_devices_program(fits, tmp_path):
+    # Every device runs the padded program on its own tables, and the step waits for the
+    # slowest: one prediction per device, the step their max. A network of busiest-device data
+    # (before session 33, `spmd_timing` unrecorded) predicts the busiest device's alone, which
+    # is the same head on the same inputs.
+    busiest = fits[0][0]
+    assert not busiest.net.every_device and not times_every_device(busiest.meta)
+    every = CostModel(busiest.params, busiest.mean_I, busiest.std_I,
+                      {**busiest.meta, "spmd_timing": "every_device"})
+    assert every.net.every_device
+    specs = POOL[:9]
+    feats = jnp.asarray(table_features(specs))
+    classes = jnp.asarray(class_onehot(specs))
+    assign = jax.nn.one_hot(jnp.asarray([0, 1, 2, 0, 1, 2, 2, 2, 1]), 3)
+    _, _, compute_C, exchange = every.apply(every.params, feats, assign, classes)
+    _, _, compute_1, _ = busiest.apply(busiest.params, feats, assign, classes)
+    assert compute_C.shape == (3,) and compute_1.shape == (1,)
+    top = int(np.argmax(np.asarray(assign).T @ _work_T(specs)))
+    np.testing.assert_allclose(compute_1[0], compute_C[top], rtol=1e-5)
+    np.testing.assert_allclose(every.cost_fn(feats, assign, classes)[1],
+                               compute_C.max() + exchange, rtol=1e-5)
+    # devices are exchangeable: permuting them permutes their programs
+    perm = np.asarray([2, 0, 1])
+    np.testing.assert_allclose(every.apply(every.params, feats, assign[:, perm], classes)[2],
+                               compute_C[perm], rtol=1e-5)
+    save_cost_model(str(tmp_path), every)  # the provenance says which head a model is
+    assert load_cost_model(str(tmp_path)).net.every_device
+    with pytest.raises(InputError, match="different units"):  # an ensemble is of one timing
+        load_cost_models(f"{tmp_path},{fits[1][0]}")
+
+
+def _plan_records(n, seed):
+    """Plans on 2-4 devices whose devices' programs cost _true_cost of their own tables plus
+    a padding term, every device timed (as the oracle does since session 33)."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        d = int(rng.choice([2, 4]))
+        specs = [POOL[j] for j in rng.choice(len(POOL), int(rng.integers(d, 12)), replace=False)]
+        device_T = rng.integers(d, size=len(specs))
+        groups = [[s for s, k in zip(specs, device_T, strict=True) if k == g] for g in range(d)]
+        padded = max(sum(s.pooling_factor * s.dim for s in g) for g in groups)
+        each = [(_true_cost(g) if g else 0.05) + 0.002 * padded ** 0.8 for g in groups]
+        records.append({"kind": "plan", "index": i, "num_devices": d,
+                        "tables": [s.name for s in specs],
+                        "placements": {s.name: {"type": "table_wise", "device": int(k)}
+                                       for s, k in zip(specs, device_T, strict=True)},
+                        "device_compute_ms": each, "compute_ms": max(each),
+                        "exchange_ms": 0.1 * d, "total_ms": max(each) + 0.1 * d})
+    return records
+
+
+def test_a_fit_learns_each_devices_program():
+    pool = {s.name: s for s in POOL}
+    sets = fit.set_data(_synthetic_sets(600, seed=4), pool)
+    records = _plan_records(600, seed=5)
+    plans = fit.plan_data(records, pool)
+    assert set(plans) == {2, 4} and not np.isnan(plans[2].device_compute).any()
+    meta = {"spmd_timing": dataset.spmd_timings(records, "synthetic")}
+    model, _ = fit.fit_cost_model(sets, plans, fit.FitConfig(steps=600, eval_every=200), meta,
+                                  log=lambda _: None)
+    assert model.net.every_device
+    for p in plans.values():
+        test = fit.split_mask(p.index, "test")
+        got_MxD = np.asarray(jax.vmap(lambda x, a, k: model.apply(model.params, x, a, k)[2])(
+            p.feats[test], p.assign[test], p.classes[test]))
+        assert fit.mape(got_MxD.ravel(), p.device_compute[test].ravel()) < 0.1
+        assert fit.mape(fit.predict_plans(model.cost_fn, p, test), p.total[test]) < 0.1
+    # a network is fitted (and refined) only on plans timed as it predicts them
+    busiest = [{**r, "device_compute_ms": []} for r in records]
+    with pytest.raises(DataError, match="busiest device alone.*every device's program"):
+        fit.fit_cost_model(sets, fit.plan_data(busiest, pool), fit.FitConfig(steps=1), meta)
+    with pytest.raises(DataError, match="busiest device's program alone.*fit a new network"):
+        fit.fit_cost_model(sets, plans, fit.FitConfig(steps=1), {})

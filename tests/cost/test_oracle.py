@@ -131,7 +131,7 @@ def test_bad_inputs():
 def test_plan_cost_has_compute_and_exchange():
     specs = [TableSpec(f"t{i}", 200, (8, 32)[i % 2], 2.0 + i, HIST) for i in range(6)]
     plan = plan_from_mapping({s.name: i % 2 for i, s in enumerate(specs)}, 2, 1 << 30)
-    cost = measure_plan(specs, plan, 64, protocol=FAST)
+    cost = measure_plan(specs, plan, 64, protocol=FAST, every_device=False)
     assert cost.compute_ms > 0 and cost.exchange_ms > 0
     assert cost.total_ms == pytest.approx(cost.compute_ms + cost.exchange_ms)
     layout = plan.validate(specs)
@@ -162,7 +162,7 @@ def test_simulated_devices_exchange_is_one_devices_share(monkeypatch, num_device
 @pytest.mark.parametrize("num_devices", [1, 2, 4])
 def test_every_device_takes_the_slowest_program(monkeypatch, num_devices):
     # A step waits for its slowest device, which need not be the one with the most ids x width:
-    # with every_device each device's program is timed and the slowest one is the compute.
+    # by default each device's program is timed and the slowest one is the compute.
     specs = [TableSpec(f"t{i}", 200, 8, 2.0 + 3.0 * (i == 0), HIST) for i in range(num_devices)]
     plan = plan_from_mapping({s.name: i for i, s in enumerate(specs)}, num_devices, 1 << 30)
     assert busiest_device(plan.validate(specs)) == 0  # most pooling on device 0
@@ -176,14 +176,14 @@ def test_every_device_takes_the_slowest_program(monkeypatch, num_devices):
         return {k: timing.Timed(ms[k], 0.0, (ms[k],)) for k in programs}, 0.0
 
     monkeypatch.setattr(oracle, "_timed", fake_timed)
-    every = measure_plan(specs, plan, 64, protocol=FAST, every_device=True)
+    every = measure_plan(specs, plan, 64, protocol=FAST)  # the default
     devices = [f"device{d}" for d in range(num_devices)]
     assert timed_names[-1] == sorted(devices + ["exchange"] * (num_devices > 1))
     assert every.device_compute_ms == tuple(5.0 + 4.0 * (d == slow) for d in range(num_devices))
     assert every.compute_ms == 9.0 and every.busiest_device == slow
     exchange = 8.0 / num_devices if num_devices > 1 else 0.0
     assert every.total_ms == pytest.approx(9.0 + exchange)
-    busiest = measure_plan(specs, plan, 64, protocol=FAST)  # the default: device 0 alone
+    busiest = measure_plan(specs, plan, 64, protocol=FAST, every_device=False)  # device 0 alone
     assert timed_names[-1] == sorted(["device0"] + ["exchange"] * (num_devices > 1))
     assert busiest.compute_ms == (9.0 if num_devices == 1 else 5.0)
     assert busiest.busiest_device == 0 and busiest.device_compute_ms == ()
@@ -218,9 +218,10 @@ def test_repeated_measurements_reuse_their_programs(monkeypatch):
     lopsided = plan_from_mapping({s.name: int(i == 3) for i, s in enumerate(specs)}, 2, 1 << 30)
     for plan in (split, split, lopsided, split):
         measure_plan(specs, plan, 64, protocol=FAST)
-    assert len(built) == 4 and len(oracle._programs) == 3
+    assert built[2:] == [0, 1, 0, 1]  # each plan's two device programs, built once
+    assert len(oracle._programs) == 3
     measure_set(specs, 64, protocol=FAST, seed=0)  # the least recently used key, evicted
-    assert len(built) == 5
+    assert len(built) == 7
 
 
 def test_the_cache_drops_its_older_half_near_the_memory_map_limit(monkeypatch):

@@ -22,7 +22,7 @@ def args(workdir, **kw):
              base_tables=8, base_devices=2, settings="base,D=3", objectives="spmd,max_device",
              mem_factor=1.5, reference_budget=2, search_time_s=1.0, tie_rel=0.02, seed=0, rounds=0,
              reference_ms=0.0, report_only=False, reference_from=None, split="test",
-             spmd_every_device=False)
+             spmd_every_device=True)
     f.update(kw)
     return types.SimpleNamespace(**f)
 
@@ -198,7 +198,7 @@ def test_a_measuring_workdir_is_bound_to_its_cpu_type(tmp_path, monkeypatch):
     from launch.reproduce_autoshard import check_workdir
 
     quiet = lambda *_: None  # noqa: E731
-    f = args(str(tmp_path), measure="oracle")
+    f = args(str(tmp_path), measure="oracle", spmd_every_device=False)
     run_json = tmp_path / "run.json"
     name = dataset.cpu_name(dataset.host_cpu())
     check_workdir(f, quiet)
@@ -231,7 +231,8 @@ def test_a_measuring_workdir_is_bound_to_its_cpu_type(tmp_path, monkeypatch):
     check_workdir(every, quiet)
     assert json.loads((tmp_path / "every" / "run.json").read_text())["spmd_every_device"]
     with pytest.raises(ResumeError, match="spmd_every_device"):
-        check_workdir(args(str(tmp_path / "every"), measure="oracle"), quiet)
+        check_workdir(args(str(tmp_path / "every"), measure="oracle", spmd_every_device=False),
+                      quiet)
     (tmp_path / "predicted").mkdir()
     check_workdir(args(str(tmp_path / "predicted")), quiet)  # the cost model's times: no CPU
     assert "cpu" not in json.loads((tmp_path / "predicted" / "run.json").read_text())

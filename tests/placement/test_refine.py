@@ -33,8 +33,9 @@ class FakePlan:
 
 
 class FakeModel:
-    def __init__(self):
+    def __init__(self, spmd_timing="every_device"):
         self.updates = []
+        self.meta = {"spmd_timing": spmd_timing}
         self.fn = analytical_cost_fn(64)
 
     def cost_fn(self, f, a, c):
@@ -64,9 +65,12 @@ def test_refine_measures_sampled_plans_and_updates_the_model(tmp_path):
         seen.append(sorted(s.name for s in specs))
         return FakeSet(1.0, 2.0, 3.0, 0.1)
 
-    def measure_plan(specs, plan, batch_size):
+    timed = []
+
+    def measure_plan(specs, plan, batch_size, every_device):
         plan.validate(specs)
         seen.append({k: v["device"] for k, v in plan.placements.items()})
+        timed.append(every_device)
         return FakePlan(5.0, 4.0, 1.0)
 
     model = FakeModel()
@@ -87,6 +91,10 @@ def test_refine_measures_sampled_plans_and_updates_the_model(tmp_path):
     assert [d["name"] for d in model.updates[1][0]["specs"]] == [f"t{i}" for i in range(6)]
     lines = open(os.path.join(tmp_path, REFINE_FILE)).read().splitlines()
     assert len(lines) == len(seen) and json.loads(lines[-1])["exchange_ms"] == 1.0
+    # plans are timed as the model's data was: every device, or (older models) the busiest
+    old = FakeModel(spmd_timing="busiest")
+    refine(learned_cost(old, "old", 64), tasks, built, assign, c)
+    assert timed == [True, False]
 
 
 def test_refine_skips_models_that_cannot_update(tmp_path):
