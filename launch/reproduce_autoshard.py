@@ -129,16 +129,16 @@ def task_identity(f) -> dict:
             "pool_seed": f.pool_seed, "split": f.split, "seed": f.seed,
             "mem_factor": f.mem_factor, "base_tables": f.base_tables,
             "base_devices": f.base_devices, "measure": f.measure, "clock": f.clock,
-            "batch_size": f.batch_size, "spmd_every_device": f.spmd_every_device, **_host(f)}
+            "batch_size": f.batch_size, **_host(f)}
 
 
 def _host(f) -> dict:
-    """Oracle times are only comparable on one CPU type (`dataset.cpu_name`), so a measuring
-    workdir is bound to the host's."""
+    """Oracle times are only comparable on one CPU type (`dataset.cpu_name`) and one spmd
+    timing, so a measuring workdir is bound to the host's and the flag's."""
     if f.measure != "oracle":
         return {}
     from autoshard_jax.cost.dataset import cpu_name, host_cpu
-    return {"cpu": cpu_name(host_cpu())}
+    return {"cpu": cpu_name(host_cpu()), "spmd_every_device": f.spmd_every_device}
 
 
 def check_workdir(f, log=print) -> None:
@@ -150,7 +150,10 @@ def check_workdir(f, log=print) -> None:
     if os.path.isfile(path):
         with open(path) as fh:
             saved = json.load(fh)
-        saved.setdefault("spmd_every_device", False)  # written before the flag: busiest only
+        if f.measure == "oracle":  # written before the flag: the busiest device alone
+            saved.setdefault("spmd_every_device", False)
+        if "spmd" not in f.objectives.split(","):  # measures no spmd step: either resumes
+            current.pop("spmd_every_device", None)
         if "cpu" in current and "cpu" not in saved:  # written before the CPU was recorded
             log(f"{f.workdir}/run.json records no CPU type: recording this host's "
                 f"({current['cpu']}); its earlier results are taken to be measured on it")

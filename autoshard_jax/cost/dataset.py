@@ -76,7 +76,8 @@ def spmd_timing(record: dict) -> str:
 def spmd_timings(records: list[dict], where: str) -> str | None:
     """The one spmd timing of these records' plans (None: no plan), or DataError if they mix
     two: a network fitted to both would learn neither step."""
-    timings = {spmd_timing(r) for r in records if r["kind"] == "plan"}
+    timings = {spmd_timing(r) for r in records  # one device: both timings alike
+               if r["kind"] == "plan" and r["num_devices"] > 1}
     if len(timings) > 1:
         raise DataError(f"{where}: plan costs timed on every device mixed with plan costs "
                         "timed on the busiest device alone (collected before session 33): "
@@ -181,6 +182,8 @@ def read_collections(paths: list[str], unit_of: list[str] | None = None
                 renamed[spec.name] = name = f"{spec.name}@{k}"
                 pool[name] = dataclasses.replace(spec, name=name)
         records += [{**r, **{f: r[f] * scale for f in MS_FIELDS if f in r},
+                     **({"device_compute_ms": [ms * scale for ms in r["device_compute_ms"]]}
+                        if r.get("device_compute_ms") else {}),
                      "index": r["index"] + shift,
                      "repeat_of": None if r.get("repeat_of") is None else r["repeat_of"] + shift,
                      **_renamed_tables(r, renamed)}

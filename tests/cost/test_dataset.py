@@ -74,6 +74,33 @@ def test_collections_are_rescaled_to_the_first_ones_unit(tmp_path):
     np.testing.assert_allclose([r["total_ms"] for r in alone], [3.0 * 10 / 15, 3.5 * 10 / 15])
 
 
+def test_a_plans_device_programs_are_rescaled_with_it(tmp_path):
+    # Every device's program of a plan is in its collection's unit too: after rescaling, the
+    # slowest is still the plan's compute (the every-device fit trains on them).
+    specs = [TableSpec("t0", 100, 8), TableSpec("t1", 100, 8)]
+    a = _collection(tmp_path / "a", specs, [2.0], reference_ms=10.0)
+    b = _collection(tmp_path / "b", specs, [3.0], reference_ms=15.0)
+    plan = {"kind": "plan", "index": 0, "repeat_of": None, "tables": ["t0", "t1"],
+            "num_devices": 2, "placements": {"t0": {"type": "table_wise", "device": 0},
+                                             "t1": {"type": "table_wise", "device": 1}},
+            "device_compute_ms": [4.0, 6.0], "compute_ms": 6.0, "exchange_ms": 1.5,
+            "total_ms": 7.5, "program": PROGRAM_VERSION}
+    with open(tmp_path / "b" / dataset.DATA_FILE, "a") as f:
+        f.write(json.dumps(plan) + "\n")
+    records, _ = dataset.read_collections([a, b])
+    (got,) = [r for r in records if r["kind"] == "plan"]
+    np.testing.assert_allclose(got["device_compute_ms"], [4.0 * 10 / 15, 6.0 * 10 / 15])
+    assert max(got["device_compute_ms"]) == pytest.approx(got["compute_ms"])
+    assert dataset.spmd_timings(records, "ab") == dataset.EVERY_DEVICE
+    # a one-device plan's program is the only one: it fits either timing
+    alone = {**plan, "num_devices": 1, "device_compute_ms": [], "placements": {
+        n: {"type": "table_wise", "device": 0} for n in ("t0", "t1")}}
+    assert dataset.spmd_timings(records + [alone], "ab") == dataset.EVERY_DEVICE
+    busiest = {**plan, "device_compute_ms": []}
+    assert dataset.spmd_timings([alone, busiest], "ab") == dataset.BUSIEST
+    assert dataset.spmd_timings([alone], "ab") is None
+
+
 def test_raw_and_normalized_collections_are_not_mixed(tmp_path):
     specs = [TableSpec("t0", 100, 8)]
     a = _collection(tmp_path / "a", specs, [2.0], reference_ms=10.0)

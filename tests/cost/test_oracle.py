@@ -189,6 +189,22 @@ def test_every_device_takes_the_slowest_program(monkeypatch, num_devices):
     assert busiest.busiest_device == 0 and busiest.device_compute_ms == ()
 
 
+def test_every_devices_program_is_traced_once(monkeypatch):
+    # The devices' programs share shapes and differ only in their arguments: one function
+    # traced (and compiled) once serves them all, instead of D of each.
+    traces = []
+    real = oracle.device_embedding_step
+    monkeypatch.setattr(oracle, "device_embedding_step",
+                        lambda *a, **k: traces.append(1) or real(*a, **k))
+    monkeypatch.setattr(oracle, "_programs", collections.OrderedDict())
+    oracle.reference_step(jax.devices()[0], FAST.clock)  # built once per process
+    specs = [TableSpec(f"t{i}", 200, (8, 32)[i % 2], 2.0 + i, HIST) for i in range(8)]
+    plan = plan_from_mapping({s.name: i % 4 for i, s in enumerate(specs)}, 4, 1 << 30)
+    traces.clear()
+    cost = measure_plan(specs, plan, 64, protocol=FAST)
+    assert len(cost.device_compute_ms) == 4 and len(traces) == 1
+
+
 def test_every_device_times_real_programs():
     specs = [TableSpec(f"t{i}", 200, (8, 32)[i % 2], 2.0 + i, HIST) for i in range(6)]
     plan = plan_from_mapping({s.name: i % 2 for i, s in enumerate(specs)}, 2, 1 << 30)

@@ -233,6 +233,11 @@ def test_a_measuring_workdir_is_bound_to_its_cpu_type(tmp_path, monkeypatch):
     with pytest.raises(ResumeError, match="spmd_every_device"):
         check_workdir(args(str(tmp_path / "every"), measure="oracle", spmd_every_device=False),
                       quiet)
+    # a max_device evaluation times no spmd step: it resumes under either flag
+    check_workdir(args(str(tmp_path / "every"), measure="oracle", objectives="max_device",
+                       spmd_every_device=False), quiet)
     (tmp_path / "predicted").mkdir()
     check_workdir(args(str(tmp_path / "predicted")), quiet)  # the cost model's times: no CPU
-    assert "cpu" not in json.loads((tmp_path / "predicted" / "run.json").read_text())
+    predicted = json.loads((tmp_path / "predicted" / "run.json").read_text())
+    assert "cpu" not in predicted and "spmd_every_device" not in predicted
+    check_workdir(args(str(tmp_path / "predicted"), spmd_every_device=False), quiet)
