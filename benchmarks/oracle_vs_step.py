@@ -3,9 +3,11 @@
   .venv/bin/python benchmarks/oracle_vs_step.py [--plans=36] [--devices=4] [--batch=512] [--nopin]
 
 Draws distinct plans (random, skewed, width-class-split, balanced once) of one table set from
-the CPU cost pool, then for each plan measures `cost.oracle.measure_plan` (padded per-device
-program + exchange) and times the full DLRM train step with that plan on D simulated devices
-(`train.step.setup_training` with a `ShardedEmbeddingStage`: what training runs). Prints both
+the CPU cost pool, then for each plan measures `cost.oracle.measure_plan` (the slowest
+device's padded program + exchange; the README's figures of sessions 5-8 timed the busiest
+device's alone, as the oracle then did) and times the full DLRM train step with that plan on
+D simulated devices (`train.step.setup_training` with a `ShardedEmbeddingStage`: what
+training runs). Prints both
 per plan and their Spearman rank correlation. On CPU both clocks are this process's CPU time on
 one pinned core (the oracle's protocol), so other processes on the host disturb neither much,
 and both are normalized by the oracle's reference step run in the same rounds

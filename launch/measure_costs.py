@@ -64,10 +64,10 @@ def load_sets(path: str, known: set[str]) -> list[list[str]]:
 
 def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | None,
             batch_size: int, cost_model: str | None, row_optimizer: str, repeats: int,
-            clock: str, seed: int, every_device: bool = True) -> list[dict]:
+            clock: str, seed: int, every_device: bool | None = None) -> list[dict]:
     """One result dict per set or plan, in order. A plan's compute is its slowest device's
-    program (`every_device`; the busiest's alone where False), or with a cost model as the
-    model's data timed it (`network.times_every_device`)."""
+    program (`every_device`, the default; the busiest's alone where False); with a cost model,
+    as the model's data timed it (`network.times_every_device`)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -94,7 +94,12 @@ def measure(tables_path: str, sets_path: str | None, plan_paths: list[str] | Non
     protocol = Protocol(repeats=repeats, trim=2, clock=clock)
     if model is not None:  # measured and predicted ms in one unit, of one timing
         use_model_unit(model.meta, clock)
+        if every_device not in (None, times_every_device(model.meta)):
+            raise ConfigError(f"--cost_model predicts plans timed with spmd_every_device="
+                              f"{times_every_device(model.meta)}, but the flag asks for "
+                              f"{every_device}: measure as the model's data was timed")
         every_device = times_every_device(model.meta)
+    every_device = True if every_device is None else every_device
     out = []
     if sets_path is not None:
         for names in load_sets(sets_path, set(specs)):
@@ -137,7 +142,8 @@ def main(argv):
     del argv
     for result in measure(FLAGS.tables, FLAGS.sets, FLAGS.plans, FLAGS.batch_size,
                           FLAGS.cost_model, FLAGS.row_optimizer, FLAGS.repeats, _clock(),
-                          FLAGS.seed, FLAGS.spmd_every_device):
+                          FLAGS.seed, FLAGS.spmd_every_device
+                          if FLAGS["spmd_every_device"].present else None):
         print(json.dumps(result), flush=True)
 
 

@@ -78,8 +78,10 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
     if len(cpus) > 1:
         raise DataError(f"cost data mixes CPU types {cpus}: their costs differ by composition, "
                         "not by one scale; train one model per CPU type")
+    timing = dataset.spmd_timings(records, ",".join(data)) or dataset.EVERY_DEVICE
     unseen_data = (_unseen_data(list(data), list(unseen), pool,
-                                (backend, batch_size, row_optimizer), cpus) if unseen else None)
+                                (backend, batch_size, row_optimizer), cpus, timing)
+                   if unseen else None)
     has_sets = any(r["kind"] == "set" for r in records)
     sets = fit.set_data(records, pool) if has_sets else None
     plans = fit.plan_data(records, pool)
@@ -91,7 +93,7 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
             # the unit predictions are in (oracle.use_model_unit pins measurements to it)
             "reference_ms": dataset.collections_unit(list(data)),
             # how its plans' compute was timed (what measures beside it times the same way)
-            "spmd_timing": dataset.spmd_timings(records, ",".join(data)) or dataset.EVERY_DEVICE}
+            "spmd_timing": timing}
     log(f"training on {meta['num_sets']} sets and {meta['num_plans']} plans ({backend}, "
         f"batch {batch_size})")
     fits = []
@@ -108,6 +110,7 @@ def train_cost_model(workdir: str, data: list[str], steps: int = 3000,
         fits.append((val, s, model, history))
     _, meta["seed"], model, history = min(fits, key=lambda f: f[0])
     meta["restarts"] = [{"seed": s, "val_mape": v} for v, s, _, _ in fits]
+    model.meta = meta  # what is saved with it
     os.makedirs(workdir, exist_ok=True)
     save_cost_model(workdir, model)
     singles = fit.singles_of(records)
@@ -148,10 +151,10 @@ def _settings(records: list[dict]) -> tuple[set[tuple], list[str]]:
 
 
 def _unseen_data(data: list[str], unseen: list[str], train_pool: dict, env: tuple,
-                 cpus: list[str]) -> tuple:
+                 cpus: list[str], timing: str) -> tuple:
     """(sets, plans) of the --unseen collections, in the training data's unit; refused where
     one of their tables is a training table, or their setting (backend, batch size, optimizer,
-    CPU type) is not the training data's."""
+    CPU type, the plans' spmd `timing`) is not the training data's."""
     from autoshard_jax.cost import dataset, fit
     from autoshard_jax.errors import DataError
 
@@ -163,6 +166,9 @@ def _unseen_data(data: list[str], unseen: list[str], train_pool: dict, env: tupl
         raise DataError(f"--unseen: {unseen} were measured in another setting "
                         f"({sorted(envs - {env}) or unseen_cpus}) than the training data "
                         f"({env}{', ' + cpus[0] if cpus else ''})")
+    if dataset.spmd_timings(records, ",".join(unseen)) not in (None, timing):
+        raise DataError(f"--unseen: the plans of {unseen} were not timed as the training "
+                        f"data's ({timing}): collect them with the same --spmd_every_device")
     seen = sorted({n for r in records for n in r["tables"] if train_pool.get(n) == pool[n]})
     if seen:
         raise DataError(f"--unseen: {len(seen)} of its tables are in the training data "

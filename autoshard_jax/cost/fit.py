@@ -208,6 +208,8 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
     With `start`, fine-tunes that model (its normalisation kept) on all the given data.
     """
     if start is None:
+        if "spmd_timing" not in meta:  # a network predicts plans as its data timed them
+            meta = {"spmd_timing": plan_timing(plans), **meta}
         train = {"sets": split_mask(sets.index, "train")} if sets is not None else {}
         val = {"sets": split_mask(sets.index, "val")} if sets is not None else {}
         for d, p in plans.items():
@@ -219,7 +221,7 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
         train = {"sets": np.ones(len(sets.index), bool)} if sets is not None else {}
         train.update({d: np.ones(len(p.index), bool) for d, p in plans.items()})
         val = train
-        model = CostModel(start.params, start.mean_I, start.std_I, start.meta, start.net)
+        model = CostModel(start.params, start.mean_I, start.std_I, start.meta)
         params = start.params
     check_timing(model, plans)
     tx = optax.adamw(optax.cosine_decay_schedule(config.learning_rate, config.steps),
@@ -288,6 +290,13 @@ def fit_cost_model(sets: SetData | None, plans: dict[int, PlanData], config: Fit
                 log(f"step {i + 1}: train loss {float(loss):.4f}, val MAPE {v:.4f}")
     model.params = best
     return model, history
+
+
+def plan_timing(plans: dict[int, PlanData]) -> str:
+    """How these plans' compute was timed (`dataset.EVERY_DEVICE` where every plan of two or
+    more devices has each device's program, or there is none; else `dataset.BUSIEST`)."""
+    timed_each = all(not np.isnan(p.device_compute).any() for d, p in plans.items() if d > 1)
+    return dataset.EVERY_DEVICE if timed_each else dataset.BUSIEST
 
 
 def check_timing(model: CostModel, plans: dict[int, PlanData]) -> None:

@@ -8,7 +8,8 @@ the set, which a sum of learned embeddings can represent).
   costs its slowest device.
 * spmd (this project's execution): every width class is padded to its most loaded device, so the
   plan's program is described by the element-wise *max over devices* of each class's per-device
-  sum; a class head turns that into ms, summed over classes, plus an exchange head for the
+  sum; a class head turns that and one device's own tables into that device's ms, summed over
+  classes, and the step waits for the slowest device; plus an exchange head for the
   collectives (zero on one device): their exact per-sample traffic (`exchange_terms`) times a
   learned ms per unit.
 
@@ -239,11 +240,11 @@ class CostModel:
     mean_I: np.ndarray
     std_I: np.ndarray
     meta: dict
-    net: CostNet | None = None  # default: as the provenance says (`times_every_device`)
+    # as the provenance says (`times_every_device`), so a saved model loads as it was
+    net: CostNet = dataclasses.field(init=False)
 
     def __post_init__(self):
-        if self.net is None:
-            self.net = CostNet(every_device=times_every_device(self.meta))
+        self.net = CostNet(every_device=times_every_device(self.meta))
 
     def apply(self, params, feats_TxF, assign_TxD, class_TxK):
         """All heads: (fwd_D, bwd_D, compute_C, exchange_ms) for one plan or set (see

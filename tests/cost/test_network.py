@@ -14,7 +14,6 @@ import pytest
 from autoshard_jax.cost import dataset, fit
 from autoshard_jax.cost.network import (
     CostEnsemble,
-    CostModel,
     class_onehot,
     load_cost_model,
     load_cost_models,
@@ -350,11 +349,11 @@ def test_the_spmd_head_predicts_every_devices_program(fits, tmp_path):
     # slowest: one prediction per device, the step their max. A network of busiest-device data
     # (before session 33, `spmd_timing` unrecorded) predicts the busiest device's alone, which
     # is the same head on the same inputs.
-    busiest = fits[0][0]
-    assert not busiest.net.every_device and not times_every_device(busiest.meta)
-    every = CostModel(busiest.params, busiest.mean_I, busiest.std_I,
-                      {**busiest.meta, "spmd_timing": "every_device"})
-    assert every.net.every_device
+    every = fits[0][0]  # fitted on no plan: as the oracle times them now
+    assert every.net.every_device and times_every_device(every.meta)
+    busiest = dataclasses.replace(every, meta={k: v for k, v in every.meta.items()
+                                               if k != "spmd_timing"})
+    assert not busiest.net.every_device
     specs = POOL[:9]
     feats = jnp.asarray(table_features(specs))
     classes = jnp.asarray(class_onehot(specs))
@@ -370,8 +369,9 @@ def test_the_spmd_head_predicts_every_devices_program(fits, tmp_path):
     perm = np.asarray([2, 0, 1])
     np.testing.assert_allclose(every.apply(every.params, feats, assign[:, perm], classes)[2],
                                compute_C[perm], rtol=1e-5)
-    save_cost_model(str(tmp_path), every)  # the provenance says which head a model is
-    assert load_cost_model(str(tmp_path)).net.every_device
+    save_cost_model(str(tmp_path), busiest)  # the provenance says which head a model is
+    assert not load_cost_model(str(tmp_path)).net.every_device
+    assert load_cost_model(fits[1][0]).net.every_device
     with pytest.raises(InputError, match="different units"):  # an ensemble is of one timing
         load_cost_models(f"{tmp_path},{fits[1][0]}")
 
@@ -418,4 +418,7 @@ def test_a_fit_learns_each_devices_program():
     with pytest.raises(DataError, match="busiest device alone.*every device's program"):
         fit.fit_cost_model(sets, fit.plan_data(busiest, pool), fit.FitConfig(steps=1), meta)
     with pytest.raises(DataError, match="busiest device's program alone.*fit a new network"):
-        fit.fit_cost_model(sets, plans, fit.FitConfig(steps=1), {})
+        fit.fit_cost_model(sets, plans, fit.FitConfig(steps=1), {"spmd_timing": "busiest"})
+    # given no provenance, a network predicts plans as they were timed
+    assert not fit.fit_cost_model(sets, fit.plan_data(busiest, pool), fit.FitConfig(steps=1),
+                                  {})[0].net.every_device

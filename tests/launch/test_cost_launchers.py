@@ -106,7 +106,9 @@ def test_train_then_measure_with_the_model(collection, unseen_collection, tmp_pa
     assert {"network", "linear", "analytical"} <= set(report["test"].get("max_device", {})) \
         or report["meta"]["num_sets"] > 0
     assert (model_dir / "report.md").exists() and (model_dir / "cost_model.json").exists()
-    unit = json.loads((model_dir / "cost_model.json").read_text())["reference_ms"]
+    saved = json.loads((model_dir / "cost_model.json").read_text())
+    assert saved["spmd_timing"] == "every_device"  # as its plans were timed
+    unit = saved["reference_ms"]
     assert unit == json.loads(open(os.path.join(collection, "collection.json")).read())[
         "reference_ms"]  # the unit its predictions are in
 
@@ -134,6 +136,11 @@ def test_train_then_measure_with_the_model(collection, unseen_collection, tmp_pa
     assert plan_out["plan"] == str(plan_a) and plan_out["predicted_ms"] > 0
     assert plan_out["total_ms"] == pytest.approx(plan_out["compute_ms"] +
                                                  plan_out["exchange_ms"])
+    assert max(plan_out["device_compute_ms"]) == plan_out["compute_ms"]
+    # beside a model, plans are timed as its data was
+    proc = _run("launch.measure_costs", f"--tables={tables}", f"--plans={plan_a}",
+                "--batch_size=32", f"--cost_model={model_dir}", "--nospmd_every_device")
+    assert "measure as the model's data was timed" in _error_line(proc)
 
 
 def test_restarts_keep_the_seed_with_the_lowest_val_mape(collection, tmp_path):
@@ -177,6 +184,13 @@ def test_unseen_data_must_be_of_other_tables_and_of_the_same_setting(
     proc = _run("launch.train_cost_model", f"--workdir={tmp_path}", f"--data={collection}",
                 f"--unseen={other}")
     assert "were measured in another setting" in _error_line(proc)
+    busiest = tmp_path / "busiest"  # its plans timed on the busiest device alone
+    shutil.copytree(unseen_collection, busiest)
+    (busiest / "costs.jsonl").write_text("".join(
+        json.dumps({**r, "device_compute_ms": []}) + "\n" for r in records))
+    proc = _run("launch.train_cost_model", f"--workdir={tmp_path}", f"--data={collection}",
+                f"--unseen={busiest}")
+    assert "were not timed as the training data's" in _error_line(proc)
 
 
 @pytest.mark.parametrize("sets_text, extra, culprit", [
