@@ -189,6 +189,34 @@ def test_every_device_takes_the_slowest_program(monkeypatch, num_devices):
     assert busiest.busiest_device == 0 and busiest.device_compute_ms == ()
 
 
+def test_device_programs_too_large_to_time_together_are_timed_in_groups(monkeypatch):
+    # Each program timed in a round holds a copy of the padded device's slab: where they do not
+    # fit in the share of memory, they are timed a few at a time, each group with the
+    # reference in its own rounds, and the plan's cost is the same function of their times.
+    groups = []
+
+    def fake_timed(programs, carries, protocol, device):
+        assert set(carries) == set(programs)
+        groups.append(sorted(programs))
+        ms = {k: 8.0 if k == "exchange" else 5.0 + int(k[-1]) for k in programs}
+        return {k: timing.Timed(ms[k], 0.0, (ms[k],)) for k in programs}, 2.0 + len(groups)
+
+    monkeypatch.setattr(oracle, "_timed", fake_timed)
+    specs = [TableSpec(f"t{i}", 200, 8, 2.0, HIST) for i in range(4)]
+    plan = plan_from_mapping({s.name: i for i, s in enumerate(specs)}, 4, 1 << 30)
+    slab = oracle._buffer_bytes(plan.validate(specs), {})
+    monkeypatch.setattr(oracle, "device_memory_limit", lambda device: 2 * slab)
+    monkeypatch.setattr(oracle, "_CARRY_SHARE", 1.0)  # two slabs at a time
+    cost = measure_plan(specs, plan, 64, protocol=FAST)
+    assert groups == [["device0", "device1", "exchange"], ["device2", "device3"]]
+    assert cost.device_compute_ms == (5.0, 6.0, 7.0, 8.0) and cost.compute_ms == 8.0
+    assert cost.exchange_ms == pytest.approx(8.0 / 4) and cost.reference_ms == 3.5
+    monkeypatch.setattr(oracle, "_CARRY_SHARE", 0.1)  # not one slab: one at a time
+    groups.clear()
+    assert measure_plan(specs, plan, 64, protocol=FAST).compute_ms == 8.0
+    assert [len(g) for g in groups] == [2, 1, 1, 1]
+
+
 def test_every_devices_program_is_traced_once(monkeypatch):
     # The devices' programs share shapes and differ only in their arguments: one function
     # traced (and compiled) once serves them all, instead of D of each.
