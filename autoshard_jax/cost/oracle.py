@@ -378,9 +378,10 @@ def measure_plan(specs: Sequence[TableSpec], plan: ShardingPlan, batch_size: int
     device, and the most ids x width need not be it: on session 32's 2-device plans (80, of 18
     tasks) the busiest by that count was not the slowest in 45, whose step it understated by
     0.9-1.4% at the median and up to 23%. So by default every device's program is timed, in
-    the same interleaved rounds, and the slowest taken; their programs share one compiled
-    executable (`_whole_step`), so this costs D times the timing, not the compiling
-    (`every_device=False`: the busiest alone, as sessions up to 32 measured).
+    the same interleaved rounds as far as their slabs fit in memory (else a group at a time),
+    and the slowest taken; their programs share one compiled executable (`_whole_step`), so
+    this costs D times the timing, not the compiling (`every_device=False`: the busiest
+    alone, as sessions up to 32 measured).
 
     Args:
       specs: every table of the plan.
