@@ -195,6 +195,12 @@ _PROGRAM_CACHE_SIZE = 160
 # "LLVM compilation error: Cannot allocate memory" and a segfault. Past this fraction of the
 # limit the older half of the cache is dropped.
 _MAP_BUDGET = 0.5
+# Resident memory too: a spmd evaluation times every device's program, and its process grew to
+# 12.7 GB with 160 cached plans (session 35, AMD EPYC Zen 4) beside another as large, so the
+# OOM killer ended it on a 24 GB machine; with 48 entries an 8-device setting still reached
+# 7.3 GB. Past this fraction of physical memory the older half is dropped (the pipeline runs
+# two evaluations side by side).
+_RSS_BUDGET = 0.25
 _programs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
 # Of the device's memory (`device_memory_limit`), what the slabs of the device programs timed
 # together in one plan's rounds may take.
@@ -212,14 +218,33 @@ def _memory_maps() -> tuple[int, int] | None:
         return None
 
 
+def _resident_memory() -> tuple[int, int] | None:
+    """(this process's resident bytes, the machine's physical bytes), or None where /proc
+    has no statm."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    return pages * page, page * os.sysconf("SC_PHYS_PAGES")
+
+
+def _under_pressure() -> bool:
+    """Whether this process is near the kernel's memory-map limit or its share of memory."""
+    maps = _memory_maps()  # ~10 ms at 30k maps, against ~1 s to build
+    rss = _resident_memory()
+    return ((maps is not None and maps[0] > _MAP_BUDGET * maps[1]) or
+            (rss is not None and rss[0] > _RSS_BUDGET * rss[1]))
+
+
 def _cached_programs(key: tuple, build: Callable[[], tuple]) -> tuple:
     """`build()`'s (programs, fresh carries), reused while `key` is among the recent ones."""
     if key in _programs:
         _programs.move_to_end(key)
         return _programs[key]
-    maps = _memory_maps()  # ~10 ms at 30k maps, against ~1 s to build
-    if maps is not None and maps[0] > _MAP_BUDGET * maps[1]:
-        for _ in range(min(len(_programs), len(_programs) // 2 + 1)):
+    if _programs and _under_pressure():
+        for _ in range(len(_programs) // 2 + 1):
             _programs.popitem(last=False)
     _programs[key] = built = build()
     if len(_programs) > _PROGRAM_CACHE_SIZE:

@@ -268,17 +268,20 @@ def test_repeated_measurements_reuse_their_programs(monkeypatch):
     assert len(built) == 7
 
 
-def test_the_cache_drops_its_older_half_near_the_memory_map_limit(monkeypatch):
-    real = oracle._memory_maps()
-    assert real is None or 0 < real[0] < real[1]  # None only where /proc has no maps
+@pytest.mark.parametrize("probe,high", [("_memory_maps", (501, 1000)),  # over half the maps
+                                        ("_resident_memory", (251, 1000))])  # a quarter of RAM
+def test_the_cache_drops_its_older_half_under_memory_pressure(monkeypatch, probe, high):
+    for real in (oracle._memory_maps(), oracle._resident_memory()):
+        assert real is None or 0 < real[0] < real[1]  # None only where /proc has neither
     monkeypatch.setattr(oracle, "_programs", collections.OrderedDict())
-    pressure = {"maps": (100, 1000)}
-    monkeypatch.setattr(oracle, "_memory_maps", lambda: pressure["maps"])
+    pressure = {"_memory_maps": (100, 1000), "_resident_memory": (100, 1000)}
+    for name in pressure:
+        monkeypatch.setattr(oracle, name, lambda name=name: pressure[name])
     specs = [TableSpec("t", 300, 8, 2.0, HIST)]
     for seed in range(5):
         measure_set(specs, 64, protocol=FAST, seed=seed)
     assert len(oracle._programs) == 5
-    pressure["maps"] = (501, 1000)  # over half the limit: 3 of 5 dropped, then the new one
+    pressure[probe] = high  # 3 of 5 dropped, then the new one
     measure_set(specs, 64, protocol=FAST, seed=5)
     assert [k[-2] for k in oracle._programs] == [3, 4, 5]  # the key's seed
 
